@@ -1,0 +1,169 @@
+"""Saving and loading models as ``config.json`` + ``model.safetensors`` (no pickle anywhere).
+
+Every tokenizer and generator records the keyword arguments of its constructor (:class:`Configurable`, in the spirit
+of diffusers' ``register_to_config``), so the JSON alone rebuilds the object. Only classes registered with
+:func:`register` can be named in a config: a config.json never makes flexar import arbitrary code, and a weights file
+that is not safetensors is refused before anything in it is read.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Class decorator: allow `cls` to be rebuilt from a saved config by its name."""
+    _REGISTRY[cls.__name__] = cls
+    return cls
+
+
+def registered(kind: type | None = None) -> dict[str, type]:
+    return {name: cls for name, cls in _REGISTRY.items() if kind is None or issubclass(cls, kind)}
+
+
+class Configurable:
+    """Records the constructor's keyword arguments in ``self.config`` (outermost ``__init__`` only)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def recording_init(self, *args, **kw):
+            outermost = not getattr(self, "_recording_config", False)
+            if outermost:
+                object.__setattr__(self, "_recording_config", True)
+                bound = signature.bind(self, *args, **kw)
+                bound.apply_defaults()
+                config = {}
+                for name, value in list(bound.arguments.items())[1:]:
+                    if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                        config.update(value)
+                    elif signature.parameters[name].kind is not inspect.Parameter.VAR_POSITIONAL:
+                        config[name] = value
+            init(self, *args, **kw)
+            if outermost:
+                object.__setattr__(self, "config", _jsonable(config))
+                object.__setattr__(self, "_recording_config", False)
+
+        cls.__init__ = recording_init
+
+
+def _jsonable(value):
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"constructor argument {value!r} of type {type(value).__name__} cannot be saved in config.json")
+
+
+def build_from_config(config: dict, kind: type | None = None) -> nn.Module:
+    """Rebuild a registered class from ``{"class": name, "kwargs": {...}}``."""
+    name = config.get("class")
+    candidates = registered(kind)
+    if name not in candidates:
+        what = kind.__name__ if kind is not None else "model"
+        raise ValueError(f"config names class {name!r}, which is not a registered flexar {what}; known: {sorted(candidates)}")
+    cls = candidates[name]
+    kwargs = config.get("kwargs", {})
+    accepted = inspect.signature(cls.__init__).parameters
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        raise ValueError(f"{name} does not take {unknown}; it accepts {sorted(k for k in accepted if k != 'self')}")
+    return cls(**kwargs)
+
+
+def save_model(model: nn.Module, folder: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write `model` (a registered Configurable) to folder/config.json + folder/model.safetensors."""
+    from safetensors.torch import save_file
+
+    if type(model).__name__ not in _REGISTRY:
+        raise ValueError(f"{type(model).__name__} is not registered with flexar.hub.register")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"class": type(model).__name__, "kwargs": model.config, **(extra or {})}
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(_untie(state), str(folder / WEIGHTS_NAME))
+    return folder
+
+
+def _untie(state: dict) -> dict:
+    """safetensors refuses shared storage; clone tensors that alias an earlier one (tied embeddings)."""
+    seen, out = set(), {}
+    for key, tensor in state.items():
+        pointer = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        out[key] = tensor.clone() if pointer in seen else tensor
+        seen.add(pointer)
+    return out
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}: not a folder written by save_pretrained")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict) or "class" not in config:
+        raise ValueError(f"{path} has no 'class' entry: not a flexar config")
+    return config
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; anything else (a pickle, a truncated file) is refused without being executed."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    header_size = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if header_size <= 0 or header_size > path.stat().st_size - 8:
+        raise ValueError(f"{path} is not a safetensors file (flexar never loads pickled weights)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a valid safetensors file: {error}") from None
+
+
+def load_model(folder: str | os.PathLike, kind: type | None = None) -> nn.Module:
+    """Rebuild and fill a model saved with :func:`save_model`; strict about missing or unexpected weights."""
+    model = build_from_config(read_config(folder), kind)
+    state = load_weights(Path(folder) / WEIGHTS_NAME)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"weights in {folder} do not match {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return model
+
+
+class PretrainedMixin:
+    """``save_pretrained(folder)`` / ``from_pretrained(folder)`` for registered Configurable modules."""
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        return save_model(self, folder)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike):
+        return load_model(folder, kind=cls)

@@ -1,0 +1,191 @@
+"""Token sampler: a chain of logit processors followed by one draw from an explicit
+``torch.Generator``.
+
+The chain runs classifier-free guidance, temperature, top-k and top-p, in that order
+(VAR's ``sample_with_top_k_top_p_`` and LlamaGen's ``sample`` apply the same filters).
+Methods that reshape the distribution further, such as entropy-aware temperature
+(arXiv 2510.09012), are processors inserted into :attr:`Sampler.processors`; methods that
+change the decoding loop itself (speculative decoding, LANTERN, ScalingAR) wrap a
+generator's step and call :meth:`Sampler.probs` / :meth:`Sampler.sample`.
+
+Departures from the reference code: temperature 0 means greedy decoding (argmax after
+the filters) instead of a division by zero, and a draw without an explicit generator is
+refused instead of falling back to the global random state.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from flexar.sampling import processors as logit_processors
+from flexar.sampling.processors import LogitProcessor, SamplingState
+
+
+class Sampler:
+    """Turns next-token logits into token ids.
+
+    Args:
+        temperature: softmax temperature, ``>= 0``; 0 is greedy decoding (argmax).
+        top_k: keep the ``top_k`` most likely tokens; 0 keeps all.
+        top_p: nucleus mass in ``(0, 1]``; 1 keeps all.
+        cfg_scale: classifier-free guidance scale, ``>= 0``; 1 means no guidance, and
+            the logits then carry ``B`` rows instead of ``2B``.
+        cfg_schedule: how the guidance scale moves over the decoding steps, a key of
+            :data:`flexar.sampling.CFG_SCHEDULES` (``"constant"`` or ``"linear"``).
+
+    The processors live in the public list :attr:`processors`, each called as
+    ``processor(logits, state) -> logits``. Subclasses extend the chain by overriding
+    :meth:`build_processors`; a single instance may also insert into the list directly,
+    which :meth:`to_dict` does not record.
+
+    Example::
+
+        sampler = Sampler(temperature=1.0, top_k=600, cfg_scale=4.0)
+        generator = torch.Generator().manual_seed(0)
+        ids_B = sampler.sample(logits_2BV, SamplingState(step, num_steps), generator)
+    """
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        cfg_scale: float = 1.0,
+        cfg_schedule: str = "constant",
+    ) -> None:
+        if not (isinstance(temperature, (int, float)) and 0.0 <= temperature < float("inf")):
+            raise ValueError(
+                f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}"
+            )
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 keeps all), got {top_k!r}")
+        if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1] (1 keeps all), got {top_p!r}")
+        if not (isinstance(cfg_scale, (int, float)) and 0.0 <= cfg_scale < float("inf")):
+            raise ValueError(
+                f"cfg_scale must be a finite number >= 0 (1 means no guidance), got {cfg_scale!r}"
+            )
+        logit_processors.check_cfg_schedule(cfg_schedule)
+        self.temperature = float(temperature)
+        self.top_k = top_k
+        self.top_p = float(top_p)
+        self.cfg_scale = float(cfg_scale)
+        self.cfg_schedule = cfg_schedule
+        self.processors: list[LogitProcessor] = self.build_processors()
+
+    @property
+    def uses_cfg(self) -> bool:
+        """Whether logits carry conditional and unconditional rows (``2B`` rows)."""
+        return self.cfg_scale != 1.0
+
+    @property
+    def greedy(self) -> bool:
+        """Whether sampling is an argmax (temperature 0)."""
+        return self.temperature == 0.0
+
+    def build_processors(self) -> list[LogitProcessor]:
+        """The chain in order: CFG, temperature, top-k, top-p (each only when active)."""
+        chain: list[LogitProcessor] = []
+        if self.uses_cfg:
+            chain.append(
+                partial(
+                    logit_processors.classifier_free_guidance,
+                    scale=self.cfg_scale,
+                    schedule=self.cfg_schedule,
+                )
+            )
+        if not self.greedy and self.temperature != 1.0:
+            chain.append(partial(logit_processors.temperature, value=self.temperature))
+        if self.top_k > 0:
+            chain.append(partial(logit_processors.top_k, k=self.top_k))
+        if self.top_p < 1.0:
+            chain.append(partial(logit_processors.top_p, p=self.top_p))
+        return chain
+
+    def process(self, logits: Tensor, state: SamplingState | None = None) -> Tensor:
+        """Run the processor chain.
+
+        Args:
+            logits: ``(B, ..., V)``, or ``(2B, ..., V)`` (conditional rows first) when
+                :attr:`uses_cfg`.
+            state: decoding position; ``SamplingState()`` when omitted.
+
+        Returns:
+            ``(B, ..., V)`` processed logits; the input is left untouched.
+        """
+        state = SamplingState() if state is None else state
+        for processor in self.processors:
+            logits = processor(logits, state)
+        return logits
+
+    def probs(self, logits: Tensor, state: SamplingState | None = None) -> Tensor:
+        """Probabilities that :meth:`sample` draws from.
+
+        Args:
+            logits: as in :meth:`process`.
+            state: as in :meth:`process`.
+
+        Returns:
+            ``(B, ..., V)`` probabilities in at least float32; a one-hot on the argmax
+            when :attr:`greedy`.
+        """
+        processed = self.process(logits, state)
+        compute_dtype = torch.promote_types(processed.dtype, torch.float32)
+        if self.greedy:
+            ids = processed.argmax(dim=-1)
+            one_hot = torch.zeros(processed.shape, dtype=compute_dtype, device=processed.device)
+            return one_hot.scatter_(-1, ids.unsqueeze(-1), 1.0)
+        return processed.to(compute_dtype).softmax(dim=-1)
+
+    def sample(
+        self,
+        logits: Tensor,
+        state: SamplingState | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Draw one token per position.
+
+        Args:
+            logits: as in :meth:`process`.
+            state: as in :meth:`process`.
+            generator: source of randomness, on the device of ``logits``; required
+                unless :attr:`greedy`, which draws nothing. The global random state is
+                never used.
+
+        Returns:
+            ``(B, ...)`` long token ids.
+        """
+        if self.greedy:
+            return self.process(logits, state).argmax(dim=-1)
+        if generator is None:
+            raise ValueError(
+                "Sampler.sample needs an explicit torch.Generator when temperature > 0; "
+                "pass generator=torch.Generator(device).manual_seed(seed)"
+            )
+        probs = self.probs(logits, state)
+        flat_probs_NV = probs.reshape(-1, probs.shape[-1])
+        ids_N = torch.multinomial(flat_probs_NV, num_samples=1, generator=generator)
+        return ids_N.view(probs.shape[:-1])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Constructor arguments, JSON-serialisable; ``from_dict`` rebuilds the sampler."""
+        return {
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "cfg_scale": self.cfg_scale,
+            "cfg_schedule": self.cfg_schedule,
+        }
+
+    @classmethod
+    def from_dict(cls, settings: dict[str, Any]) -> Sampler:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError``."""
+        return cls(**settings)
+
+    def __repr__(self) -> str:
+        arguments = ", ".join(f"{name}={value!r}" for name, value in self.to_dict().items())
+        return f"{type(self).__name__}({arguments})"

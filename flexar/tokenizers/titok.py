@@ -1,0 +1,193 @@
+"""TiTok: a fixed-length 1D tokenizer ("An Image is Worth 32 Tokens for Reconstruction and Generation",
+Yu et al., NeurIPS 2024; bytedance/1d-tokenizer).
+
+Encoder: a ViT over [image patches; K learned latent tokens] (full attention); the K latent outputs are projected to
+the code dimension and quantised (l2-normalised VQ as in the paper, or FSQ). Decoder: a ViT over [N mask tokens;
+K latent codes]; the mask-token outputs are projected back to pixel patches.
+
+Shapes: images (B, C, H, W) in [-1, 1]; ids (B, K) long; N = (H / patch_size) ** 2 patches.
+
+Differences from the paper and its official code:
+- single-stage training on pixels (reconstruction + quantiser loss). The paper's first stage regresses the codes of a
+  pretrained MaskGIT-VQGAN ("proxy codes"), which cannot be downloaded here; its second stage fine-tunes the decoder
+  on pixels, which is what flexar does from the start. Perceptual and adversarial terms come from
+  :mod:`flexar.tokenizers.losses` when configured.
+- the decoder has a learned padding embedding for latent positions past ``lengths``, so ``decode`` accepts truncated
+  sequences (the "TiTok, truncated" baseline against flexible-length tokenizers). Plain TiTok never sees padding
+  during training; flexible-length subclasses do.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..hub import register
+from ..nn import Transformer
+from ..quantizers import FSQ, VQ
+from .base import Encoded, Tokenizer
+
+TITOK_PRESETS = {
+    # width, depth, heads per the paper's ViT sizes (encoder and decoder alike)
+    "titok-s": dict(width=512, depth=8, num_heads=8),
+    "titok-b": dict(width=768, depth=12, num_heads=12),
+    "titok-l": dict(width=1024, depth=24, num_heads=16),
+    # CPU-sized presets for digits / MNIST
+    "titok-tiny": dict(width=64, depth=2, num_heads=4),
+    "titok-digits": dict(width=128, depth=4, num_heads=4),
+}
+
+
+def patchify(images: Tensor, patch_size: int) -> Tensor:
+    """(B, C, H, W) -> (B, N, C * p * p) in raster order of patches."""
+    return F.unfold(images, kernel_size=patch_size, stride=patch_size).transpose(1, 2)
+
+
+def unpatchify(patches: Tensor, patch_size: int, image_size: int) -> Tensor:
+    """(B, N, C * p * p) -> (B, C, H, W); inverse of :func:`patchify`."""
+    return F.fold(patches.transpose(1, 2), output_size=image_size, kernel_size=patch_size, stride=patch_size)
+
+
+def build_quantizer(quantizer: str, codebook_size: int, code_dim: int, fsq_levels, commitment: float, dead_code_threshold: int):
+    if quantizer == "vq":
+        return VQ(codebook_size, code_dim, beta=commitment, l2_norm=True, dead_code_threshold=dead_code_threshold)
+    if quantizer == "fsq":
+        return FSQ(list(fsq_levels))
+    raise ValueError(f"unknown quantizer {quantizer!r}; expected 'vq' or 'fsq'")
+
+
+@register
+class TiTok(Tokenizer):
+    """Fixed-length 1D tokenizer: ``max_tokens`` = ``num_latent_tokens`` ids per image."""
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        channels: int = 1,
+        patch_size: int = 4,
+        num_latent_tokens: int = 32,
+        width: int = 128,
+        depth: int = 4,
+        num_heads: int = 4,
+        decoder_width: int | None = None,
+        decoder_depth: int | None = None,
+        mlp: str = "gelu",
+        norm: str = "layer",
+        quantizer: str = "vq",
+        codebook_size: int = 1024,
+        code_dim: int = 12,
+        fsq_levels: list[int] | None = None,
+        commitment: float = 0.25,
+        dead_code_threshold: int = 0,
+        reconstruction_loss: str = "l2",
+        attention_backend: str = "auto",
+    ):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} must be divisible by patch_size {patch_size}")
+        if reconstruction_loss not in ("l1", "l2"):
+            raise ValueError(f"reconstruction_loss must be 'l1' or 'l2', got {reconstruction_loss!r}")
+        self.image_size, self.channels, self.patch_size = image_size, channels, patch_size
+        self.num_patches = (image_size // patch_size) ** 2
+        self.max_tokens = num_latent_tokens
+        self.reconstruction_loss = reconstruction_loss
+        decoder_width = decoder_width or width
+        decoder_depth = decoder_depth or depth
+        patch_dim = channels * patch_size * patch_size
+
+        self.quantizer = build_quantizer(
+            quantizer, codebook_size, code_dim, fsq_levels or [8, 8, 8, 5, 5, 5], commitment, dead_code_threshold
+        )
+        self.codebook_size = self.quantizer.codebook_size
+        self.code_dim = self.quantizer.dim
+
+        # encoder
+        self.patch_embed = nn.Linear(patch_dim, width)
+        self.patch_pos = nn.Parameter(torch.randn(self.num_patches, width) * 0.02)
+        self.latent_tokens = nn.Parameter(torch.randn(num_latent_tokens, width) * 0.02)
+        self.encoder = Transformer(width, depth, num_heads, mlp=mlp, norm=norm, backend=attention_backend)
+        self.to_code = nn.Linear(width, self.code_dim)
+
+        # decoder
+        self.from_code = nn.Linear(self.code_dim, decoder_width)
+        self.latent_pos = nn.Parameter(torch.randn(num_latent_tokens, decoder_width) * 0.02)
+        self.pad_token = nn.Parameter(torch.randn(decoder_width) * 0.02)
+        self.mask_token = nn.Parameter(torch.randn(decoder_width) * 0.02)
+        self.mask_pos = nn.Parameter(torch.randn(self.num_patches, decoder_width) * 0.02)
+        decoder_heads = max(1, num_heads * decoder_width // width)
+        self.decoder = Transformer(decoder_width, decoder_depth, decoder_heads, mlp=mlp, norm=norm, backend=attention_backend)
+        self.to_pixels = nn.Linear(decoder_width, patch_dim)
+
+    # -- encoder -------------------------------------------------------------------------------------------------------
+    def encode_latents(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) -> continuous latent tokens before quantisation (B, K, code_dim)."""
+        self.check_images(images)
+        patches = self.patch_embed(patchify(images, self.patch_size)) + self.patch_pos
+        latents = self.latent_tokens.expand(images.shape[0], -1, -1)
+        hidden = self.encoder(torch.cat([patches, latents], dim=1))
+        return self.to_code(hidden[:, self.num_patches :])
+
+    def encode(self, images: Tensor, num_tokens: int | None = None) -> Encoded:
+        keep = self.check_num_tokens(num_tokens)
+        ids = self.quantizer(self.encode_latents(images)).ids[:, :keep]
+        lengths = torch.full((images.shape[0],), keep, dtype=torch.long, device=images.device)
+        return Encoded(ids, lengths)
+
+    # -- decoder -------------------------------------------------------------------------------------------------------
+    def decode_codes(self, codes: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """codes (B, L <= K, code_dim) -> images; latent positions >= lengths (and >= L) take the pad embedding."""
+        batch, length = codes.shape[:2]
+        hidden = self.from_code(codes)
+        if length < self.max_tokens:
+            hidden = torch.cat([hidden, self.pad_token.expand(batch, self.max_tokens - length, -1)], dim=1)
+        if lengths is not None:
+            keep = torch.arange(self.max_tokens, device=codes.device)[None, :] < lengths[:, None]
+            hidden = torch.where(keep[..., None], hidden, self.pad_token)
+        hidden = hidden + self.latent_pos
+        masks = (self.mask_token + self.mask_pos).expand(batch, -1, -1)
+        out = self.decoder(torch.cat([masks, hidden], dim=1))[:, : self.num_patches]
+        return unpatchify(self.to_pixels(out), self.patch_size, self.image_size)
+
+    def decode(self, ids: Tensor, lengths: Tensor | None = None) -> Tensor:
+        lengths = self.check_ids(ids, lengths)
+        return self.decode_codes(self.quantizer.ids_to_codes(ids), lengths)
+
+    def code_vectors(self) -> Tensor:
+        return self.quantizer.code_vectors()
+
+    # -- objective -----------------------------------------------------------------------------------------------------
+    def sample_lengths(self, batch_size: int, device) -> Tensor | None:
+        """Per-image kept token counts during training; None keeps all (fixed-length TiTok)."""
+        return None
+
+    def training_loss(self, images: Tensor) -> tuple[Tensor, dict]:
+        quantized = self.quantizer(self.encode_latents(images))
+        lengths = self.sample_lengths(images.shape[0], images.device)
+        recon = self.decode_codes(quantized.codes, lengths)
+        mse = F.mse_loss(recon, images)
+        pixel_loss = mse if self.reconstruction_loss == "l2" else F.l1_loss(recon, images)
+        loss = pixel_loss + quantized.loss
+        logs = {
+            "loss": loss.detach(),
+            "reconstruction": pixel_loss.detach(),
+            "quantizer": quantized.loss.detach(),
+            "psnr": psnr(mse.detach()),
+            **{(k if k.endswith("_loss") else f"codebook_{k}"): v for k, v in quantized.logs.items()},
+        }
+        return loss, logs
+
+
+def psnr(mse: Tensor) -> Tensor:
+    """PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
+
+
+def num_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def titok_from_preset(name: str, **overrides) -> TiTok:
+    if name not in TITOK_PRESETS:
+        raise ValueError(f"unknown TiTok preset {name!r}; known: {sorted(TITOK_PRESETS)}")
+    return TiTok(**{**TITOK_PRESETS[name], **overrides})
+

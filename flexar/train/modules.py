@@ -1,0 +1,140 @@
+"""Thin LightningModules: the model is built from the config and passed in; the module owns the optimiser, the
+learning-rate schedule, EMA, logging and the final export. The objective lives in the model's ``training_loss``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Multiplier of the base learning rate: linear warmup, then cosine decay to `min_ratio`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class _ModelModule(L.LightningModule):
+    """Shared optimisation plumbing for a wrapped model exposing ``training_loss(*batch) -> (loss, logs)``."""
+
+    model_attribute = "model"
+
+    def __init__(
+        self,
+        lr: float,
+        weight_decay: float,
+        betas: tuple[float, float],
+        warmup_steps: int,
+        min_lr_ratio: float,
+        ema_decay: float | None,
+        export_dir: str | None,
+    ):
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in (0, 1), got {ema_decay}")
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
+        self.ema_decay = ema_decay
+        self.export_dir = export_dir
+
+    @property
+    def network(self) -> nn.Module:
+        return getattr(self, self.model_attribute)
+
+    def setup_ema(self) -> None:
+        self.ema = None
+        if self.ema_decay is not None:
+            self.ema = AveragedModel(self.network, multi_avg_fn=get_ema_multi_avg_fn(self.ema_decay), use_buffers=True)
+            self.ema.requires_grad_(False)
+
+    def averaged_network(self) -> nn.Module:
+        """The EMA weights when EMA is on, else the trained weights."""
+        return self.ema.module if self.ema is not None else self.network
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, parameter in self.network.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            # norms, biases, embeddings and learned tokens are not weight-decayed (GPT-2 / nanoGPT convention)
+            (decay if parameter.dim() >= 2 and "embed" not in name and "token" not in name else no_decay).append(parameter)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr,
+            betas=self.betas,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, self.warmup_steps, total, self.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.network)
+
+    def log_metrics(self, prefix: str, logs: dict, batch_size: int) -> None:
+        on_step = prefix == "train"
+        self.log_dict(
+            {f"{prefix}/{k}": v.float() for k, v in logs.items()},
+            on_step=on_step,
+            on_epoch=not on_step,
+            prog_bar=False,
+            batch_size=batch_size,
+            sync_dist=not on_step,
+        )
+        if "loss" in logs:
+            self.log(f"{prefix}_loss", logs["loss"].float(), prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=batch_size)
+
+    def export_path(self) -> Path:
+        if self.export_dir is not None:
+            return Path(self.export_dir)
+        root = self.trainer.log_dir or self.trainer.default_root_dir
+        return Path(root) / "pretrained"
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero:
+            path = self.averaged_network().save_pretrained(self.export_path())
+            print(f"saved {type(self.network).__name__} to {os.fspath(path)}")
+
+
+class TokenizerModule(_ModelModule):
+    """Trains a :class:`flexar.tokenizers.Tokenizer` on (images, labels) batches."""
+
+    model_attribute = "tokenizer"
+
+    def __init__(
+        self,
+        tokenizer: nn.Module,
+        lr: float = 3e-4,
+        weight_decay: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        ema_decay: float | None = None,
+        export_dir: str | None = None,
+    ):
+        super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, ema_decay, export_dir)
+        self.tokenizer = tokenizer
+        self.setup_ema()
+
+    def training_step(self, batch, batch_idx):
+        images = batch[0]
+        loss, logs = self.tokenizer.training_loss(images)
+        self.log_metrics("train", logs, images.shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        images = batch[0]
+        tokenizer = self.averaged_network()
+        loss, logs = tokenizer.training_loss(images)
+        self.log_metrics("val", logs, images.shape[0])

@@ -1,0 +1,137 @@
+import pytest
+import torch
+
+from flexar.nn import (
+    KVCache,
+    Mask,
+    RotaryEmbedding,
+    Transformer,
+    apply_rotary,
+    attention,
+    block_causal_mask,
+    causal_mask,
+    dense_to_mask,
+    grid_positions,
+)
+
+BACKENDS = ["sdpa", "flex", "xformers", "auto"]
+
+
+def _qkv(length=48, kv_length=None, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 3, length, 16, generator=generator)
+    k = torch.randn(2, 3, kv_length or length, 16, generator=generator)
+    v = torch.randn(2, 3, kv_length or length, 16, generator=generator)
+    return q, k, v
+
+
+def _masks(length):
+    generator = torch.Generator().manual_seed(1)
+    arbitrary = torch.rand(length, length, generator=generator) < 0.5
+    arbitrary[:, 0] = True  # no fully masked row (softmax of an empty row is undefined)
+    blocks = torch.arange(length) // 8
+    rows, cols = grid_positions(6, 8).unbind(-1)
+    neighbourhood = Mask(lambda q, kv: ((rows[q] - rows[kv]).abs() <= 1) & ((cols[q] - cols[kv]).abs() <= 1), "nbhd")
+    return {
+        "none": None,
+        "causal": causal_mask(),
+        "bool": arbitrary,
+        "bool_as_mask": dense_to_mask(arbitrary),
+        "block_causal": block_causal_mask(blocks),
+        "neighbourhood": neighbourhood,
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask_name", ["none", "causal", "bool", "bool_as_mask", "block_causal", "neighbourhood"])
+def test_backends_match_math(backend, mask_name):
+    q, k, v = _qkv()
+    mask = _masks(q.shape[-2])[mask_name]
+    reference = attention(q, k, v, mask, backend="math")
+    out = attention(q, k, v, mask, backend=backend)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa", "flex"])
+def test_query_offset_selects_rows_of_full_mask(backend):
+    q, k, v = _qkv()
+    for mask in (causal_mask(), block_causal_mask(torch.arange(48) // 8)):
+        full = attention(q, k, v, mask, backend="math")
+        tail = attention(q[:, :, 40:], k, v, mask, backend=backend, q_offset=40)
+        torch.testing.assert_close(tail, full[:, :, 40:], atol=1e-5, rtol=1e-5)
+
+
+def test_mask_semantics():
+    dense = causal_mask().dense(4, 4)
+    assert torch.equal(dense, torch.tril(torch.ones(4, 4, dtype=torch.bool)))
+    blocks = block_causal_mask(torch.tensor([0, 0, 1, 1])).dense(4, 4)
+    assert blocks[0, 1] and not blocks[1, 2] and blocks[3, 0]
+
+
+def test_bad_inputs():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        attention(q, k, v, backend="fast")
+    with pytest.raises(ValueError, match=r"\(B, H, L, D\)"):
+        attention(q[0], k[0], v[0])
+    with pytest.raises(TypeError, match="bool"):
+        attention(q, k, v, mask=torch.zeros(48, 48), backend="sdpa")
+
+
+def test_rope_is_relative_and_identity_at_negative_positions():
+    rope = RotaryEmbedding(16, axes=2)
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 1, 16, generator=generator).expand(1, 1, 2, 16)
+    k = torch.randn(1, 1, 1, 16, generator=generator).expand(1, 1, 2, 16)
+    # scores depend only on the offset between positions
+    pos_a = torch.tensor([[1, 2], [3, 5]])
+    pos_b = torch.tensor([[4, 4], [6, 7]])
+    score = lambda pos: (apply_rotary(q, *rope(pos))[..., 1, :] * apply_rotary(k, *rope(pos))[..., 0, :]).sum()
+    torch.testing.assert_close(score(pos_a), score(pos_b))
+    cos, sin = rope(torch.tensor([[-1, -1]]))
+    assert torch.all(cos == 1) and torch.all(sin == 0)
+
+
+@pytest.mark.parametrize("cond_dim", [None, 8])
+def test_kv_cache_decoding_equals_full_recompute(cond_dim):
+    torch.manual_seed(0)
+    model = Transformer(dim=32, depth=3, num_heads=4, cond_dim=cond_dim).eval()
+    if cond_dim is not None:  # AdaLN-zero starts at identity: give the modulation weights something to do
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.out_features in (6 * 32, 2 * 32):
+                torch.nn.init.normal_(module.weight, std=0.05)
+    rope = RotaryEmbedding(8, axes=2)
+    length = 20
+    x = torch.randn(2, length, 32)
+    cond = torch.randn(2, cond_dim) if cond_dim else None
+    positions = grid_positions(4, 5)
+    full = model(x, causal_mask(), rope(positions), cond)
+    cache = model.new_cache(batch_size=2, max_length=length)
+    pieces = []
+    start = 0
+    for size in (5, 1, 1, 3, 10):  # a prefill then uneven steps
+        chunk = slice(start, start + size)
+        pieces.append(model(x[:, chunk], causal_mask(), rope(positions[chunk]), cond, kv_cache=cache))
+        start += size
+    assert cache.length == length
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_bounds_and_truncate():
+    cache = KVCache(1, 1, 1, 4, 2)
+    cache.update(0, torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2))
+    cache.advance(3)
+    with pytest.raises(ValueError, match="holds 4 positions"):
+        cache.update(0, torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2))
+    cache.truncate(1)
+    assert cache.length == 1
+    with pytest.raises(ValueError):
+        cache.truncate(3)
+
+
+def test_adaln_zero_starts_as_identity_per_block():
+    from flexar.nn import Block
+
+    block = Block(16, 2, cond_dim=4)
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(block(x, cond=torch.randn(2, 4)), x)
