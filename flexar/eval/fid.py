@@ -1,0 +1,255 @@
+"""FID and KID of generated images against a reference set, computed by torch-fidelity.
+
+- FID: Heusel et al., 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium".
+  The Frechet distance between Gaussians fitted to the two sets' features,
+  ``|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))``.
+- KID: Binkowski et al., 2018, "Demystifying MMD GANs": the unbiased squared MMD with the cubic polynomial kernel,
+  averaged over random subsets (mean and standard deviation over subsets).
+- Computation: torch-fidelity (Obukhov et al., 2020), with either its ``inception-v3-compat`` extractor (the
+  TensorFlow FID Inception weights, matching the reference TensorFlow implementation) or a flexar classifier saved by
+  ``flexar.eval.classifier.DigitClassifier.save_pretrained`` (``"classifier:PATH"``), the usual choice for small
+  grayscale sets such as digits and MNIST.
+
+Images are uint8 (N, 3, H, W) or (N, 1, H, W) tensors, or Datasets yielding such images one at a time; float images
+are read with flexar's [-1, 1] convention and quantised to uint8 first, so every set is scored from the same 8-bit
+pixels a saved PNG would hold.
+
+``frechet_distance`` recomputes FID from feature statistics with scipy's matrix square root instead of
+torch-fidelity's eigenvalue route, so the two can check each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch_fidelity
+from torch.utils.data import Dataset
+from torch_fidelity.metric_fid import KEY_METRIC_FID
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+from flexar.eval.classifier import CLASSIFIER_EXTRACTOR, register_classifier_extractor
+
+INCEPTION_EXTRACTOR = "inception-v3-compat"
+CLASSIFIER_PREFIX = "classifier:"
+# torch-fidelity's default; smaller sets use every sample in each subset.
+KID_SUBSET_SIZE = 1000
+
+
+def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., C, H, W) passes through; float is read as [-1, 1] and quantised like a saved image would be."""
+    if images.dtype == torch.uint8:
+        return images
+    if not torch.is_floating_point(images):
+        raise TypeError(f"images must be uint8, or float in [-1, 1]; got {images.dtype}")
+    if images.numel() and (images.min() < -1.0 - 1e-3 or images.max() > 1.0 + 1e-3):
+        raise ValueError(
+            f"float images must lie in [-1, 1] (flexar's convention), got [{images.min():.3f}, {images.max():.3f}]"
+        )
+    return ((images.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+
+
+def _to_rgb(image: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) with C in {1, 3} -> (3, H, W); grey images are repeated, as torch-fidelity expects RGB."""
+    if image.dim() != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"each image must be (1, H, W) or (3, H, W), got {tuple(image.shape)}")
+    return image.expand(3, -1, -1).contiguous() if image.shape[0] == 1 else image
+
+
+class Uint8Images(Dataset):
+    """The Dataset torch-fidelity reads: item i is a uint8 (3, H, W) tensor.
+
+    ``source`` is a tensor (N, C, H, W) with C in {1, 3}, or a Dataset whose items are such (C, H, W) images or
+    tuples whose first element is one (as in ``(image, label)``).
+    """
+
+    def __init__(self, source: torch.Tensor | Dataset) -> None:
+        if torch.is_tensor(source):
+            if source.dim() != 4 or source.shape[1] not in (1, 3):
+                raise ValueError(f"images must be (N, 1, H, W) or (N, 3, H, W), got {tuple(source.shape)}")
+            source = _to_uint8(source.detach().cpu())
+        elif not isinstance(source, Dataset) or not hasattr(source, "__len__"):
+            raise TypeError(f"images must be a tensor or a sized torch Dataset, got {type(source).__name__}")
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        item = self.source[index]
+        if isinstance(item, (tuple, list)):
+            item = item[0]
+        if not torch.is_tensor(item):
+            raise TypeError(f"dataset items must be image tensors or (image, ...) tuples, got {type(item).__name__}")
+        return _to_rgb(_to_uint8(item.detach().cpu()))
+
+
+def _resolve_extractor(extractor: str, inception_weights: str | None) -> tuple[str, str | None]:
+    """Map flexar's extractor string to (torch-fidelity extractor name, its weights path), checking the files."""
+    if extractor == "inception":
+        if inception_weights is not None:
+            _check_inception_weights(inception_weights)
+        return INCEPTION_EXTRACTOR, inception_weights
+    if isinstance(extractor, str) and extractor.startswith(CLASSIFIER_PREFIX):
+        if inception_weights is not None:
+            raise ValueError("inception_weights only applies to extractor='inception'")
+        folder = extractor[len(CLASSIFIER_PREFIX) :]
+        if not folder:
+            raise ValueError("extractor 'classifier:PATH' needs the folder of a saved flexar classifier")
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"classifier folder {folder!r} does not exist")
+        register_classifier_extractor()
+        return CLASSIFIER_EXTRACTOR, folder
+    raise ValueError(f"unknown extractor {extractor!r}: use 'inception' or 'classifier:PATH'")
+
+
+def _check_inception_weights(path: str) -> None:
+    """Refuse a missing file, or one that is not a plain state dict, before torch-fidelity opens it.
+
+    torch-fidelity 0.4 reads these weights with ``torch.load(weights_only=False)``, which would run any code a
+    pickle carries; the restricted ``weights_only=True`` loader here only rebuilds tensors and containers.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Inception weights file {path!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path!r} is not a plain PyTorch state dict of Inception weights: {error}") from error
+    if not isinstance(state, dict) or not all(torch.is_tensor(value) for value in state.values()):
+        raise ValueError(f"{path!r} does not hold a state dict (a mapping from names to tensors)")
+
+
+def extract_features(
+    images: torch.Tensor | Dataset,
+    extractor: str = "inception",
+    inception_weights: str | None = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+) -> torch.Tensor:
+    """Features torch-fidelity's FID would use for ``images``: (N, D) float32 on CPU.
+
+    D is 2048 for ``"inception"`` (pool3) and the classifier's ``feature_dim`` for ``"classifier:PATH"``.
+    """
+    cuda = _is_cuda(device)
+    name, weights_path = _resolve_extractor(extractor, inception_weights)
+    dataset = Uint8Images(images)
+    layer = FEATURE_EXTRACTORS_REGISTRY[name].get_default_feature_layer_for_metric("fid")
+    with _device_scope(device):
+        network = create_feature_extractor(
+            name, [layer], cuda=cuda, feature_extractor_weights_path=weights_path, verbose=False
+        )
+        features = get_featuresdict_from_dataset(dataset, network, batch_size, cuda, True, False)
+    return features[layer]
+
+
+def gaussian_statistics(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and unbiased covariance (D, D), in float64, of features (N, D)."""
+    if torch.is_tensor(features):
+        features = features.detach().cpu().numpy()
+    features = np.asarray(features, dtype=np.float64)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al., 2017); means (D,), covariances (D, D).
+
+    ``|mu1 - mu2|^2 + Tr(sigma1) + Tr(sigma2) - 2 Tr((sigma1 sigma2)^(1/2))``, the square root by scipy's Schur
+    method. If it is not finite (singular product), ``eps`` is added to both diagonals, as pytorch-fid does.
+    """
+    mu1, mu2 = (np.atleast_1d(np.asarray(mu, dtype=np.float64)) for mu in (mu1, mu2))
+    sigma1, sigma2 = (np.atleast_2d(np.asarray(sigma, dtype=np.float64)) for sigma in (sigma1, sigma2))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0],) * 2:
+        raise ValueError(f"shape mismatch: mu {mu1.shape} {mu2.shape}, sigma {sigma1.shape} {sigma2.shape}")
+    difference = mu1 - mu2
+    covariance_root = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covariance_root).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covariance_root = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    # Imaginary parts come from round-off on near-singular products; for a real matrix they cancel in the trace.
+    trace_root = float(np.real(np.trace(covariance_root)))
+    return float(difference @ difference + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_root)
+
+
+def compute_metrics(
+    samples: torch.Tensor | Dataset,
+    reference: torch.Tensor | Dataset,
+    extractor: str = "inception",
+    inception_weights: str | None = None,
+    kid: bool = True,
+    batch_size: int = 64,
+    device: str = "cpu",
+    kid_subset_size: int | None = None,
+) -> dict:
+    """FID (and KID) of ``samples`` against ``reference`` with torch-fidelity.
+
+    Args:
+        samples, reference: uint8 images (N, 3, H, W) or (N, 1, H, W), or Datasets of such (C, H, W) images.
+        extractor: ``"inception"`` (torch-fidelity's ``inception-v3-compat``) or ``"classifier:PATH"`` (a folder
+            written by ``DigitClassifier.save_pretrained``).
+        inception_weights: local Inception weights for offline use; None downloads them on first use.
+        kid: also compute KID.
+        batch_size: images per feature-extractor batch.
+        device: ``"cpu"`` or a CUDA device such as ``"cuda"`` / ``"cuda:1"``.
+        kid_subset_size: KID subset size; None uses 1000. Clamped to the smaller set, since torch-fidelity refuses
+            subsets larger than either set.
+
+    Returns:
+        ``{"fid", "kid_mean", "kid_std", "num_samples", "num_reference", "extractor"}``; the KID entries are None
+        when ``kid`` is False. Nothing is cached on disk.
+    """
+    cuda = _is_cuda(device)
+    name, weights_path = _resolve_extractor(extractor, inception_weights)
+    samples_dataset, reference_dataset = Uint8Images(samples), Uint8Images(reference)
+    num_samples, num_reference = len(samples_dataset), len(reference_dataset)
+    if min(num_samples, num_reference) < 2:
+        raise ValueError(
+            f"FID needs at least 2 images per set, got {num_samples} samples and {num_reference} reference images"
+        )
+    if kid_subset_size is not None and kid_subset_size < 2:
+        raise ValueError(f"kid_subset_size must be at least 2, got {kid_subset_size}")
+    subset_size = min(kid_subset_size or KID_SUBSET_SIZE, num_samples, num_reference)
+    with _device_scope(device):
+        metrics = torch_fidelity.calculate_metrics(
+            input1=samples_dataset,
+            input2=reference_dataset,
+            fid=True,
+            kid=kid,
+            feature_extractor=name,
+            feature_extractor_weights_path=weights_path,
+            kid_subset_size=subset_size,
+            batch_size=batch_size,
+            cuda=cuda,
+            save_cpu_ram=True,
+            cache=False,
+            verbose=False,
+        )
+    return {
+        "fid": float(metrics[KEY_METRIC_FID]),
+        "kid_mean": float(metrics[KEY_METRIC_KID_MEAN]) if kid else None,
+        "kid_std": float(metrics[KEY_METRIC_KID_STD]) if kid else None,
+        "num_samples": num_samples,
+        "num_reference": num_reference,
+        "extractor": extractor,
+    }
+
+
+def _is_cuda(device: str) -> bool:
+    kind = torch.device(device).type
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"torch-fidelity runs on 'cpu' or 'cuda' devices, got {device!r}")
+    return kind == "cuda"
+
+
+def _device_scope(device: str) -> contextlib.AbstractContextManager:
+    # torch-fidelity moves modules and batches with a bare `.cuda()`, so `cuda:N` must be the current device.
+    parsed = torch.device(device)
+    if parsed.type == "cuda" and parsed.index is not None:
+        return torch.cuda.device(parsed)
+    return contextlib.nullcontext()
