@@ -138,3 +138,49 @@ class TokenizerModule(_ModelModule):
         tokenizer = self.averaged_network()
         loss, logs = tokenizer.training_loss(images)
         self.log_metrics("val", logs, images.shape[0])
+
+
+class GeneratorModule(_ModelModule):
+    """Trains a :mod:`flexar.generators` model on (ids, labels, lengths) batches from a token cache."""
+
+    model_attribute = "generator"
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        lr: float = 6e-4,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        ema_decay: float | None = None,
+        export_dir: str | None = None,
+    ):
+        super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, ema_decay, export_dir)
+        self.generator = generator
+        self.setup_ema()
+
+    def training_step(self, batch, batch_idx):
+        ids, labels, lengths = batch
+        loss, logs = self.generator.training_loss(ids, labels, lengths)
+        self.log_metrics("train", logs, ids.shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        ids, labels, lengths = batch
+        loss, logs = self.averaged_network().training_loss(ids, labels, lengths)
+        self.log_metrics("val", logs, ids.shape[0])
+
+    def setup(self, stage: str) -> None:
+        meta = getattr(self.trainer.datamodule, "meta", None) if self.trainer is not None else None
+        if not meta:
+            return
+        problems = [
+            f"{name}: generator {getattr(self.generator, name)} vs token cache {meta[key]}"
+            for name, key in (("vocab_size", "vocab_size"), ("max_tokens", "max_tokens"))
+            if getattr(self.generator, name) != meta[key]
+        ]
+        if meta.get("num_classes") is not None and self.generator.num_classes != meta["num_classes"]:
+            problems.append(f"num_classes: generator {self.generator.num_classes} vs token cache {meta['num_classes']}")
+        if problems:
+            raise ValueError("generator does not match its token cache: " + "; ".join(problems))

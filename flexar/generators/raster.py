@@ -1,0 +1,255 @@
+"""Raster-order autoregressive generation, LlamaGen style ("Autoregressive Model Beats Diffusion: Llama for Scalable
+Image Generation", Sun et al. 2024; FoundationVision/LlamaGen, autoregressive/models/{gpt,generate}.py).
+
+A decoder-only Llama transformer (RMSNorm, SwiGLU, rotary embeddings) over [class token, t_0, ..., t_{L-2}] predicts
+t_0, ..., t_{L-1} with a causal mask (next-token prediction, teacher forcing, cross-entropy). The class token comes from
+a table of ``num_classes + 1`` embeddings whose last row is the null class of classifier-free guidance; during training
+each label is replaced by the null class with probability ``class_dropout``. Rotary positions are 1D for 1D token
+sequences and 2D (rows on the first half of each head's dimensions, columns on the second) for a token grid read in
+raster order; the class token carries no rotation. Token t_i sits at the position of its own grid cell.
+
+Generation decodes one token per forward pass: a prefill over the class token, then one pass per new token through
+the KV cache (``num_tokens`` passes in all), or a full recompute of the prefix every step (``use_cache=False``, the
+reference). With CFG the batch is doubled as [labels; null] and both halves are fed the token sampled from the guided
+logits.
+
+Decoding hooks for loop-changing decoders (speculative decoding, LANTERN, ScalingAR):
+
+- ``new_cache(batch_size)`` -> KVCache holding ``max_tokens + 1`` positions;
+- ``prefill(labels (B,), kv_cache) -> logits (B, V)`` for t_0 (the cache must be empty);
+- ``step(ids (B, n), kv_cache) -> logits (B, n, V)``: feed n tokens after the cached prefix; row j predicts the token
+  that follows ids[:, j]. Rejected drafts are rolled back with ``kv_cache.truncate(length)``;
+- ``return_hidden=True`` on each of them (and on ``forward``) also returns the final hidden states (B, n, dim), after
+  the final norm and before the output head, which is what EAGLE-style draft heads read; ``token_embed`` and ``head``
+  are the embedding and output layers such a head shares.
+
+Differences from LlamaGen's official code:
+- no token, residual or FFN dropout (LlamaGen trains with 0.1 each); the shared transformer blocks have none.
+- the SwiGLU hidden width is 2/3 of ``mlp_ratio * dim`` rounded to a multiple of 8, not of 256.
+- the output head is initialised like the other linear layers (normal, std 0.02) by default; LlamaGen zero-initialises
+  it, which makes a fresh model emit constant logits. ``zero_init_head=True`` restores LlamaGen's choice.
+- loss and accuracy are averaged over valid targets only when ``lengths`` is given (flexible-length tokenizers);
+  LlamaGen always trains on full grids.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..hub import register
+from ..nn import KVCache, RotaryEmbedding, Transformer, causal_mask, grid_positions
+from ..sampling import SamplingState
+from .base import GenerationOutput, Generator
+
+RASTER_PRESETS = {
+    # LlamaGen's GPT_models: width, depth, heads
+    "raster-b": dict(dim=768, depth=12, num_heads=12),
+    "raster-l": dict(dim=1024, depth=24, num_heads=16),
+    "raster-xl": dict(dim=1280, depth=36, num_heads=20),
+    "raster-xxl": dict(dim=1536, depth=48, num_heads=24),
+    # CPU-sized presets for tests, digits and MNIST
+    "raster-tiny": dict(dim=64, depth=2, num_heads=4),
+    "raster-digits": dict(dim=256, depth=6, num_heads=8),
+}
+
+IGNORE_INDEX = -100
+
+
+@register
+class RasterAR(Generator):
+    """Class-conditional decoder-only transformer over tokens in raster order.
+
+    Shapes: ids (B, L <= max_tokens) long in [0, vocab_size); labels (B,) long in [0, num_classes);
+    logits (B, L_in, vocab_size).
+    """
+
+    presets = RASTER_PRESETS
+
+    def __init__(
+        self,
+        vocab_size: int,
+        max_tokens: int,
+        num_classes: int = 10,
+        grid: list[int] | None = None,
+        dim: int = 256,
+        depth: int = 6,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        class_dropout: float = 0.1,
+        rope_base: float = 10000.0,
+        qk_norm: bool = False,
+        init_std: float = 0.02,
+        zero_init_head: bool = False,
+        attention_backend: str = "auto",
+    ):
+        super().__init__()
+        if vocab_size < 1 or max_tokens < 1 or num_classes < 1:
+            raise ValueError(
+                f"vocab_size, max_tokens and num_classes must be >= 1, got {vocab_size}, {max_tokens}, {num_classes}"
+            )
+        if not 0.0 <= class_dropout <= 1.0:
+            raise ValueError(f"class_dropout must lie in [0, 1], got {class_dropout}")
+        if grid is not None:
+            grid = tuple(int(side) for side in grid)
+            if len(grid) != 2 or grid[0] * grid[1] != max_tokens:
+                raise ValueError(f"grid must be (h, w) with h * w == max_tokens ({max_tokens}), got {grid}")
+        self.vocab_size, self.max_tokens, self.num_classes = vocab_size, max_tokens, num_classes
+        self.grid = grid
+        self.class_dropout = class_dropout
+        self.dim = dim
+
+        self.class_embed = nn.Embedding(num_classes + 1, dim)
+        self.token_embed = nn.Embedding(vocab_size, dim)
+        self.transformer = Transformer(
+            dim, depth, num_heads, mlp_ratio, mlp="swiglu", norm="rms", qk_norm=qk_norm, backend=attention_backend
+        )
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        self.rope = RotaryEmbedding(dim // num_heads, axes=1 if grid is None else 2, base=rope_base)
+        self.mask = causal_mask()
+
+        # rotary position of every input index: the class token (index 0) has none, token t_i (index i + 1) has its own
+        if grid is None:
+            positions = torch.arange(-1, max_tokens)
+        else:
+            positions = torch.cat([torch.full((1, 2), -1), grid_positions(*grid)])
+        self.register_buffer("positions", positions, persistent=False)
+
+        self.reset_parameters(init_std, zero_init_head)
+
+    def reset_parameters(self, std: float = 0.02, zero_init_head: bool = False) -> None:
+        """LlamaGen's initialisation: normal(0, std) for linear and embedding weights, zero biases."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        if zero_init_head:
+            nn.init.zeros_(self.head.weight)
+
+    # -- network -------------------------------------------------------------------------------------------------------
+    def embed(self, ids: Tensor, labels: Tensor | None, start: int) -> Tensor:
+        """Input embeddings (B, n, dim) for input indices [start, start + n): the class token leads when start == 0."""
+        tokens = self.token_embed(ids)
+        if start > 0:
+            return tokens
+        if labels is None:
+            raise ValueError("labels are needed when the class token is fed (no cached prefix)")
+        if labels.shape != (ids.shape[0],):
+            raise ValueError(f"labels must have shape ({ids.shape[0]},) to match ids, got {tuple(labels.shape)}")
+        return torch.cat([self.class_embed(labels).unsqueeze(1), tokens], dim=1)
+
+    def rotary(self, start: int, length: int) -> tuple[Tensor, Tensor]:
+        """(cos, sin), each (length, head_dim / 2), for input indices [start, start + length)."""
+        return self.rope(self.positions[start : start + length])
+
+    def forward(
+        self,
+        ids: Tensor,
+        labels: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ):
+        """Logits for the input [class token, ids] (or just ids after a cached prefix).
+
+        ids: (B, n) long; labels: (B,) long (ignored when kv_cache already holds a prefix);
+        returns logits (B, L_in, vocab_size) with L_in = n + 1 without a prefix, n with one; row j predicts the token
+        after input j. With ``return_hidden`` returns (logits, hidden (B, L_in, dim)).
+        """
+        if ids.dim() != 2:
+            raise ValueError(f"ids must be (B, n), got shape {tuple(ids.shape)}")
+        start = 0 if kv_cache is None else kv_cache.length
+        x = self.embed(ids, labels, start)
+        length = x.shape[1]
+        if start + length > self.max_tokens + 1:
+            raise ValueError(
+                f"input reaches index {start + length}, past the class token + {self.max_tokens} tokens this model holds"
+            )
+        # a single query sees every earlier key (the whole cached prefix): no mask needed
+        mask = None if length == 1 else self.mask
+        hidden = self.transformer(x, mask=mask, rope=self.rotary(start, length), kv_cache=kv_cache)
+        logits = self.head(hidden)
+        return (logits, hidden) if return_hidden else logits
+
+    # -- decoding hooks ------------------------------------------------------------------------------------------------
+    def new_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
+        """An empty KV cache for `batch_size` rows (2B under CFG) and up to class token + max_tokens positions."""
+        return self.transformer.new_cache(batch_size, self.max_tokens + 1 if max_length is None else max_length)
+
+    def prefill(self, labels: Tensor, kv_cache: KVCache, return_hidden: bool = False):
+        """Feed the class token into an empty cache. labels (B,) -> logits (B, V) for t_0 (and hidden (B, dim))."""
+        if kv_cache.length != 0:
+            raise ValueError(f"prefill needs an empty KV cache, this one holds {kv_cache.length} positions")
+        empty = torch.empty(labels.shape[0], 0, dtype=torch.long, device=labels.device)
+        out = self.forward(empty, labels, kv_cache, return_hidden)
+        return (out[0][:, 0], out[1][:, 0]) if return_hidden else out[:, 0]
+
+    def step(self, ids: Tensor, kv_cache: KVCache, return_hidden: bool = False):
+        """Feed ids (B, n) after the cached prefix -> logits (B, n, V) (and hidden (B, n, dim)); advances the cache."""
+        if kv_cache.length == 0:
+            raise ValueError("step needs a prefilled KV cache; call prefill(labels, kv_cache) first")
+        return self.forward(ids, None, kv_cache, return_hidden)
+
+    # -- objective -----------------------------------------------------------------------------------------------------
+    def training_loss(self, ids: Tensor, labels: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, dict]:
+        """Next-token cross-entropy with teacher forcing; targets at positions >= lengths[b] are ignored.
+
+        ids: (B, L) long; labels: (B,) long; lengths: (B,) long in [1, L] or None (all valid).
+        """
+        labels = self.check_labels(labels)
+        lengths = self.check_ids(ids, lengths)
+        if labels.shape[0] != ids.shape[0]:
+            raise ValueError(f"got {labels.shape[0]} labels for {ids.shape[0]} rows of ids")
+        labels = self.drop_labels(labels)
+        logits = self.forward(ids[:, :-1], labels)
+        valid = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]
+        targets = ids.masked_fill(~valid, IGNORE_INDEX)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        with torch.no_grad():
+            correct = (logits.argmax(dim=-1) == ids) & valid
+            accuracy = correct.sum() / valid.sum()
+        logs = {"loss": loss.detach(), "accuracy": accuracy, "perplexity": loss.detach().exp()}
+        return loss, logs
+
+    # -- sampling ------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        labels: Tensor,
+        sampler,
+        generator: torch.Generator | None = None,
+        num_tokens: int | None = None,
+        use_cache: bool = True,
+        progress: bool = False,
+    ) -> GenerationOutput:
+        """Sample `num_tokens` (default max_tokens) tokens per label in raster order, one forward pass per token.
+
+        labels: (B,) long; sampler: a :class:`flexar.sampling.Sampler` (CFG doubles the batch with null labels);
+        returns ids (B, num_tokens) and stats.
+        """
+        labels = self.check_labels(labels)
+        count = self.check_num_tokens(num_tokens)
+        generator = self.resolve_generator(generator)
+        timer = self.start_timer()
+        batch = labels.shape[0]
+        conditions = self.guidance_labels(labels, sampler)
+        copies = conditions.shape[0] // batch
+        ids = torch.empty(batch, count, dtype=torch.long, device=labels.device)
+        kv_cache = self.new_cache(conditions.shape[0], count) if use_cache else None
+        forward_passes = 0
+        for index in self.progress_range(count, progress, "raster decoding"):
+            if use_cache and index == 0:
+                logits = self.prefill(conditions, kv_cache)
+            elif use_cache:
+                logits = self.step(ids[:, index - 1 : index].repeat(copies, 1), kv_cache)[:, -1]
+            else:
+                logits = self.forward(ids[:, :index].repeat(copies, 1), conditions)[:, -1]
+            forward_passes += 1
+            ids[:, index] = sampler.sample(logits, SamplingState(step=index, num_steps=count), generator)
+        stats = {
+            "forward_passes": forward_passes,
+            "tokens": batch * count,
+            "seconds": timer.seconds(),
+            "batch_size": batch,
+        }
+        return GenerationOutput(ids=ids, stats=stats)

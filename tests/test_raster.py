@@ -1,0 +1,358 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flexar.generators import GENERATORS, RASTER_PRESETS, GenerationOutput, Generator, RasterAR
+from flexar.hub import load_model
+from flexar.nn import causal_mask
+from flexar.sampling import Sampler
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    # tiny models on shared CPU cores: thread hand-offs cost more than the arithmetic
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_raster(**overrides):
+    kwargs = dict(vocab_size=16, max_tokens=8, num_classes=4, dim=32, depth=2, num_heads=2, init_std=0.2)
+    return RasterAR(**{**kwargs, **overrides})
+
+
+def seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def random_ids(model, batch=3, length=None, seed=1):
+    length = model.max_tokens if length is None else length
+    return torch.randint(0, model.vocab_size, (batch, length), generator=seeded(seed))
+
+
+class RecordingSampler(Sampler):
+    """A Sampler that keeps the raw logits it was given and the probabilities it drew from at every step."""
+
+    def __init__(self, *args, force_cfg=False, **kwargs):
+        self.force_cfg = force_cfg
+        super().__init__(*args, **kwargs)
+        self.raw, self.drawn = [], []
+
+    @property
+    def uses_cfg(self):
+        return self.force_cfg or self.cfg_scale != 1.0
+
+    def sample(self, logits, state=None, generator=None):
+        self.raw.append(logits.clone())
+        self.drawn.append(self.probs(logits, state))
+        return super().sample(logits, state, generator)
+
+
+class GeneratorContract:
+    """Interface checks shared by generator families: subclasses set `make_generator()` returning a tiny
+    class-conditional generator on CPU."""
+
+    def make_generator(self) -> Generator:
+        raise NotImplementedError
+
+    @pytest.fixture
+    def model(self):
+        torch.manual_seed(0)
+        return self.make_generator().eval()
+
+    def labels(self, model, batch=3):
+        return torch.arange(batch) % model.num_classes
+
+    def test_output_and_stats(self, model):
+        out = model.generate(self.labels(model), Sampler(top_k=5), seeded())
+        assert isinstance(out, GenerationOutput)
+        assert out.ids.shape == (3, model.max_tokens) and out.ids.dtype == torch.long
+        assert 0 <= int(out.ids.min()) and int(out.ids.max()) < model.vocab_size
+        assert out.stats["tokens"] == 3 * model.max_tokens
+        assert out.stats["forward_passes"] >= 1 and out.stats["seconds"] > 0
+
+    def test_seeded_generation_is_reproducible(self, model):
+        sampler = Sampler(temperature=1.0, cfg_scale=2.0)
+        first = model.generate(self.labels(model), sampler, seeded(5)).ids
+        second = model.generate(self.labels(model), sampler, seeded(5)).ids
+        assert torch.equal(first, second)
+        assert not torch.equal(first, model.generate(self.labels(model), sampler, seeded(6)).ids)
+
+    def test_unseeded_generation_leaves_the_global_rng_alone(self, model):
+        state = torch.get_rng_state()
+        model.generate(self.labels(model), Sampler())
+        assert torch.equal(torch.get_rng_state(), state)
+
+    def test_bad_arguments_are_refused(self, model):
+        sampler = Sampler()
+        with pytest.raises(ValueError, match=rf"labels must lie in \[0, {model.num_classes}\)"):
+            model.generate(torch.tensor([0, model.num_classes]), sampler, seeded())
+        with pytest.raises(ValueError, match=r"labels must be a \(B,\) long tensor"):
+            model.generate(torch.zeros(2, 1, dtype=torch.long), sampler, seeded())
+        with pytest.raises(ValueError, match=r"num_tokens must be an int in \[1, "):
+            model.generate(self.labels(model), sampler, seeded(), num_tokens=model.max_tokens + 1)
+        labels = self.labels(model, 2)
+        expected = rf"ids must be a \(B, L\) long tensor with 1 <= L <= {model.max_tokens}"
+        for bad in (
+            torch.zeros(model.max_tokens, dtype=torch.long),
+            torch.zeros(2, model.max_tokens),
+            torch.zeros(2, model.max_tokens + 1, dtype=torch.long),
+        ):
+            with pytest.raises(ValueError, match=expected):
+                model.training_loss(bad, labels)
+        with pytest.raises(ValueError, match=rf"token ids must lie in \[0, {model.vocab_size}\)"):
+            model.training_loss(torch.full((2, model.max_tokens), model.vocab_size), labels)
+        with pytest.raises(ValueError, match=rf"labels must lie in \[0, {model.num_classes}\)"):
+            model.training_loss(random_ids(model, 2), torch.tensor([-1, 0]))
+
+    def test_save_load_round_trip(self, model, tmp_path):
+        model.save_pretrained(tmp_path / "gen")
+        config = json.loads((tmp_path / "gen" / "config.json").read_text())
+        assert config["class"] == type(model).__name__
+        loaded = type(model).from_pretrained(tmp_path / "gen").eval()
+        assert isinstance(load_model(tmp_path / "gen", kind=Generator), type(model))
+        ids, labels = random_ids(model), self.labels(model)
+        with torch.no_grad():
+            assert torch.equal(loaded.training_loss(ids, labels)[0], model.training_loss(ids, labels)[0])
+        sampler = Sampler(cfg_scale=3.0)
+        assert torch.equal(loaded.generate(labels, sampler, seeded()).ids, model.generate(labels, sampler, seeded()).ids)
+
+    def test_training_lowers_the_loss(self):
+        torch.manual_seed(0)
+        model = self.make_generator().train()
+        labels = torch.arange(8) % model.num_classes
+        # each class has its own fixed sequence: learnable by a tiny model in a few dozen steps
+        steps = torch.arange(model.max_tokens)
+        ids = (labels[:, None] * 5 + steps[None, :] * (labels[:, None] + 1)) % model.vocab_size
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses = []
+        for _ in range(40):
+            loss, logs = model.training_loss(ids, labels)
+            assert torch.isfinite(loss) and set(logs) >= {"loss", "accuracy", "perplexity"}
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert losses[-1] < 0.4 * losses[0], losses
+
+
+class TestRasterContract(GeneratorContract):
+    def make_generator(self):
+        return tiny_raster()
+
+
+class TestRasterGridContract(GeneratorContract):
+    def make_generator(self):
+        return tiny_raster(max_tokens=16, grid=[4, 4])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# raster-specific behaviour
+
+MODELS = {"1d": dict(), "grid": dict(max_tokens=16, grid=[4, 4])}
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_incremental_logits_equal_teacher_forcing(kind):
+    torch.manual_seed(0)
+    model = tiny_raster(**MODELS[kind]).eval()
+    ids, labels = random_ids(model, 2), torch.tensor([1, 3])
+    with torch.no_grad():
+        full = model(ids, labels)  # (B, 1 + L, V): row j predicts t_j
+        assert full.shape == (2, model.max_tokens + 1, model.vocab_size)
+        cache = model.new_cache(2)
+        torch.testing.assert_close(model.prefill(labels, cache), full[:, 0], atol=1e-5, rtol=1e-5)
+        for index in range(model.max_tokens):
+            logits = model.step(ids[:, index : index + 1], cache)
+            torch.testing.assert_close(logits[:, 0], full[:, index + 1], atol=1e-5, rtol=1e-5)
+
+        # several draft tokens in one pass, roll back, feed others: what speculative decoding does
+        cache = model.new_cache(2)
+        model.prefill(labels, cache)
+        model.step(ids[:, :2], cache)
+        drafts = (ids[:, 2:5] + 1) % model.vocab_size
+        model.step(drafts, cache)
+        cache.truncate(3)
+        logits, hidden = model.step(ids[:, 2:5], cache, return_hidden=True)
+        torch.testing.assert_close(logits, full[:, 3:6], atol=1e-5, rtol=1e-5)
+        assert hidden.shape == (2, 3, model.dim) and cache.length == 6
+        torch.testing.assert_close(model.head(hidden), logits)
+        full_logits, full_hidden = model(ids, labels, return_hidden=True)
+        torch.testing.assert_close(hidden, full_hidden[:, 3:6], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_cached_generation_equals_recompute(kind, cfg_scale):
+    torch.manual_seed(0)
+    model = tiny_raster(**MODELS[kind]).eval()
+    labels, sampler = torch.tensor([0, 2, 3]), Sampler(top_p=0.9, cfg_scale=cfg_scale)
+    cached = model.generate(labels, sampler, seeded(3), use_cache=True)
+    recomputed = model.generate(labels, sampler, seeded(3), use_cache=False)
+    assert torch.equal(cached.ids, recomputed.ids)
+
+
+def test_forward_passes_are_counted_honestly():
+    torch.manual_seed(0)
+    model = tiny_raster().eval()
+    calls = []
+    model.transformer.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[:2]))
+    labels = torch.tensor([0, 1])
+    for use_cache in (True, False):
+        for cfg_scale in (1.0, 4.0):
+            calls.clear()
+            out = model.generate(labels, Sampler(cfg_scale=cfg_scale), seeded(), num_tokens=5, use_cache=use_cache)
+            assert out.ids.shape == (2, 5)
+            assert out.stats["forward_passes"] == len(calls) == 5
+            assert out.stats["tokens"] == 10 and out.stats["batch_size"] == 2
+            rows = 4 if cfg_scale != 1.0 else 2  # CFG: one pass per step over the doubled batch
+            assert all(batch == rows for batch, _ in calls)
+            lengths = [length for _, length in calls]
+            assert lengths == ([1] * 5 if use_cache else [1, 2, 3, 4, 5])
+
+
+def test_cfg_scale_one_equals_the_conditional_model():
+    torch.manual_seed(0)
+    model = tiny_raster().eval()
+    labels = torch.tensor([0, 1, 2, 3])
+    plain = RecordingSampler(top_k=8)
+    doubled = RecordingSampler(top_k=8, force_cfg=True)  # runs the [labels; null] batch with guidance scale 1
+    first = model.generate(labels, plain, seeded(7))
+    second = model.generate(labels, doubled, seeded(7))
+    assert doubled.raw[0].shape[0] == 8 and plain.raw[0].shape[0] == 4
+    assert torch.equal(first.ids, second.ids)
+    for p, q in zip(plain.drawn, doubled.drawn):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_unconditional_rows_use_the_null_class():
+    torch.manual_seed(0)
+    model = tiny_raster().eval()
+    labels = torch.tensor([0, 1, 2, 3])
+    sampler = RecordingSampler(cfg_scale=3.0)
+    model.generate(labels, sampler, seeded())
+    with torch.no_grad():
+        null_logits = model.prefill(torch.full((4,), model.null_class), model.new_cache(4))
+    torch.testing.assert_close(sampler.raw[0][4:], null_logits, atol=1e-6, rtol=1e-5)
+
+    # guidance scale 0 is the unconditional model alone: the labels no longer matter
+    unconditional = [model.generate(other, Sampler(cfg_scale=0.0), seeded(2)).ids for other in (labels, labels.flip(0))]
+    assert torch.equal(*unconditional)
+    conditional = [RecordingSampler(), RecordingSampler()]
+    for other, recorder in zip((labels, labels.flip(0)), conditional):
+        model.generate(other, recorder, seeded(2), num_tokens=1)
+    assert not torch.allclose(conditional[0].drawn[0], conditional[1].drawn[0])
+
+    # changing the null embedding moves guided sampling, and nothing at scale 1
+    altered = tiny_raster().eval()
+    altered.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        altered.class_embed.weight[altered.null_class] = torch.randn(altered.dim, generator=seeded(9))
+    for cfg_scale, changes in ((1.0, False), (3.0, True)):
+        before, after = RecordingSampler(cfg_scale=cfg_scale), RecordingSampler(cfg_scale=cfg_scale)
+        model.generate(labels, before, seeded(), num_tokens=1)
+        altered.generate(labels, after, seeded(), num_tokens=1)
+        assert torch.equal(before.drawn[0], after.drawn[0]) != changes
+
+
+def test_loss_matches_hand_computed_cross_entropy():
+    torch.manual_seed(0)
+    model = tiny_raster().eval()
+    ids, labels = random_ids(model, 3), torch.tensor([2, 0, 3])
+    loss, logs = model.training_loss(ids, labels)
+    with torch.no_grad():
+        # the sequence the paper feeds: [class token, t_0 .. t_{L-2}], 1D rotary positions -1 (none), 0 .. L-2
+        inputs = torch.cat([model.class_embed(labels)[:, None], model.token_embed(ids[:, :-1])], dim=1)
+        rope = model.rope(torch.arange(-1, model.max_tokens - 1))
+        logits = model.transformer(inputs, mask=causal_mask(), rope=rope) @ model.head.weight.T
+        log_probs = logits.log_softmax(dim=-1).gather(-1, ids[..., None]).squeeze(-1)
+        expected = -log_probs.mean()
+        accuracy = (logits.argmax(-1) == ids).float().mean()
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(logs["accuracy"], accuracy)
+    torch.testing.assert_close(logs["perplexity"], expected.exp())
+
+
+def test_class_dropout_replaces_labels_by_the_null_class_in_training_only():
+    torch.manual_seed(0)
+    model = tiny_raster(class_dropout=1.0)
+    ids, labels = random_ids(model, 3), torch.tensor([2, 0, 3])
+    with torch.no_grad():
+        null = torch.full_like(labels, model.null_class)
+        targets_loss = F.cross_entropy(model(ids[:, :-1], null).flatten(0, 1), ids.flatten())
+        conditional_loss = F.cross_entropy(model(ids[:, :-1], labels).flatten(0, 1), ids.flatten())
+        torch.testing.assert_close(model.train().training_loss(ids, labels)[0], targets_loss)
+        torch.testing.assert_close(model.eval().training_loss(ids, labels)[0], conditional_loss)
+        model.class_dropout = 0.5
+        dropped = model.train().drop_labels(torch.zeros(4000, dtype=torch.long), seeded())
+        assert set(dropped.tolist()) == {0, model.null_class}
+        assert abs((dropped == model.null_class).float().mean().item() - 0.5) < 0.05
+
+
+def test_targets_past_lengths_are_ignored():
+    torch.manual_seed(0)
+    model = tiny_raster().eval()
+    ids, labels, lengths = random_ids(model, 3), torch.tensor([1, 2, 3]), torch.tensor([3, 8, 1])
+    loss, logs = model.training_loss(ids, labels, lengths)
+    changed = ids.clone()
+    changed[0, 3:] = (changed[0, 3:] + 5) % model.vocab_size
+    changed[2, 1:] = (changed[2, 1:] + 7) % model.vocab_size
+    assert torch.equal(model.training_loss(changed, labels, lengths)[0], loss)
+    assert not torch.equal(model.training_loss(changed, labels)[0], model.training_loss(ids, labels)[0])
+    with torch.no_grad():
+        logits = model(ids[:, :-1], labels)
+        valid = torch.arange(8)[None] < lengths[:, None]
+        expected = F.cross_entropy(logits[valid], ids[valid])
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[1, 8\]"):
+        model.training_loss(ids, labels, torch.tensor([0, 8, 8]))
+    with pytest.raises(ValueError, match=r"lengths must be a \(3,\) integer tensor"):
+        model.training_loss(ids, labels, torch.tensor([3, 8]))
+
+
+def test_grid_mode_uses_2d_rotary_positions():
+    torch.manual_seed(0)
+    grid_model = tiny_raster(max_tokens=16, grid=[4, 4]).eval()
+    assert grid_model.rope.axes == 2 and grid_model.grid == (4, 4)
+    assert grid_model.positions[0].tolist() == [-1, -1] and grid_model.positions[6].tolist() == [1, 1]
+    flat_model = tiny_raster(max_tokens=16).eval()
+    flat_model.load_state_dict(grid_model.state_dict())
+    ids, labels = random_ids(grid_model, 2), torch.tensor([0, 1])
+    with torch.no_grad():
+        grid_logits, flat_logits = grid_model(ids, labels), flat_model(ids, labels)
+    # the first row of the grid has rotations of its own; both agree only on the class token (no rotation)
+    torch.testing.assert_close(grid_logits[:, :2], flat_logits[:, :2])
+    assert not torch.allclose(grid_logits[:, 3:], flat_logits[:, 3:], atol=1e-4)
+    with pytest.raises(ValueError, match=r"h \* w == max_tokens \(16\)"):
+        tiny_raster(max_tokens=16, grid=[4, 5])
+
+
+def test_decoding_hooks_refuse_misuse():
+    model = tiny_raster().eval()
+    cache = model.new_cache(2)
+    with pytest.raises(ValueError, match="prefilled KV cache"):
+        model.step(torch.zeros(2, 1, dtype=torch.long), cache)
+    model.prefill(torch.tensor([0, 1]), cache)
+    with pytest.raises(ValueError, match="empty KV cache"):
+        model.prefill(torch.tensor([0, 1]), cache)
+    with pytest.raises(ValueError, match="past the class token"):
+        model.step(torch.zeros(2, model.max_tokens + 1, dtype=torch.long), cache)
+
+
+def test_presets_config_and_progress_bar(capsys):
+    assert {"raster-b", "raster-l", "raster-xl", "raster-tiny", "raster-digits"} <= set(RASTER_PRESETS)
+    assert RASTER_PRESETS["raster-b"] == dict(dim=768, depth=12, num_heads=12)
+    assert RASTER_PRESETS["raster-l"] == dict(dim=1024, depth=24, num_heads=16)
+    assert RASTER_PRESETS["raster-xl"] == dict(dim=1280, depth=36, num_heads=20)
+    assert set(RASTER_PRESETS) <= set(GENERATORS)
+    model = RasterAR.from_preset("raster-tiny", vocab_size=16, max_tokens=4)
+    assert model.transformer.depth == 2 and model.dim == 64
+    assert json.loads(json.dumps(model.config)) == model.config
+    assert RasterAR(**model.config).config == model.config
+    with pytest.raises(ValueError, match="unknown RasterAR preset"):
+        RasterAR.from_preset("raster-huge", vocab_size=16, max_tokens=4)
+    out = model.generate(torch.tensor([1]), Sampler(temperature=0.0), progress=True)
+    assert out.ids.shape == (1, 4)
