@@ -1,8 +1,14 @@
-"""Shared interface checks: every tokenizer family subclasses TokenizerContract with a tiny instance."""
+"""Shared interface checks: every tokenizer family subclasses TokenizerContract, every generator family
+GeneratorContract, each with a tiny instance."""
+import json
+
 import pytest
 import torch
 
-from flexar.hub import load_weights
+from flexar.generators import GenerationOutput, Generator
+from flexar.hub import load_model
+from flexar.sampling import Sampler
+
 
 
 def digits_batch(count=8, image_size=16, channels=1):
@@ -85,3 +91,100 @@ class TokenizerContract:
         with torch.no_grad():
             after = torch.mean((tokenizer.eval().reconstruct(images) - images) ** 2)
         assert after < 0.7 * before, (before, after)
+
+
+def seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def random_ids(model, batch=3, length=None, seed=1):
+    length = model.max_tokens if length is None else length
+    return torch.randint(0, model.vocab_size, (batch, length), generator=seeded(seed))
+
+
+class GeneratorContract:
+    """Interface checks shared by generator families: subclasses set `make_generator()` returning a tiny
+    class-conditional generator on CPU."""
+
+    def make_generator(self) -> Generator:
+        raise NotImplementedError
+
+    @pytest.fixture
+    def model(self):
+        torch.manual_seed(0)
+        return self.make_generator().eval()
+
+    def labels(self, model, batch=3):
+        return torch.arange(batch) % model.num_classes
+
+    def test_output_and_stats(self, model):
+        out = model.generate(self.labels(model), Sampler(top_k=5), seeded())
+        assert isinstance(out, GenerationOutput)
+        assert out.ids.shape == (3, model.max_tokens) and out.ids.dtype == torch.long
+        assert 0 <= int(out.ids.min()) and int(out.ids.max()) < model.vocab_size
+        assert out.stats["tokens"] == 3 * model.max_tokens
+        assert out.stats["forward_passes"] >= 1 and out.stats["seconds"] > 0
+
+    def test_seeded_generation_is_reproducible(self, model):
+        sampler = Sampler(temperature=1.0, cfg_scale=2.0)
+        first = model.generate(self.labels(model), sampler, seeded(5)).ids
+        second = model.generate(self.labels(model), sampler, seeded(5)).ids
+        assert torch.equal(first, second)
+        assert not torch.equal(first, model.generate(self.labels(model), sampler, seeded(6)).ids)
+
+    def test_unseeded_generation_leaves_the_global_rng_alone(self, model):
+        state = torch.get_rng_state()
+        model.generate(self.labels(model), Sampler())
+        assert torch.equal(torch.get_rng_state(), state)
+
+    def test_bad_arguments_are_refused(self, model):
+        sampler = Sampler()
+        with pytest.raises(ValueError, match=rf"labels must lie in \[0, {model.num_classes}\)"):
+            model.generate(torch.tensor([0, model.num_classes]), sampler, seeded())
+        with pytest.raises(ValueError, match=r"labels must be a \(B,\) long tensor"):
+            model.generate(torch.zeros(2, 1, dtype=torch.long), sampler, seeded())
+        with pytest.raises(ValueError, match=r"num_tokens must be an int in \[1, "):
+            model.generate(self.labels(model), sampler, seeded(), num_tokens=model.max_tokens + 1)
+        labels = self.labels(model, 2)
+        expected = rf"ids must be a \(B, L\) long tensor with 1 <= L <= {model.max_tokens}"
+        for bad in (
+            torch.zeros(model.max_tokens, dtype=torch.long),
+            torch.zeros(2, model.max_tokens),
+            torch.zeros(2, model.max_tokens + 1, dtype=torch.long),
+        ):
+            with pytest.raises(ValueError, match=expected):
+                model.training_loss(bad, labels)
+        with pytest.raises(ValueError, match=rf"token ids must lie in \[0, {model.vocab_size}\)"):
+            model.training_loss(torch.full((2, model.max_tokens), model.vocab_size), labels)
+        with pytest.raises(ValueError, match=rf"labels must lie in \[0, {model.num_classes}\)"):
+            model.training_loss(random_ids(model, 2), torch.tensor([-1, 0]))
+
+    def test_save_load_round_trip(self, model, tmp_path):
+        model.save_pretrained(tmp_path / "gen")
+        config = json.loads((tmp_path / "gen" / "config.json").read_text())
+        assert config["class"] == type(model).__name__
+        loaded = type(model).from_pretrained(tmp_path / "gen").eval()
+        assert isinstance(load_model(tmp_path / "gen", kind=Generator), type(model))
+        ids, labels = random_ids(model), self.labels(model)
+        with torch.no_grad():
+            assert torch.equal(loaded.training_loss(ids, labels)[0], model.training_loss(ids, labels)[0])
+        sampler = Sampler(cfg_scale=3.0)
+        assert torch.equal(loaded.generate(labels, sampler, seeded()).ids, model.generate(labels, sampler, seeded()).ids)
+
+    def test_training_lowers_the_loss(self):
+        torch.manual_seed(0)
+        model = self.make_generator().train()
+        labels = torch.arange(8) % model.num_classes
+        # each class has its own fixed sequence: learnable by a tiny model in a few dozen steps
+        steps = torch.arange(model.max_tokens)
+        ids = (labels[:, None] * 5 + steps[None, :] * (labels[:, None] + 1)) % model.vocab_size
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses = []
+        for _ in range(40):
+            loss, logs = model.training_loss(ids, labels)
+            assert torch.isfinite(loss) and set(logs) >= {"loss", "accuracy", "perplexity"}
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert losses[-1] < 0.4 * losses[0], losses

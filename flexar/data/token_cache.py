@@ -42,32 +42,31 @@ def write_token_cache(
     output.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer.eval().to(device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    buffers = {"ids": [], "lengths": [], "labels": []}
+    pending = {"ids": [], "lengths": [], "labels": []}
     shards, total = [], 0
 
-    def flush():
-        if not buffers["ids"]:
-            return
+    def flush(count: int) -> None:
+        """Write the first `count` pending rows as one shard."""
+        merged = {k: torch.cat(v) for k, v in pending.items()}
         name = f"shard_{len(shards):05d}.safetensors"
-        save_file({k: torch.cat(v).contiguous() for k, v in buffers.items()}, str(output / name))
-        shards.append({"file": name, "count": int(sum(t.shape[0] for t in buffers["ids"]))})
-        for value in buffers.values():
-            value.clear()
+        save_file({k: v[:count].contiguous() for k, v in merged.items()}, str(output / name))
+        shards.append({"file": name, "count": count})
+        for key, value in merged.items():
+            pending[key] = [value[count:]]
 
-    buffered = 0
     for images, labels in tqdm(loader, desc=f"tokenize -> {output}", disable=not progress):
         encoded = tokenizer.encode(images.to(device), num_tokens)
         ids = torch.zeros(images.shape[0], tokenizer.max_tokens, dtype=torch.int32)
         ids[:, : encoded.ids.shape[1]] = encoded.ids.cpu().int()
-        buffers["ids"].append(ids)
-        buffers["lengths"].append(encoded.lengths.cpu().int())
-        buffers["labels"].append(torch.as_tensor(labels).long())
-        buffered += images.shape[0]
+        pending["ids"].append(ids)
+        pending["lengths"].append(encoded.lengths.cpu().int())
+        pending["labels"].append(torch.as_tensor(labels).long())
         total += images.shape[0]
-        if buffered >= shard_size:
-            flush()
-            buffered = 0
-    flush()
+        while sum(t.shape[0] for t in pending["ids"]) >= shard_size:
+            flush(shard_size)
+    remaining = sum(t.shape[0] for t in pending["ids"])
+    if remaining:
+        flush(remaining)
     meta = {
         "tokenizer": {"class": type(tokenizer).__name__, "kwargs": tokenizer.config},
         "vocab_size": tokenizer.codebook_size,

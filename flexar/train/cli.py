@@ -23,6 +23,9 @@ def run(args: list[str] | None = None) -> FlexarCLI:
     """Run the CLI and return it (tests and scripts use this; the console script calls :func:`main`)."""
     # Lightning warns about dataloader workers on every CPU run; flexar's defaults are deliberate there
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # flexar passes args from Python on purpose (scripts, tests); CSV logging without TensorBoard is the default here
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+    warnings.filterwarnings("ignore", message=".*tensorboardX.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return FlexarCLI(
         L.LightningModule,
