@@ -29,6 +29,11 @@ def register(cls: type) -> type:
 
 
 def registered(kind: type | None = None) -> dict[str, type]:
+    """Registered classes (subclasses of `kind` when given), after importing every family so the list is complete."""
+    import flexar.eval  # noqa: F401  (registration happens at import)
+    import flexar.generators  # noqa: F401
+    import flexar.tokenizers  # noqa: F401
+
     return {name: cls for name, cls in _REGISTRY.items() if kind is None or issubclass(cls, kind)}
 
 

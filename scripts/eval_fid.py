@@ -18,19 +18,9 @@ from pathlib import Path
 import torch
 
 
-def reference_images(name: str, split: str, image_size: int, root: str | None, limit: int | None) -> torch.Tensor:
-    from flexar.data import build_dataset
-
-    dataset = build_dataset(name, split, image_size=image_size, root=root)
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    images = torch.stack([dataset[i][0] for i in range(count)])
-    images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
-
-
 def main(argv: list[str] | None = None) -> int:
     from flexar import Pipeline
-    from flexar.eval.fid import compute_metrics
+    from flexar.eval.fid import compute_metrics, reference_images
     from flexar.sampling.arguments import add_sampler_arguments, sampler_from_args
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -253,3 +253,15 @@ def _device_scope(device: str) -> contextlib.AbstractContextManager:
     if parsed.type == "cuda" and parsed.index is not None:
         return torch.cuda.device(parsed)
     return contextlib.nullcontext()
+
+
+def reference_images(dataset: str, split: str = "test", image_size: int = 32, root: str | None = None,
+                     limit: int | None = None) -> torch.Tensor:
+    """A dataset split as uint8 RGB images (N, 3, H, W), the reference set FID compares samples with."""
+    from flexar.data import build_dataset
+
+    data = build_dataset(dataset, split, image_size=image_size, root=root)
+    count = len(data) if limit is None else min(limit, len(data))
+    images = torch.stack([data[i][0] for i in range(count)])
+    images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
