@@ -134,8 +134,9 @@ class TiTok(Tokenizer):
         return Encoded(ids, lengths)
 
     # -- decoder -------------------------------------------------------------------------------------------------------
-    def decode_codes(self, codes: Tensor, lengths: Tensor | None = None) -> Tensor:
-        """codes (B, L <= K, code_dim) -> images; latent positions >= lengths (and >= L) take the pad embedding."""
+    def decoder_input(self, codes: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """codes (B, L <= K, code_dim) -> decoder sequence (B, N + K, width): [mask tokens; latents], where latent
+        positions >= lengths (and >= L) take the pad embedding."""
         batch, length = codes.shape[:2]
         hidden = self.from_code(codes)
         if length < self.max_tokens:
@@ -145,7 +146,11 @@ class TiTok(Tokenizer):
             hidden = torch.where(keep[..., None], hidden, self.pad_token)
         hidden = hidden + self.latent_pos
         masks = (self.mask_token + self.mask_pos).expand(batch, -1, -1)
-        out = self.decoder(torch.cat([masks, hidden], dim=1))[:, : self.num_patches]
+        return torch.cat([masks, hidden], dim=1)
+
+    def decode_codes(self, codes: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """codes (B, L <= K, code_dim) -> images; latent positions >= lengths (and >= L) take the pad embedding."""
+        out = self.decoder(self.decoder_input(codes, lengths))[:, : self.num_patches]
         return unpatchify(self.to_pixels(out), self.patch_size, self.image_size)
 
     def decode(self, ids: Tensor, lengths: Tensor | None = None) -> Tensor:
@@ -160,16 +165,26 @@ class TiTok(Tokenizer):
         """Per-image kept token counts during training; None keeps all (fixed-length TiTok)."""
         return None
 
-    def training_loss(self, images: Tensor) -> tuple[Tensor, dict]:
+    def training_loss(self, images: Tensor, criterion=None, step: int = 0) -> tuple[Tensor, dict]:
+        """Reconstruction + quantiser loss. ``criterion`` (a :class:`flexar.tokenizers.losses.ReconstructionLoss`)
+        replaces the built-in pixel loss with its pixel, perceptual and adversarial terms at tokenizer step ``step``."""
         quantized = self.quantizer(self.encode_latents(images))
         lengths = self.sample_lengths(images.shape[0], images.device)
         recon = self.decode_codes(quantized.codes, lengths)
+        return self.reconstruction_objective(images, recon, quantized, criterion, step)
+
+    def reconstruction_objective(self, images: Tensor, recon: Tensor, quantized, criterion=None, step: int = 0):
+        """(loss, logs) of a reconstruction: the pixel loss (or ``criterion``'s terms) plus the quantiser loss."""
         mse = F.mse_loss(recon, images)
-        pixel_loss = mse if self.reconstruction_loss == "l2" else F.l1_loss(recon, images)
+        if criterion is None:
+            pixel_loss = mse if self.reconstruction_loss == "l2" else F.l1_loss(recon, images)
+            criterion_logs = {"reconstruction": pixel_loss.detach()}
+        else:
+            pixel_loss, criterion_logs = criterion(images, recon, step=step, last_layer=self.to_pixels.weight)
         loss = pixel_loss + quantized.loss
         logs = {
             "loss": loss.detach(),
-            "reconstruction": pixel_loss.detach(),
+            **criterion_logs,
             "quantizer": quantized.loss.detach(),
             "psnr": psnr(mse.detach()),
             **{(k if k.endswith("_loss") else f"codebook_{k}"): v for k, v in quantized.logs.items()},

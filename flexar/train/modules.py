@@ -3,6 +3,7 @@ learning-rate schedule, EMA, logging and the final export. The objective lives i
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from pathlib import Path
@@ -11,6 +12,8 @@ import lightning as L
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from flexar.tokenizers.losses import ReconstructionLoss
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -72,11 +75,13 @@ class _ModelModule(L.LightningModule):
             lr=self.lr,
             betas=self.betas,
         )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.schedule(optimizer), "interval": "step"}}
+
+    def schedule(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
+        return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, self.warmup_steps, total, self.min_lr_ratio)
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.ema is not None:
@@ -108,7 +113,18 @@ class _ModelModule(L.LightningModule):
 
 
 class TokenizerModule(_ModelModule):
-    """Trains a :class:`flexar.tokenizers.Tokenizer` on (images, labels) batches."""
+    """Trains a :class:`flexar.tokenizers.Tokenizer` on (images, labels) batches.
+
+    ``loss`` (a :class:`flexar.tokenizers.ReconstructionLoss`) replaces the tokenizer's built-in pixel loss with
+    pixel + perceptual + adversarial terms; the tokenizer's ``training_loss`` must take ``criterion`` and ``step``.
+    When the criterion holds a discriminator, training switches to manual optimisation with two AdamW optimisers:
+    per batch one tokenizer step (the generator side of the criterion, with VQGAN's adaptive weight), then one
+    discriminator step on the same, detached reconstructions. The criterion's ``discriminator_start`` counts
+    tokenizer steps (``tokenizer_steps``, saved in checkpoints). Lightning's ``global_step`` counts every optimiser
+    step in manual optimisation, so a ``trainer.max_steps`` counts the discriminator's steps too once they start:
+    bound GAN runs with ``max_epochs`` / ``limit_train_batches``. Validation always reports the tokenizer's own
+    loss (pixel + quantiser), comparable across criteria.
+    """
 
     model_attribute = "tokenizer"
 
@@ -122,16 +138,67 @@ class TokenizerModule(_ModelModule):
         min_lr_ratio: float = 0.1,
         ema_decay: float | None = None,
         export_dir: str | None = None,
+        loss: ReconstructionLoss | None = None,
+        discriminator_lr: float | None = None,
     ):
         super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, ema_decay, export_dir)
         self.tokenizer = tokenizer
+        self.loss = loss
+        if loss is not None:
+            if "criterion" not in inspect.signature(tokenizer.training_loss).parameters:
+                raise ValueError(f"{type(tokenizer).__name__}.training_loss takes no criterion; train it without `loss`")
+            if loss.discriminator is not None and loss.channels != tokenizer.channels:
+                raise ValueError(f"loss.channels {loss.channels} differs from the tokenizer's {tokenizer.channels} channels")
+        self.adversarial = loss is not None and loss.discriminator is not None
+        self.automatic_optimization = not self.adversarial
+        self.discriminator_lr = discriminator_lr if discriminator_lr is not None else lr
+        self.register_buffer("tokenizer_steps", torch.zeros((), dtype=torch.long))
         self.setup_ema()
+
+    def configure_optimizers(self):
+        tokenizer_side = super().configure_optimizers()
+        if not self.adversarial:
+            return tokenizer_side
+        # LlamaGen / ReTok: Adam on the discriminator with the tokenizer's betas, no weight decay
+        optimizer = torch.optim.AdamW(self.loss.discriminator.parameters(), lr=self.discriminator_lr, betas=self.betas, weight_decay=0.0)
+        discriminator_side = {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.schedule(optimizer), "interval": "step"}}
+        return [tokenizer_side, discriminator_side]
 
     def training_step(self, batch, batch_idx):
         images = batch[0]
-        loss, logs = self.tokenizer.training_loss(images)
+        step = int(self.tokenizer_steps)
+        if self.loss is None:
+            loss, logs = self.tokenizer.training_loss(images)
+        elif not self.adversarial:
+            loss, logs = self.tokenizer.training_loss(images, criterion=self.loss, step=step)
+        else:
+            loss, logs = self.adversarial_step(images, step)
+        self.tokenizer_steps += 1
         self.log_metrics("train", logs, images.shape[0])
         return loss
+
+    def adversarial_step(self, images, step: int):
+        tokenizer_optimizer, discriminator_optimizer = self.optimizers()
+        tokenizer_schedule, discriminator_schedule = self.lr_schedulers()
+        # the discriminator is frozen while the tokenizer steps (no gradient wasted on it)
+        self.toggle_optimizer(tokenizer_optimizer)
+        loss, logs = self.tokenizer.training_loss(images, criterion=self.loss, step=step)
+        tokenizer_optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        tokenizer_optimizer.step()
+        self.untoggle_optimizer(tokenizer_optimizer)
+        tokenizer_schedule.step()
+        if self.loss.adversarial_active(step):
+            self.toggle_optimizer(discriminator_optimizer)
+            discriminator_loss, discriminator_logs = self.loss.discriminator_loss(images, self.loss.last_reconstruction, step)
+            discriminator_optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(discriminator_loss)
+            discriminator_optimizer.step()
+            self.untoggle_optimizer(discriminator_optimizer)
+            # the discriminator's warmup begins with its first step
+            discriminator_schedule.step()
+            logs.update(discriminator_logs)
+        return loss, logs
 
     def validation_step(self, batch, batch_idx):
         images = batch[0]
@@ -170,6 +237,14 @@ class GeneratorModule(_ModelModule):
         ids, labels, lengths = batch
         loss, logs = self.averaged_network().training_loss(ids, labels, lengths)
         self.log_metrics("val", logs, ids.shape[0])
+
+    def on_train_epoch_start(self) -> None:
+        # families whose objective follows an epoch schedule (NPP's patch sizes) own it: tell them (and the EMA copy,
+        # which validation uses) which epoch starts
+        for model in (self.generator, self.ema.module if self.ema is not None else None):
+            hook = getattr(model, "on_epoch_start", None)
+            if callable(hook):
+                hook(self.current_epoch, self.trainer.max_epochs)
 
     def setup(self, stage: str) -> None:
         meta = getattr(self.trainer.datamodule, "meta", None) if self.trainer is not None else None
