@@ -1,0 +1,368 @@
+"""Next-neighbour autoregressive generation ("Neighboring Autoregressive Modeling for Efficient Visual Generation",
+He et al. 2025; ThisisBillhe/NAR, NAR-images/autoregressive/models/{gpt,generate}.py).
+
+A token grid of h x w cells is generated outward from the top-left corner: the "distance" of cell (r, c) is r + c,
+and every cell on the diagonal r + c = t is decoded in one forward pass once all cells of distance < t are known, so
+a grid takes h + w - 1 passes instead of h * w (a prefill for (0, 0), then one pass per diagonal).
+
+Network: LlamaGen's decoder (class token + token embeddings, RMSNorm/SwiGLU blocks with 2D rotary embeddings) over
+[class token, t_0, ..., t_{N-1}] with the *proximity mask*: token i attends to token j iff d(j) <= d(i) (same diagonal
+included) and every token sees the class token, which sees only itself. Two dimension-oriented heads read the hidden
+state of each token:
+
+- horizontal head = the transformer's final norm + output layer: token (r, c) predicts (r, c + 1);
+- vertical head = one extra transformer block (after the last main block, under the same mask) + its own norm and
+  output layer: token (r, c) predicts (r + 1, c).
+
+Training (teacher forcing on the raster sequence, all N tokens fed): the logits of target (r, c) are
+- (0, 0): the average of both heads at the class token;
+- (0, c): the horizontal head at (0, c - 1);
+- (r, 0): the vertical head at (r - 1, 0);
+- otherwise the average of the horizontal head at (r, c - 1) and the vertical head at (r - 1, c);
+then one cross-entropy over the N targets. Both heads are thus trained on every target they can see.
+
+Generation: pass 0 feeds the class token (prefill) and samples (0, 0); pass t >= 1 feeds the diagonal t - 1 that the
+previous pass decoded and samples the whole diagonal t from the combined logits above. The KV cache stores tokens in
+*decode order* (class token, then diagonal after diagonal, each top row first), so the attention mask and the rotary
+positions are built from the true grid position of every cache slot, not from its index; the result equals the
+teacher-forced logits. (A cached pass feeds one whole diagonal, whose queries may see every cached key and each other,
+so it runs unmasked; recomputing the decoded prefix without a cache uses the decode-order mask.) With CFG the batch
+is doubled as [labels; null] as in :class:`RasterAR`.
+
+Shapes: ids (B, N = h * w) long, raster order; labels (B,) long; head logits (B, L_in, vocab_size).
+
+Differences from the paper and its official code:
+- no token, residual or FFN dropout (the official code trains with 0.1 each), as in flexar's :class:`RasterAR`.
+- the official code zero-initialises the horizontal output layer only; here both output layers use normal(0, 0.02)
+  (``zero_init_head=True`` zeroes both), so that a fresh model does not favour one head.
+- the official generation loop only supports square grids and reorders the decoded tokens row by row; here any h x w
+  grid works, with h + w - 1 passes.
+- the official code's ``cfg_interval`` (drop guidance after a number of tokens) is not implemented; guidance follows
+  the sampler's schedule at every pass.
+- grids are always generated and trained whole: ``num_tokens`` must be None or h * w, and ``lengths`` (flexible-length
+  tokenizers) must cover the whole grid.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..hub import register
+from ..nn import Block, KVCache, Mask, RotaryEmbedding, Transformer, grid_positions, make_norm
+from ..sampling import SamplingState
+from .base import GenerationOutput, Generator
+
+NAR_PRESETS = {
+    # the paper's NAR-B/L/XL/XXL: LlamaGen's GPT sizes plus the vertical-head block
+    "nar-b": dict(dim=768, depth=12, num_heads=12),
+    "nar-l": dict(dim=1024, depth=24, num_heads=16),
+    "nar-xl": dict(dim=1280, depth=36, num_heads=20),
+    "nar-xxl": dict(dim=1536, depth=48, num_heads=24),
+    # CPU-sized presets for tests, digits and MNIST
+    "nar-tiny": dict(dim=64, depth=2, num_heads=4),
+    "nar-digits": dict(dim=256, depth=6, num_heads=8),
+}
+
+def proximity_mask(distance: Tensor) -> Mask:
+    """The NAR mask over a sequence whose index k holds a token at grid distance ``distance[k]`` (r + c; -1 for the
+    class token): query i may attend to key j iff distance[j] <= distance[i]."""
+    return Mask(lambda q, kv: distance[kv] <= distance[q], name="proximity")
+
+
+def decode_order(height: int, width: int) -> Tensor:
+    """(h * w,) raster indices of the cells in NAR's decoding order: by distance r + c, then by row."""
+    rows, cols = grid_positions(height, width).unbind(-1)
+    return torch.argsort((rows + cols) * height + rows)
+
+
+def neighbour_sources(order: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """Where each target's logits come from, for a sequence [class token, cells in ``order``].
+
+    Returns (horizontal, vertical), each (h * w,) indexed by raster cell: the sequence index whose horizontal head
+    (its left neighbour) or vertical head (its upper neighbour) predicts that cell, -1 where there is none. Cell (0, 0)
+    reads both heads at the class token (sequence index 0).
+    """
+    rows, cols = grid_positions(height, width).unbind(-1)
+    sequence_index = torch.empty_like(order)
+    sequence_index[order] = torch.arange(1, order.numel() + 1)
+    cells = torch.arange(height * width)
+    horizontal = torch.where(cols > 0, sequence_index[(cells - 1).clamp_min(0)], -1)
+    vertical = torch.where(rows > 0, sequence_index[(cells - width).clamp_min(0)], -1)
+    horizontal[0] = vertical[0] = 0
+    return horizontal, vertical
+
+
+def combine_neighbour_logits(horizontal: Tensor, vertical: Tensor, horizontal_source: Tensor,
+                             vertical_source: Tensor) -> Tensor:
+    """Logits of n targets from the two heads: the mean of the available sources (index -1 = absent).
+
+    horizontal, vertical: (B, L, V) head logits; sources: (n,) long indices into L. Returns (B, n, V).
+    """
+    has_horizontal = (horizontal_source >= 0)[:, None]
+    has_vertical = (vertical_source >= 0)[:, None]
+    total = torch.where(has_horizontal, horizontal[:, horizontal_source.clamp_min(0)], 0.0) + torch.where(
+        has_vertical, vertical[:, vertical_source.clamp_min(0)], 0.0
+    )
+    return total / (has_horizontal.to(total.dtype) + has_vertical.to(total.dtype))
+
+
+@register
+class NAR(Generator):
+    """Class-conditional next-neighbour generator over an h x w token grid (raster-order ids).
+
+    The modules keep :class:`RasterAR`'s names (``class_embed``, ``token_embed``, ``transformer``, ``head``) and add
+    ``vertical_block``, ``vertical_norm`` and ``vertical_head``.
+    """
+
+    presets = NAR_PRESETS
+
+    def __init__(
+        self,
+        vocab_size: int,
+        max_tokens: int,
+        grid: list[int],
+        num_classes: int = 10,
+        dim: int = 256,
+        depth: int = 6,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        class_dropout: float = 0.1,
+        rope_base: float = 10000.0,
+        qk_norm: bool = False,
+        init_std: float = 0.02,
+        zero_init_head: bool = False,
+        attention_backend: str = "auto",
+    ):
+        super().__init__()
+        if vocab_size < 1 or max_tokens < 1 or num_classes < 1:
+            raise ValueError(
+                f"vocab_size, max_tokens and num_classes must be >= 1, got {vocab_size}, {max_tokens}, {num_classes}"
+            )
+        if not 0.0 <= class_dropout <= 1.0:
+            raise ValueError(f"class_dropout must lie in [0, 1], got {class_dropout}")
+        grid = tuple(int(side) for side in grid)
+        if len(grid) != 2 or min(grid) < 1 or grid[0] * grid[1] != max_tokens:
+            raise ValueError(f"grid must be (h, w) with h * w == max_tokens ({max_tokens}), got {grid}")
+        self.vocab_size, self.max_tokens, self.num_classes = vocab_size, max_tokens, num_classes
+        self.grid = grid
+        self.class_dropout = class_dropout
+        self.dim, self.depth = dim, depth
+
+        self.class_embed = nn.Embedding(num_classes + 1, dim)
+        self.token_embed = nn.Embedding(vocab_size, dim)
+        self.transformer = Transformer(
+            dim, depth, num_heads, mlp_ratio, mlp="swiglu", norm="rms", qk_norm=qk_norm, backend=attention_backend
+        )
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        self.vertical_block = Block(dim, num_heads, mlp_ratio, mlp="swiglu", norm="rms", qk_norm=qk_norm,
+                                    backend=attention_backend)
+        self.vertical_norm = make_norm("rms", dim)
+        self.vertical_head = nn.Linear(dim, vocab_size, bias=False)
+        self.rope = RotaryEmbedding(dim // num_heads, axes=2, base=rope_base)
+
+        height, width = grid
+        cells = grid_positions(height, width)
+        order = decode_order(height, width)
+        no_position = torch.full((1, 2), -1)
+        distance = cells.sum(-1)
+        self.register_buffer("order", order, persistent=False)
+        # per sequence order: rotary position and grid distance of every input index (index 0 = class token)
+        self.register_buffer("raster_positions", torch.cat([no_position, cells]), persistent=False)
+        self.register_buffer("decode_positions", torch.cat([no_position, cells[order]]), persistent=False)
+        self.register_buffer("raster_distance", torch.cat([torch.tensor([-1]), distance]), persistent=False)
+        self.register_buffer("decode_distance", torch.cat([torch.tensor([-1]), distance[order]]), persistent=False)
+        horizontal, vertical = neighbour_sources(torch.arange(max_tokens), height, width)
+        self.register_buffer("horizontal_source", horizontal, persistent=False)
+        self.register_buffer("vertical_source", vertical, persistent=False)
+        # the same sources in decode order, indexed by the target's decode-sequence index (entry 0 unused)
+        horizontal, vertical = neighbour_sources(order, height, width)
+        unused = torch.tensor([-1])
+        self.register_buffer("decode_horizontal_source", torch.cat([unused, horizontal[order]]), persistent=False)
+        self.register_buffer("decode_vertical_source", torch.cat([unused, vertical[order]]), persistent=False)
+        # decode-sequence index where each diagonal starts: pass t feeds [bounds[t], bounds[t+1]) and samples
+        # [bounds[t+1], bounds[t+2]), i.e. the cells of distance t
+        counts = torch.bincount(distance, minlength=height + width - 1)
+        self.bounds = [0] + (1 + torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])).tolist()
+        self.decode_diagonals = self.decode_distance.tolist()
+        self._masks: dict = {}
+
+        self.reset_parameters(init_std, zero_init_head)
+
+    def reset_parameters(self, std: float = 0.02, zero_init_head: bool = False) -> None:
+        """LlamaGen's initialisation: normal(0, std) for linear and embedding weights, zero biases."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        if zero_init_head:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.vertical_head.weight)
+
+    @property
+    def num_passes(self) -> int:
+        """Forward passes per generated grid: h + w - 1."""
+        return self.grid[0] + self.grid[1] - 1
+
+    def mask(self, order: str) -> Mask:
+        """The proximity mask for the raster (training) or decode (generation) sequence order."""
+        distance = getattr(self, f"{order}_distance")
+        key = (order, str(distance.device))
+        if key not in self._masks:
+            self._masks[key] = proximity_mask(distance)
+        return self._masks[key]
+
+    # -- network -------------------------------------------------------------------------------------------------------
+    def embed(self, ids: Tensor, labels: Tensor | None, start: int) -> Tensor:
+        """Input embeddings (B, n, dim) for sequence indices [start, start + n): the class token leads when start == 0."""
+        tokens = self.token_embed(ids)
+        if start > 0:
+            return tokens
+        if labels is None:
+            raise ValueError("labels are needed when the class token is fed (no cached prefix)")
+        if labels.shape != (ids.shape[0],):
+            raise ValueError(f"labels must have shape ({ids.shape[0]},) to match ids, got {tuple(labels.shape)}")
+        return torch.cat([self.class_embed(labels).unsqueeze(1), tokens], dim=1)
+
+    def forward(
+        self,
+        ids: Tensor,
+        labels: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        order: str = "raster",
+    ) -> tuple[Tensor, Tensor]:
+        """Horizontal and vertical head logits for the input [class token, ids] (or just ids after a cached prefix).
+
+        ids: (B, n) long, the tokens at sequence indices [start, start + n) of the sequence ``order`` ("raster": cells
+        in raster order, for training; "decode": cells in decoding order, for generation), start = the cache length;
+        labels: (B,) long, needed when start == 0. Returns (horizontal, vertical), each (B, L_in, vocab_size) with
+        L_in = n + 1 without a prefix and n with one.
+        """
+        if order not in ("raster", "decode"):
+            raise ValueError(f"order must be 'raster' or 'decode', got {order!r}")
+        if ids.dim() != 2:
+            raise ValueError(f"ids must be (B, n), got shape {tuple(ids.shape)}")
+        start = 0 if kv_cache is None else kv_cache.length
+        x = self.embed(ids, labels, start)
+        length = x.shape[1]
+        if start + length > self.max_tokens + 1:
+            raise ValueError(
+                f"input reaches index {start + length}, past the class token + {self.max_tokens} tokens this model holds"
+            )
+        # decoding feeds whole diagonals in order: the new queries (distance t) see every cached key (distance < t)
+        # and each other, so a cached decode pass needs no mask, like a raster step
+        one_diagonal = start > 0 and self.decode_diagonals[start] == self.decode_diagonals[start + length - 1]
+        mask = None if order == "decode" and one_diagonal else self.mask(order)
+        rope = self.rope(getattr(self, f"{order}_positions")[start : start + length])
+        for index, block in enumerate(self.transformer.blocks):
+            x = block(x, mask, rope, kv_cache=kv_cache, layer_index=index)
+        below = self.vertical_block(x, mask, rope, kv_cache=kv_cache, layer_index=self.depth)
+        if kv_cache is not None:
+            kv_cache.advance(length)
+        return self.head(self.transformer.final_norm(x)), self.vertical_head(self.vertical_norm(below))
+
+    def grid_logits(self, ids: Tensor, labels: Tensor) -> Tensor:
+        """Teacher-forced logits of every cell, (B, N, V) in raster order, from the rolled heads (see module doc)."""
+        horizontal, vertical = self.forward(ids, labels)
+        return combine_neighbour_logits(horizontal, vertical, self.horizontal_source, self.vertical_source)
+
+    # -- decoding ------------------------------------------------------------------------------------------------------
+    def new_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
+        """An empty KV cache for the main blocks and the vertical block (depth + 1 layers), in decode order.
+
+        NAR decodes whole diagonals, so it has no token-by-token ``prefill`` / ``step`` hooks.
+        """
+        parameter = self.head.weight
+        return KVCache(self.depth + 1, batch_size, self.transformer.num_heads,
+                       self.max_tokens + 1 if max_length is None else max_length, self.transformer.head_dim,
+                       device=parameter.device, dtype=parameter.dtype)
+
+    def prefill(self, labels: Tensor, kv_cache: KVCache, return_hidden: bool = False):
+        raise NotImplementedError("NAR decodes a whole diagonal per pass; it has no token-by-token prefill/step hooks")
+
+    def step(self, ids: Tensor, kv_cache: KVCache, return_hidden: bool = False):
+        raise NotImplementedError("NAR decodes a whole diagonal per pass; it has no token-by-token prefill/step hooks")
+
+    def pass_logits(self, step: int, decoded: Tensor, labels: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+        """Logits of the cells at distance ``step``, given the decoded cells of distance < ``step``.
+
+        decoded: (B, >= bounds[step] - 1) ids in decode order (cells of distance < step first); labels: (B,);
+        kv_cache: a cache holding exactly the passes before ``step`` (None recomputes the whole prefix).
+        Returns (B, n_step, V) for the cells ``order[bounds[step + 1] - 1 : bounds[step + 2] - 1]``.
+        """
+        first, fed_end, end = self.bounds[step], self.bounds[step + 1], self.bounds[step + 2]
+        if kv_cache is not None:
+            if kv_cache.length != first:
+                raise ValueError(f"pass {step} needs a KV cache holding {first} positions, it holds {kv_cache.length}")
+            horizontal, vertical = self.forward(decoded[:, max(first - 1, 0) : fed_end - 1], labels, kv_cache, "decode")
+            offset = first
+        else:
+            horizontal, vertical = self.forward(decoded[:, : fed_end - 1], labels, None, "decode")
+            offset = 0
+        return combine_neighbour_logits(
+            horizontal,
+            vertical,
+            self.decode_horizontal_source[fed_end:end] - offset,
+            self.decode_vertical_source[fed_end:end] - offset,
+        )
+
+    # -- objective -----------------------------------------------------------------------------------------------------
+    def training_loss(self, ids: Tensor, labels: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, dict]:
+        """Cross-entropy of the rolled neighbour logits over every cell. ids: (B, N) long; labels: (B,) long."""
+        labels = self.check_labels(labels)
+        lengths = self.check_ids(ids, lengths)
+        if ids.shape[1] != self.max_tokens or bool((lengths != self.max_tokens).any()):
+            raise ValueError(f"NAR trains on whole {self.grid[0]}x{self.grid[1]} grids: ids must be (B, {self.max_tokens})"
+                             f" with every length {self.max_tokens}")
+        if labels.shape[0] != ids.shape[0]:
+            raise ValueError(f"got {labels.shape[0]} labels for {ids.shape[0]} rows of ids")
+        logits = self.grid_logits(ids, self.drop_labels(labels))
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
+        with torch.no_grad():
+            accuracy = (logits.argmax(dim=-1) == ids).float().mean()
+        return loss, {"loss": loss.detach(), "accuracy": accuracy, "perplexity": loss.detach().exp()}
+
+    # -- sampling ------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        labels: Tensor,
+        sampler,
+        generator: torch.Generator | None = None,
+        num_tokens: int | None = None,
+        use_cache: bool = True,
+        progress: bool = False,
+    ) -> GenerationOutput:
+        """Sample a whole grid per label, one diagonal per forward pass (h + w - 1 passes).
+
+        labels: (B,) long; sampler: a :class:`flexar.sampling.Sampler` (CFG doubles the batch with null labels);
+        returns ids (B, h * w) in raster order and stats.
+        """
+        labels = self.check_labels(labels)
+        count = self.check_num_tokens(num_tokens)
+        if count != self.max_tokens:
+            raise ValueError(f"NAR generates whole {self.grid[0]}x{self.grid[1]} grids: num_tokens must be None or "
+                             f"{self.max_tokens}, got {num_tokens}")
+        generator = self.resolve_generator(generator)
+        timer = self.start_timer()
+        batch = labels.shape[0]
+        conditions = self.guidance_labels(labels, sampler)
+        copies = conditions.shape[0] // batch
+        # ids in decode order, one row per row of the (CFG-doubled) batch; the last diagonal is never fed back
+        decoded = torch.zeros(conditions.shape[0], self.max_tokens, dtype=torch.long, device=labels.device)
+        kv_cache = self.new_cache(conditions.shape[0], self.max_tokens) if use_cache else None
+        for step in self.progress_range(self.num_passes, progress, "NAR decoding"):
+            logits = self.pass_logits(step, decoded, conditions, kv_cache)
+            state = SamplingState(step=step, num_steps=self.num_passes)
+            sampled = sampler.sample(logits, state, generator)
+            decoded[:, self.bounds[step + 1] - 1 : self.bounds[step + 2] - 1] = sampled.repeat(copies, 1)
+        ids = torch.empty(batch, self.max_tokens, dtype=torch.long, device=labels.device)
+        ids[:, self.order] = decoded[:batch]
+        stats = {
+            "forward_passes": self.num_passes,
+            "tokens": batch * count,
+            "seconds": timer.seconds(),
+            "batch_size": batch,
+        }
+        return GenerationOutput(ids=ids, stats=stats)
