@@ -1,0 +1,75 @@
+"""scripts/benchmark.py end to end in --quick mode: the JSON it prints and its handling of unknown names.
+
+Only structure and sanity of the numbers are checked here; speeds are recorded by full runs, never asserted.
+"""
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "scripts" / "benchmark.py"
+MACHINE_KEYS = {"date", "git_commit", "torch", "device", "device_name", "cores", "threads"}
+
+
+def run_benchmark(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *arguments], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+def quick_record(name: str) -> dict:
+    result = run_benchmark(name, "--quick", "--json", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, result.stdout
+    record = json.loads(lines[0])
+    assert record["benchmark"] == name and record["quick"] is True
+    assert MACHINE_KEYS <= set(record["machine"]) and record["machine"]["device"] == "cpu"
+    assert {"config", "summary", "rows"} <= set(record) and record["rows"]
+    return record
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def test_attention_quick():
+    record = quick_record("attention")
+    config, rows = record["config"], record["rows"]
+    assert config["backends"][:3] == ["math", "sdpa", "flex_eager"]
+    assert set(config["skipped"]) == {"flex_compiled", "xformers"}
+    cases = {(row["length"], row["mask"], row["backend"]) for row in rows}
+    expected = {
+        (length, mask, backend)
+        for length in config["lengths"]
+        for mask in ("none", "causal", "block_causal")
+        for backend in config["backends"]
+    }
+    assert cases == expected
+    for row in rows:
+        assert positive(row["seconds"]) and positive(row["speedup_vs_math"]) and positive(row["first_call_seconds"])
+        assert math.isfinite(row["max_abs_diff"]) and row["matches_math"] is True
+    assert record["summary"]["all_match_math"] is True
+    for backend in ("sdpa", "flex_eager"):
+        assert all(positive(ratio) for ratio in record["summary"]["speedup_vs_math"][backend].values())
+
+
+def test_kv_cache_quick():
+    record = quick_record("kv_cache")
+    summary = record["summary"]
+    for key in ("cached_tokens_per_second", "recompute_tokens_per_second", "speedup"):
+        assert positive(summary[key]), key
+    assert summary["tokens_match"] is True and summary["last_step_max_abs_diff"] <= record["config"]["tolerance"]
+    assert [row["path"] for row in record["rows"]] == ["cached", "recompute"]
+    for row in record["rows"]:
+        assert positive(row["seconds"]) and positive(row["tokens_per_second"])
+
+
+def test_unknown_name_lists_known_benchmarks():
+    result = run_benchmark("no_such_benchmark", "--json")
+    assert result.returncode != 0
+    assert "no_such_benchmark" in result.stderr
+    for known in ("attention", "kv_cache"):
+        assert known in result.stderr
