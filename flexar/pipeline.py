@@ -100,13 +100,15 @@ class Pipeline:
         if num_tokens is not None:
             num_tokens = self.tokenizer.check_num_tokens(num_tokens)
         sampler = sampler if sampler is not None else Sampler()
+        if hasattr(sampler, "prepare"):  # decoding strategies read what they need (token geometry, a draft model)
+            sampler.prepare(self)
         rng = torch.Generator(device=self.device).manual_seed(seed)
         chunks = labels.split(batch_size)
         show = progress if progress is not None else len(chunks) > 1
         stats = {"forward_passes": 0, "tokens": 0, "seconds": 0.0, "decode_seconds": 0.0}
         images = []
         for chunk in tqdm(chunks, desc="generate", disable=not show):
-            out = self.generator.generate(chunk, sampler, generator=rng, num_tokens=num_tokens, use_cache=use_cache)
+            out = self.generator.generate_with(chunk, sampler, generator=rng, num_tokens=num_tokens, use_cache=use_cache)
             for key in ("forward_passes", "tokens", "seconds"):
                 stats[key] += out.stats[key]
             start = time.perf_counter()

@@ -1,7 +1,12 @@
 """Autoregressive generators: one family per file, all keeping the interface of :class:`Generator`."""
 from .base import GenerationOutput, Generator
 from .raster import RASTER_PRESETS, RasterAR
+from .nar import NAR, NAR_PRESETS
+from .npp import NPP, NPP_PRESETS
+from .token_shuffle import TOKEN_SHUFFLE_PRESETS, TokenShuffleAR
+from .eagle import EagleDraftHead
 
-GENERATORS = {**RASTER_PRESETS}
+GENERATORS = {**RASTER_PRESETS, **NAR_PRESETS, **NPP_PRESETS, **TOKEN_SHUFFLE_PRESETS}
 
-__all__ = ["GENERATORS", "GenerationOutput", "Generator", "RASTER_PRESETS", "RasterAR"]
+__all__ = ["GENERATORS", "GenerationOutput", "Generator", "RASTER_PRESETS", "RasterAR", "NAR", "NAR_PRESETS", "NPP", "NPP_PRESETS"]
+__all__ += ["TOKEN_SHUFFLE_PRESETS", "TokenShuffleAR", "EagleDraftHead"]

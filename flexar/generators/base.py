@@ -163,6 +163,23 @@ class Generator(Configurable, PretrainedMixin, nn.Module):
     ) -> GenerationOutput:
         raise NotImplementedError
 
+    def generate_with(
+        self,
+        labels: Tensor,
+        sampler,
+        generator: torch.Generator | None = None,
+        num_tokens: int | None = None,
+        use_cache: bool = True,
+        progress: bool = False,
+    ) -> GenerationOutput:
+        """`generate` for any sampler: a decoding strategy (an object with ``decode``, e.g. speculative decoding,
+        LANTERN, ScalingAR) runs its own loop over this generator's decoding hooks; a plain Sampler runs the family's
+        schedule."""
+        decode = getattr(sampler, "decode", None)
+        if decode is None:
+            return self.generate(labels, sampler, generator, num_tokens, use_cache, progress)
+        return decode(self, labels, generator=generator, num_tokens=num_tokens, use_cache=use_cache, progress=progress)
+
     # -- decoding hooks (families with a token-by-token schedule) -----------------------------------------------------
     def new_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
         raise NotImplementedError(f"{type(self).__name__} has no KV-cache decoding hooks")

@@ -12,6 +12,11 @@ from flexar.sampling.processors import (
     top_p,
 )
 from flexar.sampling.sampler import Sampler
+from flexar.sampling.entropy import EntropySampler, entropy, entropy_temperature, entropy_top_k
+from flexar.sampling.strategy import DecodingStrategy
+from flexar.sampling.speculative import SpeculativeDecoder, accept_drafts
+from flexar.sampling.lantern import LanternDecoder, neighbour_table, relaxed_target
+from flexar.sampling.scalingar import BestOfN, ScalingAR
 
 __all__ = [
     "CFG_SCHEDULES",
@@ -24,4 +29,8 @@ __all__ = [
     "temperature",
     "top_k",
     "top_p",
+]
+__all__ += [
+    "BestOfN", "DecodingStrategy", "EntropySampler", "LanternDecoder", "ScalingAR", "SpeculativeDecoder",
+    "accept_drafts", "entropy", "entropy_temperature", "entropy_top_k", "neighbour_table", "relaxed_target",
 ]

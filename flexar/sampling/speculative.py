@@ -1,0 +1,383 @@
+"""Exact speculative decoding (Leviathan et al., "Fast Inference from Transformers via Speculative Decoding",
+ICML 2023; Chen et al., arXiv 2302.01318) for autoregressive image generators, with drafts from a smaller generator or
+from an EAGLE-style draft head (Li et al., "EAGLE", ICML 2024; the drafter of LANTERN, jadohu/LANTERN).
+
+One round, with ``n`` tokens committed and ``g = draft_length`` drafts:
+
+1. the drafter proposes ``d_n, ..., d_{n+g-1}``, each drawn from its distribution ``q`` (the wrapped sampler applied
+   to the draft logits, so CFG, temperature and filters act on the draft exactly as on the target);
+2. one target forward pass over [last committed token, drafts] gives the target distributions ``p`` at the g draft
+   positions and one more (again through the same sampler: ``p`` is the law plain decoding draws from);
+3. draft ``i`` is accepted with probability ``min(1, p(d_i) / q(d_i))`` (a uniform ``u`` with ``u q <= p``), in order,
+   until the first rejection; at the first rejected position the token is drawn from ``norm(max(0, p - q))``; when all
+   ``g`` drafts pass, a bonus token is drawn from the target's next distribution. Each round commits accepted + 1
+   tokens and the output keeps the target's joint law exactly.
+4. KV caches of target and drafter are rolled back to the committed prefix with ``KVCache.truncate``.
+
+Classifier-free guidance: target and drafter both run the doubled batch [labels; null], each guided by its own
+unconditional rows with the same scale and schedule, and both halves are fed the committed tokens.
+
+Batches: rows accept different numbers of drafts but share one KV cache length, so a round commits ``m + 1`` tokens
+for every row, ``m`` the smallest acceptance count of the batch; a row that accepted more keeps its accepted draft at
+position ``m`` and drops the rest. The law stays exact: the cut depends only on the other rows' random draws, and
+every prefix of a row's round output is a valid draw from the target. Batch size 1 loses nothing.
+
+EAGLE drafting: the head reads pairs (token t_k, target feature h_k), where h_k is the target's final hidden state
+(after its final norm) at the position that predicted t_k, and predicts h_{k+1}; the target's own output head turns
+it into draft logits. Subsequent drafts of a round feed the head's own predicted features; the head's cache is rolled
+back to the pairs built from true target features after every round. The head cannot draft t_0 (no pair yet): the
+first round samples t_0 from the target alone.
+
+Differences from the paper and the official code:
+
+- chain drafts only (one draft per position); EAGLE / LANTERN verify a static tree (63 nodes, depth 5, top-8). Tree
+  drafts would need tree attention masks in the target's ``step``; the acceptance rule is the same per node.
+- ``draft_length`` defaults to 5, the depth of LANTERN's draft tree.
+- the stats report ``mean_accepted_length`` as tokens committed per target verification pass per row (accepted
+  drafts + 1), the quantity EAGLE and LANTERN call the average acceptance length.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flexar.sampling.processors import SamplingState
+from flexar.sampling.sampler import Sampler
+from flexar.sampling.strategy import DecodingStrategy, check_decoding_hooks, generation_output
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# acceptance
+
+
+def accept_drafts(
+    target_probs: Tensor,
+    draft_probs: Tensor,
+    drafts: Tensor,
+    uniforms: Tensor,
+    bonus_probs: Tensor,
+    residual_base: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The accept / reject rule of speculative sampling for one round.
+
+    Args:
+        target_probs: ``(B, g, V)`` distributions the drafts are accepted against (the target ``p``, or a relaxed
+            ``p~`` for LANTERN).
+        draft_probs: ``(B, g, V)`` draft distributions ``q`` the drafts were drawn from.
+        drafts: ``(B, g)`` long draft tokens.
+        uniforms: ``(B, g)`` uniforms in ``[0, 1)``; draft i passes when ``u_i q(d_i) <= p(d_i)``.
+        bonus_probs: ``(B, V)`` target distribution after the last draft (used when every draft passes).
+        residual_base: ``(B, g, V)`` distribution whose excess over ``q`` is resampled on rejection; defaults to
+            ``target_probs``.
+
+    Returns:
+        ``accepted (B,)`` long, drafts accepted before the first rejection, and ``next_probs (B, V)``, the
+        distribution of the token that follows them: ``norm(max(0, base - q))`` at the first rejected position, the
+        bonus distribution when all passed (``target_probs`` at that position if ``base - q`` has no positive part).
+    """
+    batch, length = drafts.shape
+    residual_base = target_probs if residual_base is None else residual_base
+    index = drafts.unsqueeze(-1)
+    passed = uniforms * draft_probs.gather(-1, index).squeeze(-1) <= target_probs.gather(-1, index).squeeze(-1)
+    accepted = passed.long().cumprod(dim=1).sum(dim=1)
+    if length == 0:
+        return accepted, bonus_probs
+    rows = torch.arange(batch, device=drafts.device)
+    position = accepted.clamp(max=length - 1)
+    base = residual_base[rows, position]
+    residual = (base - draft_probs[rows, position]).clamp_min(0.0)
+    mass = residual.sum(dim=-1, keepdim=True)
+    # no positive excess means the position could not reject; fall back to the acceptance distribution
+    fallback = target_probs[rows, position]
+    residual = torch.where(mass > 0, residual / mass.clamp_min(torch.finfo(mass.dtype).tiny), fallback)
+    next_probs = torch.where((accepted == length).unsqueeze(-1), bonus_probs, residual)
+    return accepted, next_probs
+
+
+def acceptance_probability(target_probs: Tensor, draft_probs: Tensor) -> Tensor:
+    """Expected acceptance of one draft, ``sum_x min(p(x), q(x))``, over the last dimension."""
+    return torch.minimum(target_probs, draft_probs).sum(dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# drafters
+
+
+class GeneratorDrafter:
+    """Drafts with a (smaller) generator through its own decoding hooks and KV cache."""
+
+    needs_hidden = False
+
+    def __init__(self, model) -> None:
+        check_decoding_hooks(model)
+        self.model = model
+        self.forward_passes = 0
+
+    def start(self, conditions: Tensor, max_length: int, target_hidden: Tensor | None) -> None:
+        self.cache = self.model.new_cache(conditions.shape[0], max_length)
+        self.first_logits = self.model.prefill(conditions, self.cache)
+        self.forward_passes = 1
+
+    def ready(self, committed: int) -> bool:
+        return True
+
+    def propose(self, ids: Tensor, num_drafts: int, copies: int, sample) -> tuple[Tensor, Tensor]:
+        """ids (B, n) committed -> drafts (B, g), q (B, g, V); `sample(logits, offset)` draws one position."""
+        committed = ids.shape[1]
+        uncached = ids[:, self.cache.length - 1 : committed]
+        if uncached.shape[1]:
+            logits = self.model.step(uncached.repeat(copies, 1), self.cache)[:, -1]
+            self.forward_passes += 1
+        else:
+            logits = self.first_logits
+        drafts, probs = [], []
+        for offset in range(num_drafts):
+            token, q = sample(logits, offset)
+            drafts.append(token)
+            probs.append(q)
+            if offset < num_drafts - 1:
+                logits = self.model.step(token.unsqueeze(1).repeat(copies, 1), self.cache)[:, -1]
+                self.forward_passes += 1
+        return torch.stack(drafts, dim=1), torch.stack(probs, dim=1)
+
+    def rollback(self, committed: int) -> None:
+        # index k + 1 of the cache holds token k; fed drafts that were accepted stay valid
+        self.cache.truncate(min(self.cache.length, committed))
+
+
+class EagleDrafter:
+    """Drafts with an :class:`flexar.generators.EagleDraftHead` over the target's features."""
+
+    needs_hidden = True
+
+    def __init__(self, head, target) -> None:
+        for attribute in ("token_embed", "head"):
+            if not hasattr(target, attribute):
+                raise ValueError(f"an EAGLE draft head needs the target's {attribute!r}; {type(target).__name__} has none")
+        if getattr(target, "dim", head.dim) != head.dim:
+            raise ValueError(f"EAGLE head width {head.dim} != target width {target.dim}")
+        self.head_module, self.target = head, target
+        self.forward_passes = 0
+
+    def start(self, conditions: Tensor, max_length: int, target_hidden: Tensor | None) -> None:
+        rows = conditions.shape[0]
+        self.cache = self.head_module.new_cache(rows, max_length)
+        self.features = target_hidden.new_zeros(rows, max_length, target_hidden.shape[-1])
+        self.features[:, 0] = target_hidden
+        self.forward_passes = 0
+
+    def record(self, start: int, hidden: Tensor) -> None:
+        """Target features (rows, n, dim) of input indices [start, start + n)."""
+        self.features[:, start : start + hidden.shape[1]] = hidden
+
+    def ready(self, committed: int) -> bool:
+        return committed >= 1
+
+    def propose(self, ids: Tensor, num_drafts: int, copies: int, sample) -> tuple[Tensor, Tensor]:
+        committed = ids.shape[1]
+        start = self.cache.length
+        pair_ids = ids[:, start:committed].repeat(copies, 1)
+        predicted = self.head_module(pair_ids, self.features[:, start:committed], self.target.token_embed, self.cache)
+        self.forward_passes += 1
+        feature = predicted[:, -1:]
+        drafts, probs = [], []
+        for offset in range(num_drafts):
+            token, q = sample(self.target.head(feature[:, 0]), offset)
+            drafts.append(token)
+            probs.append(q)
+            if offset < num_drafts - 1:
+                feature = self.head_module(token.unsqueeze(1).repeat(copies, 1), feature, self.target.token_embed, self.cache)
+                self.forward_passes += 1
+        # pairs built from predicted features are dropped: the next round rebuilds them from true target features
+        self.cache.truncate(committed)
+        return torch.stack(drafts, dim=1), torch.stack(probs, dim=1)
+
+    def rollback(self, committed: int) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# decoder
+
+
+class SpeculativeDecoder(DecodingStrategy):
+    """Exact speculative decoding of a target generator with a draft generator or an EAGLE draft head.
+
+    Args:
+        draft: a generator with decoding hooks and the target's vocabulary (a smaller model), an
+            :class:`flexar.generators.EagleDraftHead`, or the folder of either (loaded by :meth:`prepare` or at the
+            first :meth:`decode`, on the target's device).
+        sampler: per-token :class:`~flexar.sampling.Sampler` applied to target and draft logits alike.
+        draft_length: drafts per round (chain length), ``>= 1``.
+
+    ``decode(model, labels, generator)`` returns ids ``(B, num_tokens)`` and stats: ``forward_passes`` (target,
+    prefill included), ``draft_forward_passes``, ``rounds``, ``drafted`` and ``accepted`` (per row, summed over rows),
+    ``acceptance_rate`` = accepted / drafted, ``mean_accepted_length`` (tokens per round per row before the batch
+    cut, accepted + 1), ``tokens_per_target_pass`` (committed tokens per target pass; plain decoding has 1),
+    ``tokens``, ``seconds``, ``batch_size``.
+    """
+
+    name = "speculative"
+
+    def __init__(self, draft: nn.Module | str, sampler: Sampler | None = None, draft_length: int = 5) -> None:
+        super().__init__(sampler)
+        if isinstance(draft_length, bool) or not isinstance(draft_length, int) or draft_length < 1:
+            raise ValueError(f"draft_length must be an int >= 1, got {draft_length!r}")
+        if not isinstance(draft, (nn.Module, str)):
+            raise TypeError(f"draft must be a module or a folder, got {type(draft).__name__}")
+        self.draft = draft
+        self.draft_source = draft if isinstance(draft, str) else type(draft).__name__
+        self.draft_length = draft_length
+
+    # -- hooks for subclasses (LANTERN) --------------------------------------------------------------------------------
+    def relax(self, target_probs: Tensor, drafts: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(acceptance distribution, residual base) for (B, g, V) target probs and (B, g) drafts: exact SD uses p."""
+        return target_probs, None
+
+    def prepare(self, pipeline) -> None:
+        self.load_draft(pipeline.device)
+
+    def load_draft(self, device) -> nn.Module:
+        if isinstance(self.draft, str):
+            from flexar.hub import load_model
+
+            self.draft = load_model(self.draft).to(device).eval()
+        return self.draft
+
+    def drafter_for(self, model):
+        from flexar.generators.eagle import EagleDraftHead
+
+        draft = self.load_draft(model.device)
+        if isinstance(draft, EagleDraftHead):
+            return EagleDrafter(draft, model)
+        if draft.vocab_size != model.vocab_size:
+            raise ValueError(f"draft vocab_size {draft.vocab_size} != target vocab_size {model.vocab_size}")
+        if draft.num_classes != model.num_classes:
+            raise ValueError(f"draft num_classes {draft.num_classes} != target num_classes {model.num_classes}")
+        return GeneratorDrafter(draft)
+
+    # -- decoding ------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(
+        self,
+        model,
+        labels: Tensor,
+        generator: torch.Generator | None = None,
+        num_tokens: int | None = None,
+        use_cache: bool = True,
+        progress: bool = False,
+    ):
+        """Sample ``num_tokens`` tokens per label with the target's law. labels (B,) -> GenerationOutput.
+
+        ``use_cache`` is accepted for the interface; speculative decoding always runs on KV caches.
+        """
+        check_decoding_hooks(model)
+        labels = model.check_labels(labels)
+        count = model.check_num_tokens(num_tokens)
+        generator = model.resolve_generator(generator)
+        drafter = self.drafter_for(model)
+        timer = model.start_timer()
+        sampler = self.sampler
+        batch = labels.shape[0]
+        conditions = model.guidance_labels(labels, sampler)
+        copies = conditions.shape[0] // batch
+        length = count + 1
+
+        cache = model.new_cache(conditions.shape[0], length)
+        if drafter.needs_hidden:
+            first_logits, first_hidden = model.prefill(conditions, cache, return_hidden=True)
+        else:
+            first_logits, first_hidden = model.prefill(conditions, cache), None
+        drafter.start(conditions, length, first_hidden)
+        target_passes, rounds, drafted, accepted_total = 1, 0, 0, 0
+        ids = torch.empty(batch, count, dtype=torch.long, device=labels.device)
+        committed = 0
+        bar = _progress(count, progress)
+        while committed < count:
+            num_drafts = min(self.draft_length, count - committed - 1) if drafter.ready(committed) else 0
+            position = committed
+
+            def sample_draft(logits: Tensor, offset: int) -> tuple[Tensor, Tensor]:
+                q = sampler.probs(logits, SamplingState(step=position + offset, num_steps=count))
+                return torch.multinomial(q, 1, generator=generator).squeeze(1), q
+
+            if num_drafts:
+                drafts, draft_probs = drafter.propose(ids[:, :committed], num_drafts, copies, sample_draft)
+            else:
+                drafts = ids.new_empty(batch, 0)
+                draft_probs = first_logits.new_empty(batch, 0, model.vocab_size)
+
+            # target verification: [uncached committed tokens; drafts] in one pass
+            uncached = ids[:, cache.length - 1 : committed]
+            feed = torch.cat([uncached, drafts], dim=1)
+            start = cache.length
+            if feed.shape[1]:
+                out = model.step(feed.repeat(copies, 1), cache, return_hidden=drafter.needs_hidden)
+                logits, hidden = out if drafter.needs_hidden else (out, None)
+                target_passes += 1
+                if hidden is not None:
+                    drafter.record(start, hidden)
+                if uncached.shape[1]:
+                    logits = logits[:, uncached.shape[1] - 1 :]
+                else:
+                    logits = torch.cat([first_logits.unsqueeze(1), logits], dim=1)
+            else:
+                logits = first_logits.unsqueeze(1)
+            target_probs = torch.stack(
+                [
+                    sampler.probs(logits[:, offset], SamplingState(step=position + offset, num_steps=count))
+                    for offset in range(num_drafts + 1)
+                ],
+                dim=1,
+            )
+
+            uniforms = torch.rand(batch, num_drafts, generator=generator, device=ids.device, dtype=target_probs.dtype)
+            acceptance, residual_base = self.relax(target_probs[:, :num_drafts], drafts)
+            accepted, next_probs = accept_drafts(
+                acceptance, draft_probs, drafts, uniforms, target_probs[:, num_drafts], residual_base
+            )
+            next_token = torch.multinomial(next_probs, 1, generator=generator).squeeze(1)
+
+            keep = int(accepted.min())
+            ids[:, committed : committed + keep] = drafts[:, :keep]
+            if keep < num_drafts:
+                ids[:, committed + keep] = torch.where(accepted == keep, next_token, drafts[:, keep])
+            else:
+                ids[:, committed + keep] = next_token
+            committed += keep + 1
+            cache.truncate(min(cache.length, committed))
+            drafter.rollback(committed)
+            rounds += 1
+            drafted += batch * num_drafts
+            accepted_total += int(accepted.sum())
+            if bar is not None:
+                bar.update(keep + 1)
+        if bar is not None:
+            bar.close()
+        stats = {
+            "forward_passes": target_passes,
+            "draft_forward_passes": drafter.forward_passes,
+            "rounds": rounds,
+            "drafted": drafted,
+            "accepted": accepted_total,
+            "acceptance_rate": accepted_total / drafted if drafted else 0.0,
+            "mean_accepted_length": (accepted_total + batch * rounds) / (batch * rounds),
+            "tokens_per_target_pass": count / target_passes,
+            "tokens": batch * count,
+            "seconds": timer.seconds(),
+            "batch_size": batch,
+        }
+        return generation_output(ids, stats)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "draft": self.draft_source, "draft_length": self.draft_length}
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="speculative decoding", leave=False)

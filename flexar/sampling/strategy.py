@@ -1,0 +1,92 @@
+"""Decoding strategies: samplers that own the decoding loop.
+
+A plain :class:`~flexar.sampling.Sampler` turns logits into ids and leaves the loop to the generator family's
+``generate``. A decoding strategy (speculative decoding, LANTERN, ScalingAR) changes the loop itself: it drives a
+generator through its decoding hooks (``new_cache`` / ``prefill`` / ``step``, see :mod:`flexar.generators.base`) and
+draws every token through the :class:`~flexar.sampling.Sampler` it wraps, so CFG, temperature, top-k / top-p and
+entropy-aware temperature apply unchanged.
+
+The protocol, which :meth:`flexar.generators.Generator.generate_with` and :meth:`flexar.Pipeline.generate` follow:
+
+- ``decode(model, labels, generator=None, num_tokens=None, use_cache=True, progress=False) -> GenerationOutput``;
+- ``prepare(pipeline)``: called by the pipeline before decoding, for strategies that need more than the generator
+  (LANTERN reads the tokenizer's code vectors, a draft given as a folder is loaded on the pipeline's device);
+- ``uses_cfg`` and ``to_dict()`` like a sampler.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from flexar.sampling.sampler import Sampler
+
+DECODING_HOOKS = ("new_cache", "prefill", "step")
+
+
+class DecodingStrategy:
+    """Base class: holds the per-token :class:`~flexar.sampling.Sampler` and checks the generator's hooks."""
+
+    name = "strategy"
+
+    def __init__(self, sampler: Sampler | None = None) -> None:
+        if sampler is not None and not isinstance(sampler, Sampler):
+            raise TypeError(f"sampler must be a flexar.sampling.Sampler, got {type(sampler).__name__}")
+        self.sampler = sampler if sampler is not None else Sampler()
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.sampler.uses_cfg
+
+    def prepare(self, pipeline) -> None:
+        """Read what the strategy needs from a :class:`flexar.Pipeline` (nothing by default)."""
+
+    def decode(
+        self,
+        model,
+        labels: Tensor,
+        generator: torch.Generator | None = None,
+        num_tokens: int | None = None,
+        use_cache: bool = True,
+        progress: bool = False,
+    ):
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"strategy": self.name, "sampler": self.sampler.to_dict()}
+
+    def __repr__(self) -> str:
+        arguments = ", ".join(f"{key}={value!r}" for key, value in self.to_dict().items())
+        return f"{type(self).__name__}({arguments})"
+
+
+def check_decoding_hooks(model, tokens_per_step: int = 1) -> None:
+    """Refuse a generator whose schedule the strategy cannot drive: no hooks, or several tokens per step."""
+    for hook in DECODING_HOOKS:
+        try:
+            implemented = getattr(type(model), hook) is not getattr(_base_generator(), hook)
+        except AttributeError:
+            implemented = False
+        if not implemented:
+            raise ValueError(
+                f"{type(model).__name__} has no decoding hook {hook!r}; decoding strategies need new_cache / prefill "
+                "/ step (raster order and other token-by-token schedules)"
+            )
+    step_tokens = getattr(model, "tokens_per_step", 1)
+    if step_tokens != tokens_per_step:
+        raise ValueError(
+            f"{type(model).__name__} emits {step_tokens} tokens per step; this strategy drives one token per step"
+        )
+
+
+def _base_generator():
+    from flexar.generators.base import Generator
+
+    return Generator
+
+
+def generation_output(ids: Tensor, stats: dict):
+    from flexar.generators.base import GenerationOutput
+
+    return GenerationOutput(ids=ids, stats=stats)
