@@ -73,3 +73,19 @@ def test_unknown_name_lists_known_benchmarks():
     assert "no_such_benchmark" in result.stderr
     for known in ("attention", "kv_cache"):
         assert known in result.stderr
+
+
+def test_generate_quick():
+    record = quick_record("generate")
+    summary = record["summary"]
+    assert positive(summary["cached_images_per_second"]) and positive(summary["recompute_images_per_second"])
+    # one forward pass per token with the cache (prefill included), whatever the speed
+    assert summary["forward_passes_per_batch"] == record["config"]["max_tokens"]
+    assert [row["path"] for row in record["rows"]] == ["cached", "recompute"]
+
+
+def test_token_shuffle_quick():
+    record = quick_record("token_shuffle")
+    summary = record["summary"]
+    assert summary["token_shuffle_sequence_length"] < summary["raster_sequence_length"]
+    assert positive(summary["speedup"])
