@@ -148,6 +148,25 @@ class Generator(Configurable, PretrainedMixin, nn.Module):
     def start_timer(self) -> "_Timer":
         return _Timer(self.device)
 
+    def set_sizes(self, vocab_size: int, max_tokens: int, num_classes: int, class_dropout: float, grid=None,
+                  require_grid: bool = False) -> None:
+        """Validate and store the sizes every family shares; `grid` (h, w) must cover exactly max_tokens."""
+        if vocab_size < 1 or max_tokens < 1 or num_classes < 1:
+            raise ValueError(
+                f"vocab_size, max_tokens and num_classes must be >= 1, got {vocab_size}, {max_tokens}, {num_classes}"
+            )
+        if not 0.0 <= class_dropout <= 1.0:
+            raise ValueError(f"class_dropout must lie in [0, 1], got {class_dropout}")
+        if grid is None and require_grid:
+            raise ValueError(f"{type(self).__name__} needs a grid (h, w)")
+        if grid is not None:
+            grid = tuple(int(side) for side in grid)
+            if len(grid) != 2 or min(grid) < 1 or grid[0] * grid[1] != max_tokens:
+                raise ValueError(f"grid must be (h, w) with h * w == max_tokens ({max_tokens}), got {grid}")
+        self.vocab_size, self.max_tokens, self.num_classes = vocab_size, max_tokens, num_classes
+        self.grid = grid
+        self.class_dropout = class_dropout
+
     # -- interface -----------------------------------------------------------------------------------------------------
     def training_loss(self, ids: Tensor, labels: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, dict]:
         raise NotImplementedError

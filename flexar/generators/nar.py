@@ -135,18 +135,7 @@ class NAR(Generator):
         attention_backend: str = "auto",
     ):
         super().__init__()
-        if vocab_size < 1 or max_tokens < 1 or num_classes < 1:
-            raise ValueError(
-                f"vocab_size, max_tokens and num_classes must be >= 1, got {vocab_size}, {max_tokens}, {num_classes}"
-            )
-        if not 0.0 <= class_dropout <= 1.0:
-            raise ValueError(f"class_dropout must lie in [0, 1], got {class_dropout}")
-        grid = tuple(int(side) for side in grid)
-        if len(grid) != 2 or min(grid) < 1 or grid[0] * grid[1] != max_tokens:
-            raise ValueError(f"grid must be (h, w) with h * w == max_tokens ({max_tokens}), got {grid}")
-        self.vocab_size, self.max_tokens, self.num_classes = vocab_size, max_tokens, num_classes
-        self.grid = grid
-        self.class_dropout = class_dropout
+        self.set_sizes(vocab_size, max_tokens, num_classes, class_dropout, grid, require_grid=True)
         self.dim, self.depth = dim, depth
 
         self.class_embed = nn.Embedding(num_classes + 1, dim)
