@@ -19,15 +19,23 @@ batch away: a NAR pass over up to B * n rows is close to compute-bound (the same
 plus the vertical block and second head), and the per-token costs (drawing from a softmax over the vocabulary, the
 second head) stay per token; the fewer passes only save raster's per-step overhead. The narrow pair shows the second
 bound, where sampling over the vocabulary is most of the work.
+
+``matmul_bound_speedup`` measures the first bound on this machine: every ``nn.Linear`` call of one generation is
+recorded (weight shape, rows), each distinct call is timed alone on random inputs, and the bound is raster's summed
+matmul time over NAR's. It is the speed-up NAR would have if everything but the matrix products were free, so the
+measured speed-up cannot be expected to pass it; ``fraction_of_bound`` says how close the implementation comes.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
+import torch.nn.functional as F
 
 from flexar.generators import NAR, RasterAR
 from flexar.sampling import Sampler
 
-from .common import compare
+from .common import compare, time_calls
 
 SIZES = {
     "full": dict(dim=256, depth=6, num_heads=8, vocab_size=1024, num_classes=10, batch=8, grids=[8, 16, 32]),
@@ -52,6 +60,36 @@ def build_pair(side: int, sizes: dict, device: str) -> tuple[RasterAR, NAR]:
     return raster.to(device).eval(), nar.to(device).eval()
 
 
+def linear_calls(model: torch.nn.Module, call) -> Counter:
+    """(weight, bias, rows) -> number of calls, over every nn.Linear call `call()` makes."""
+    calls: Counter = Counter()
+
+    def record(module, inputs, output):
+        calls[(module, inputs[0].numel() // module.in_features)] += 1
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        call()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls
+
+
+@torch.no_grad()
+def matmul_seconds(calls: Counter, device: str) -> float:
+    """Summed time of the recorded linear calls, each distinct (weight shape, rows) timed alone."""
+    timed: dict = {}
+    total = 0.0
+    for (module, rows), count in calls.items():
+        key = (tuple(module.weight.shape), module.bias is not None, rows)
+        if key not in timed:
+            x = torch.randn(rows, module.in_features, device=device)
+            timed[key] = min(time_calls(lambda: F.linear(x, module.weight, module.bias), device, number=10) for _ in range(3))
+        total += count * timed[key]
+    return total
+
+
 def run(quick: bool, device: str) -> dict:
     mode = "quick" if quick else "full"
     sizes = SIZES[mode]
@@ -62,7 +100,7 @@ def run(quick: bool, device: str) -> dict:
     repeats = 3
     labels = (torch.arange(batch) % sizes["num_classes"]).to(device)
     sampler = Sampler()
-    rows, speedups, by_width = [], {}, {}
+    rows, speedups, by_width, bounds = [], {}, {}, {}
     cases = [(sizes, side) for side in grids] + [(narrow, target_side)]
     for model_sizes, side in cases:
         width = f"dim{model_sizes['dim']}_depth{model_sizes['depth']}"
@@ -78,6 +116,10 @@ def run(quick: bool, device: str) -> dict:
 
         comparison = compare({"nar": timed("nar", nar), "raster": timed("raster", raster)}, device,
                              warmup=1, repeats=repeats)
+        matmul = {name: matmul_seconds(linear_calls(model, timed(name, model)), device)
+                  for name, model in (("nar", nar), ("raster", raster))}
+        bound = matmul["raster"] / matmul["nar"]
+        bounds[f"{width}_{side}x{side}"] = bound
         if model_sizes is sizes:
             speedups[f"{side}x{side}"] = comparison.speedup("nar", "raster")
         if side == target_side:
@@ -93,6 +135,9 @@ def run(quick: bool, device: str) -> dict:
                 "seconds_per_batch": seconds,
                 "images_per_second": batch / seconds,
                 "speedup_vs_raster": comparison.speedup(name, "raster"),
+                "matmul_seconds": matmul[name],
+                "matmul_bound_speedup": bound if name == "nar" else 1.0,
+                "fraction_of_bound": comparison.speedup(name, "raster") / bound if name == "nar" else 1.0,
             })
         expected = {"nar": 2 * side - 1, "raster": side * side}
         for row in rows[-2:]:
@@ -105,6 +150,7 @@ def run(quick: bool, device: str) -> dict:
         "forward_passes": {row["grid"]: {r["family"]: r["forward_passes"] for r in rows if r["grid"] == row["grid"]}
                            for row in rows},
         f"speedup_by_width_at_{target_side}x{target_side}": by_width,
+        "matmul_bound_speedup": bounds,
         "target_grid": target,
         "target_speedup": TARGET_SPEEDUP,
     }

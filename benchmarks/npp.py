@@ -1,4 +1,4 @@
-"""NPP (next-patch training) against raster training: training time per epoch and FID after the same epochs.
+"""NPP (next-patch training) and NAR against raster training: training time per epoch and FID after the same epochs.
 
 Pipeline, all in one run and on one device:
 
@@ -6,14 +6,15 @@ Pipeline, all in one run and on one device:
    split and encodes both splits once (the token cache generators train on);
 2. the digit classifier whose penultimate features score FID (``flexar.eval``'s ``classifier:PATH`` extractor) is
    trained on the same training split;
-3. a :class:`flexar.generators.RasterAR` and an :class:`flexar.generators.NPP` with the same width, depth and initial
-   weights train for the same number of epochs on the same batches (same shuffle per epoch, AdamW + warmup/cosine as
-   flexar's GeneratorModule). Their epochs alternate (raster epoch e, NPP epoch e, with the order swapped every
-   epoch) so that load from other processes hits both alike; NPP enters its stage through ``on_epoch_start``
-   (``patch_sizes`` [2, 1]: 2x2-token patches for the first half of the epochs, then tokens, as in the paper's
-   two-level schedule);
-4. each model samples ``num_samples`` images (raster decoding for both; NPP's inference is raster decoding) with the
-   same sampler and seed, decoded by the tokenizer and scored with FID/KID against the test split.
+3. a :class:`flexar.generators.RasterAR`, an :class:`flexar.generators.NPP` and a :class:`flexar.generators.NAR`
+   with the same width, depth and initial weights (NAR adds its vertical-head block) train for the same number of
+   epochs on the same batches (same shuffle per epoch, AdamW + warmup/cosine as flexar's GeneratorModule). Their
+   epochs interleave (raster, NPP and NAR epoch e, the order rotating every epoch) so that load from other processes
+   hits all alike; NPP enters its stage through ``on_epoch_start`` (``patch_sizes`` [2, 1]: 2x2-token patches for
+   the first half of the epochs, then tokens, as in the paper's two-level schedule);
+4. each model samples ``num_samples`` images (raster decoding for raster and NPP, whose inference is raster decoding;
+   h + w - 1 diagonal passes for NAR) with the same sampler and seed, decoded by the tokenizer and scored with FID/KID
+   against the test split. The rows are the MNIST FID table of the three families at one budget.
 
 Full mode reads MNIST from ``FLEXAR_DATA`` (torchvision's raw files); quick mode runs tiny models on the embedded
 digits for smoke tests. Bars: NPP's total training time <= 0.7x raster's, and its FID no worse than raster's by more
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from flexar.data import build_dataset
 from flexar.eval import DigitClassifier, compute_metrics
-from flexar.generators import NPP, RasterAR
+from flexar.generators import NAR, NPP, RasterAR
 from flexar.sampling import Sampler
 from flexar.tokenizers import VQGAN2D
 from flexar.train import warmup_cosine
@@ -162,12 +163,15 @@ def run(quick: bool, device: str) -> dict:
     raster = RasterAR(**kwargs)
     npp = NPP(**kwargs, patch_sizes=PATCH_SIZES)
     npp.load_state_dict(raster.state_dict())
+    nar = NAR(**kwargs)
+    nar.load_state_dict(raster.state_dict(), strict=False)
     steps_per_epoch = len(batches(train_ids.shape[0], sizes["batch_size"], 0))
     runs = {"raster": GeneratorRun(raster.to(device), sizes, steps_per_epoch),
-            "npp": GeneratorRun(npp.to(device), sizes, steps_per_epoch)}
+            "npp": GeneratorRun(npp.to(device), sizes, steps_per_epoch),
+            "nar": GeneratorRun(nar.to(device), sizes, steps_per_epoch)}
+    order = list(runs)
     for epoch in range(sizes["epochs"]):
-        names = ["raster", "npp"] if epoch % 2 == 0 else ["npp", "raster"]
-        for name in names:
+        for name in order[epoch % 3 :] + order[: epoch % 3]:
             runs[name].train_epoch(epoch, train_ids, train_labels, device)
 
     # 4. samples and FID against the test split
@@ -198,7 +202,8 @@ def run(quick: bool, device: str) -> dict:
             "kid": metrics["kid_mean"],
             "forward_passes_per_image_batch": passes,
         })
-    time_ratio = rows[1]["train_seconds"] / rows[0]["train_seconds"]
+    by = {row["family"]: row for row in rows}
+    time_ratio = by["npp"]["train_seconds"] / by["raster"]["train_seconds"]
     per_epoch_ratios = [n / r for n, r in zip(runs["npp"].epoch_seconds, runs["raster"].epoch_seconds)]
     fid_ratio = fids["npp"] / fids["raster"] if fids["raster"] > 0 else math.inf
     return {
@@ -217,12 +222,15 @@ def run(quick: bool, device: str) -> dict:
             "tokenizer_test_mse": recon_mse,
             "tokenizer_seconds": tokenizer_seconds,
             "classifier_test_accuracy": (predictions == test_labels).float().mean().item(),
-            "raster_seconds_per_epoch": rows[0]["seconds_per_epoch"],
-            "npp_seconds_per_epoch": rows[1]["seconds_per_epoch"],
+            "raster_seconds_per_epoch": by["raster"]["seconds_per_epoch"],
+            "npp_seconds_per_epoch": by["npp"]["seconds_per_epoch"],
+            "nar_seconds_per_epoch": by["nar"]["seconds_per_epoch"],
             "time_ratio_npp_vs_raster": time_ratio,
             "time_ratio_per_epoch": per_epoch_ratios,
             "raster_fid": fids["raster"],
             "npp_fid": fids["npp"],
+            "nar_fid": fids["nar"],
+            "time_ratio_nar_vs_raster": by["nar"]["train_seconds"] / by["raster"]["train_seconds"],
             "fid_ratio_npp_vs_raster": fid_ratio,
             "target_time_ratio": TARGET_TIME_RATIO,
             "target_fid_ratio": TARGET_FID_RATIO,

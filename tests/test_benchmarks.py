@@ -89,3 +89,25 @@ def test_token_shuffle_quick():
     summary = record["summary"]
     assert summary["token_shuffle_sequence_length"] < summary["raster_sequence_length"]
     assert positive(summary["speedup"])
+
+
+def test_nar_matmul_bound_counts_every_linear_call():
+    """The NAR benchmark's matmul bound sees each Linear once per pass, with the rows the pass feeds."""
+    import torch
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from benchmarks.nar import build_pair, linear_calls, matmul_seconds
+    from flexar.sampling import Sampler
+
+    sizes = dict(dim=16, depth=2, num_heads=2, vocab_size=32, num_classes=10)
+    raster, nar = build_pair(4, sizes, "cpu")
+    labels = torch.arange(3)
+    calls = linear_calls(raster, lambda: raster.generate(labels, Sampler(), torch.Generator().manual_seed(0)))
+    # 4 linears per block + the head, once per pass (16 passes), and always 3 rows (the KV cache feeds one token)
+    assert sum(calls.values()) == 16 * (4 * 2 + 1)
+    assert {rows for (_, rows) in calls} == {3}
+    calls = linear_calls(nar, lambda: nar.generate(labels, Sampler(), torch.Generator().manual_seed(0)))
+    # every grid cell but the last diagonal is fed once, plus the condition in the first pass
+    fed_rows = sum(rows * count for (module, rows), count in calls.items() if module is nar.head)
+    assert fed_rows == 3 * (16 - 1 + 1)
+    assert matmul_seconds(calls, "cpu") > 0
