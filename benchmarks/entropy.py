@@ -17,8 +17,9 @@ from flexar.sampling import EntropySampler, Sampler
 from .digits_models import fid, load_or_train
 
 SETTINGS = {
-    "quick": dict(images=40, cfg_scales=[2.0], temperatures=[1.0], top_k=0, batch_size=20),
-    "full": dict(images=1000, cfg_scales=[1.5, 3.0], temperatures=[0.8, 1.0], top_k=0, batch_size=100),
+    "quick": dict(images=40, cfg_scales=[2.0], temperatures=[1.0], top_k=0, batch_size=20, calibration_images=20),
+    "full": dict(images=1000, cfg_scales=[1.5, 3.0], temperatures=[0.8, 1.0], top_k=0, batch_size=100,
+                 calibration_images=200),
 }
 
 
@@ -31,18 +32,23 @@ def run(quick: bool, device: str) -> dict:
     for cfg_scale in settings["cfg_scales"]:
         for temperature in settings["temperatures"]:
             common = dict(temperature=temperature, top_k=settings["top_k"], cfg_scale=cfg_scale)
+            ratio = _mean_factor(pipe, EntropySampler(**dict(common, temperature=1.0)), labels[: settings["calibration_images"]], settings)
             samplers = {
                 "fixed": Sampler(**common),
                 "entropy_temperature": EntropySampler(**common),
                 "entropy_temperature_top_k": EntropySampler(**common, entropy_top_k=True, top_k_min=4),
+                "entropy_temperature_matched": EntropySampler(**dict(common, temperature=temperature / ratio)),
             }
             for name, sampler in samplers.items():
                 start = time.perf_counter()
                 samples = pipe.generate(labels, sampler=sampler, seed=0, batch_size=settings["batch_size"], progress=False)
                 seconds = time.perf_counter() - start
-                rows.append({"cfg_scale": cfg_scale, "temperature": temperature, "rule": name,
+                applied = None
+                if isinstance(sampler, EntropySampler):
+                    applied = sampler.temperature * _mean_factor(pipe, sampler, labels[: settings["calibration_images"]], settings)
+                rows.append({"cfg_scale": cfg_scale, "temperature": temperature, "rule": name, "t0": sampler.temperature,
                              "fid": fid(samples, models, device), "seconds": seconds,
-                             "mean_applied_temperature": _mean_temperature(models, sampler, device)})
+                             "mean_applied_temperature": applied})
     summary = {}
     for row in rows:
         if row["rule"] != "fixed":
@@ -54,16 +60,22 @@ def run(quick: bool, device: str) -> dict:
     return {"config": config, "summary": summary, "rows": rows}
 
 
-@torch.no_grad()
-def _mean_temperature(models, sampler, device) -> float | None:
-    """Mean T(H) over the first-token distributions of every class (None for a fixed temperature)."""
-    if not isinstance(sampler, EntropySampler):
-        return None
-    from flexar.sampling import SamplingState
+class _Recording(EntropySampler):
+    """An EntropySampler that keeps the T(H) / T0 factor of every row it draws."""
 
-    labels = torch.arange(10, device=device)
-    conditions = models.target.guidance_labels(labels, sampler)
-    logits = models.target.prefill(conditions, models.target.new_cache(conditions.shape[0]))
-    state = SamplingState()
-    sampler.process(logits, state)
-    return float(state.extra["temperature"].mean())
+    def __init__(self, sampler: EntropySampler):
+        super().__init__(**{k: v for k, v in sampler.to_dict().items() if k != "strategy"})
+        self.factors: list[torch.Tensor] = []
+
+    def process(self, logits, state=None):
+        out = super().process(logits, state)
+        if state is not None and "temperature" in state.extra:
+            self.factors.append(state.extra["temperature"].float().flatten().cpu() / self.temperature)
+        return out
+
+
+def _mean_factor(pipe, sampler: EntropySampler, labels: torch.Tensor, settings: dict) -> float:
+    """Mean of T(H) / T0 over every draw of a generation of `labels` with `sampler`."""
+    recording = _Recording(sampler)
+    pipe.generate(labels, sampler=recording, seed=1, batch_size=settings["batch_size"], progress=False)
+    return float(torch.cat(recording.factors).mean())
