@@ -23,8 +23,8 @@ the test images with the same classifier features (gFID), in the plot's fourth p
 
 Full: MNIST (``FLEXAR_DATA``), 32x32, N = 32 tokens, ViTs 64 wide and 4 deep on each side, 1500 steps of 64 images
 each: sized for two CPU cores, far below the papers' budgets. FlexTok's noise level is drawn logit-normal with mean
-1.0 (the library default is 0.0): at this budget the registers only become informative if the decoder sees mostly
-noisy inputs, where it cannot rely on x_t alone. Quick: embedded digits at 16x16, N = 8, a few steps (a smoke test of
+1.0 (the library default is 0.0), which puts more of this short budget on noisy inputs, where the decoder cannot
+rely on x_t alone and has to read the registers. Quick: embedded digits at 16x16, N = 8, a few steps (a smoke test of
 the pipeline; its numbers mean nothing); its plot goes to a temporary folder.
 """
 from __future__ import annotations
