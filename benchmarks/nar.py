@@ -20,10 +20,12 @@ plus the vertical block and second head), and the per-token costs (drawing from 
 second head) stay per token; the fewer passes only save raster's per-step overhead. The narrow pair shows the second
 bound, where sampling over the vocabulary is most of the work.
 
-``matmul_bound_speedup`` measures the first bound on this machine: every ``nn.Linear`` call of one generation is
-recorded (weight shape, rows), each distinct call is timed alone on random inputs, and the bound is raster's summed
-matmul time over NAR's. It is the speed-up NAR would have if everything but the matrix products were free, so the
-measured speed-up cannot be expected to pass it; ``fraction_of_bound`` says how close the implementation comes.
+``linear_seconds`` splits each loop's time: every ``nn.Linear`` call of one generation is recorded (weight shape,
+rows) and each distinct call is timed alone on random inputs, with its weights warm in cache; ``other_seconds`` is
+the rest of the measured time (attention, norms, sampling, cache writes, cache misses and dispatch). On this CPU the
+raster loop spends most of its time outside the warm matrix products: that is the part fewer passes remove. NAR's
+remainder (attention over up to B * n queries with a dense mask, drawing B * n tokens per pass) is what keeps it
+from the pass ratio.
 """
 from __future__ import annotations
 
@@ -100,7 +102,7 @@ def run(quick: bool, device: str) -> dict:
     repeats = 3
     labels = (torch.arange(batch) % sizes["num_classes"]).to(device)
     sampler = Sampler()
-    rows, speedups, by_width, bounds = [], {}, {}, {}
+    rows, speedups, by_width = [], {}, {}
     cases = [(sizes, side) for side in grids] + [(narrow, target_side)]
     for model_sizes, side in cases:
         width = f"dim{model_sizes['dim']}_depth{model_sizes['depth']}"
@@ -118,8 +120,6 @@ def run(quick: bool, device: str) -> dict:
                              warmup=1, repeats=repeats)
         matmul = {name: matmul_seconds(linear_calls(model, timed(name, model)), device)
                   for name, model in (("nar", nar), ("raster", raster))}
-        bound = matmul["raster"] / matmul["nar"]
-        bounds[f"{width}_{side}x{side}"] = bound
         if model_sizes is sizes:
             speedups[f"{side}x{side}"] = comparison.speedup("nar", "raster")
         if side == target_side:
@@ -135,9 +135,8 @@ def run(quick: bool, device: str) -> dict:
                 "seconds_per_batch": seconds,
                 "images_per_second": batch / seconds,
                 "speedup_vs_raster": comparison.speedup(name, "raster"),
-                "matmul_seconds": matmul[name],
-                "matmul_bound_speedup": bound if name == "nar" else 1.0,
-                "fraction_of_bound": comparison.speedup(name, "raster") / bound if name == "nar" else 1.0,
+                "linear_seconds": matmul[name],
+                "other_seconds": seconds - matmul[name],
             })
         expected = {"nar": 2 * side - 1, "raster": side * side}
         for row in rows[-2:]:
@@ -150,7 +149,6 @@ def run(quick: bool, device: str) -> dict:
         "forward_passes": {row["grid"]: {r["family"]: r["forward_passes"] for r in rows if r["grid"] == row["grid"]}
                            for row in rows},
         f"speedup_by_width_at_{target_side}x{target_side}": by_width,
-        "matmul_bound_speedup": bounds,
         "target_grid": target,
         "target_speedup": TARGET_SPEEDUP,
     }

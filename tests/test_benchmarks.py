@@ -91,8 +91,8 @@ def test_token_shuffle_quick():
     assert positive(summary["speedup"])
 
 
-def test_nar_matmul_bound_counts_every_linear_call():
-    """The NAR benchmark's matmul bound sees each Linear once per pass, with the rows the pass feeds."""
+def test_nar_linear_split_counts_every_linear_call():
+    """The NAR benchmark's linear-time split sees each Linear once per pass, with the rows the pass feeds."""
     import torch
 
     sys.path.insert(0, str(REPO_ROOT))
