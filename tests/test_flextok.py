@@ -343,11 +343,3 @@ def test_reconstruction_error_non_increasing_in_k(trained):
     errors = [((samples[k] - images) ** 2).mean().item() for k in sorted(samples)]
     assert all(later <= earlier + 2e-3 for earlier, later in zip(errors, errors[1:])), errors
     assert errors[-1] < errors[0], errors
-
-
-@pytest.mark.skip(reason="not robust at this budget: holds for this seed and config (spread 0.111 at k=1 vs 0.108 at "
-                         "k=8) but inverts with sigma_mean=1.5; the decoder only starts to use its registers here")
-def test_variance_across_seeds_larger_with_fewer_tokens(trained):
-    _, samples = trained
-    spread = {k: samples[k].var(dim=0).mean().item() for k in samples}
-    assert spread[1] > spread[8], spread
