@@ -160,7 +160,7 @@ def train_generator(tokenizer, images: torch.Tensor, labels: torch.Tensor, size:
         loss.backward()
         optimizer.step()
         schedule.step()
-    return model.eval(), time.perf_counter() - started, float(loss)
+    return model.eval(), time.perf_counter() - started, float(loss.detach())
 
 
 @torch.no_grad()
