@@ -20,12 +20,24 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from ..hub import Configurable, PretrainedMixin
 from ..nn import KVCache
+
+
+class GenerationStart(NamedTuple):
+    """What :meth:`Generator.begin_generation` hands a decoding loop; ``copies`` = conditions rows per label."""
+
+    labels: Tensor
+    count: int
+    generator: torch.Generator
+    timer: "_Timer"
+    conditions: Tensor
+    copies: int
 
 
 @dataclass
@@ -147,6 +159,20 @@ class Generator(Configurable, PretrainedMixin, nn.Module):
 
     def start_timer(self) -> "_Timer":
         return _Timer(self.device)
+
+    def begin_generation(self, labels: Tensor, sampler, generator: torch.Generator | None, num_tokens: int | None,
+                         whole: str | None = None) -> "GenerationStart":
+        """The checks and setup every decoding loop starts with: labels, token count, generator, timer, and the
+        (CFG-doubled) condition labels. `whole` names a schedule that only decodes whole sequences (num_tokens must
+        then be None or max_tokens)."""
+        labels = self.check_labels(labels)
+        count = self.check_num_tokens(num_tokens)
+        if whole is not None and count != self.max_tokens:
+            raise ValueError(f"{whole}: num_tokens must be None or {self.max_tokens}, got {num_tokens}")
+        generator = self.resolve_generator(generator)
+        timer = self.start_timer()
+        conditions = self.guidance_labels(labels, sampler)
+        return GenerationStart(labels, count, generator, timer, conditions, conditions.shape[0] // labels.shape[0])
 
     def set_sizes(self, vocab_size: int, max_tokens: int, num_classes: int, class_dropout: float, grid=None,
                   require_grid: bool = False) -> None:

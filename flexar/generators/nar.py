@@ -328,16 +328,9 @@ class NAR(Generator):
         labels: (B,) long; sampler: a :class:`flexar.sampling.Sampler` (CFG doubles the batch with null labels);
         returns ids (B, h * w) in raster order and stats.
         """
-        labels = self.check_labels(labels)
-        count = self.check_num_tokens(num_tokens)
-        if count != self.max_tokens:
-            raise ValueError(f"NAR generates whole {self.grid[0]}x{self.grid[1]} grids: num_tokens must be None or "
-                             f"{self.max_tokens}, got {num_tokens}")
-        generator = self.resolve_generator(generator)
-        timer = self.start_timer()
+        labels, count, generator, timer, conditions, copies = self.begin_generation(
+            labels, sampler, generator, num_tokens, whole=f"NAR generates whole {self.grid[0]}x{self.grid[1]} grids")
         batch = labels.shape[0]
-        conditions = self.guidance_labels(labels, sampler)
-        copies = conditions.shape[0] // batch
         # ids in decode order, one row per row of the (CFG-doubled) batch; the last diagonal is never fed back
         decoded = torch.zeros(conditions.shape[0], self.max_tokens, dtype=torch.long, device=labels.device)
         kv_cache = self.new_cache(conditions.shape[0], self.max_tokens) if use_cache else None

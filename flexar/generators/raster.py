@@ -215,13 +215,8 @@ class RasterAR(Generator):
         labels: (B,) long; sampler: a :class:`flexar.sampling.Sampler` (CFG doubles the batch with null labels);
         returns ids (B, num_tokens) and stats.
         """
-        labels = self.check_labels(labels)
-        count = self.check_num_tokens(num_tokens)
-        generator = self.resolve_generator(generator)
-        timer = self.start_timer()
+        labels, count, generator, timer, conditions, copies = self.begin_generation(labels, sampler, generator, num_tokens)
         batch = labels.shape[0]
-        conditions = self.guidance_labels(labels, sampler)
-        copies = conditions.shape[0] // batch
         ids = torch.empty(batch, count, dtype=torch.long, device=labels.device)
         kv_cache = self.new_cache(conditions.shape[0], count) if use_cache else None
         forward_passes = 0

@@ -246,17 +246,11 @@ class TokenShuffleAR(Generator):
 
         ``num_tokens`` must be None or ``max_tokens``: a grid is generated whole.
         """
-        labels = self.check_labels(labels)
-        count = self.check_num_tokens(num_tokens)
-        if count != self.max_tokens:
-            raise ValueError(f"Token-Shuffle generates whole grids: num_tokens must be {self.max_tokens}, got {count}")
-        generator = self.resolve_generator(generator)
         if self.cfg_schedule is not None and sampler.uses_cfg and sampler.cfg_schedule != self.cfg_schedule:
             sampler = type(sampler).from_dict({**sampler.to_dict(), "cfg_schedule": self.cfg_schedule})
-        timer = self.start_timer()
+        labels, count, generator, timer, conditions, copies = self.begin_generation(
+            labels, sampler, generator, num_tokens, whole="Token-Shuffle generates whole grids")
         batch = labels.shape[0]
-        conditions = self.guidance_labels(labels, sampler)
-        copies = conditions.shape[0] // batch
         steps = self.num_windows
         windows = torch.empty(batch, steps, self.tokens_per_step, dtype=torch.long, device=labels.device)
         kv_cache = self.new_cache(conditions.shape[0], steps) if use_cache else None

@@ -274,15 +274,10 @@ class SpeculativeDecoder(DecodingStrategy):
         ``use_cache`` is accepted for the interface; speculative decoding always runs on KV caches.
         """
         check_decoding_hooks(model)
-        labels = model.check_labels(labels)
-        count = model.check_num_tokens(num_tokens)
-        generator = model.resolve_generator(generator)
-        drafter = self.drafter_for(model)
-        timer = model.start_timer()
         sampler = self.sampler
+        labels, count, generator, timer, conditions, copies = model.begin_generation(labels, sampler, generator, num_tokens)
+        drafter = self.drafter_for(model)
         batch = labels.shape[0]
-        conditions = model.guidance_labels(labels, sampler)
-        copies = conditions.shape[0] // batch
         length = count + 1
 
         cache = model.new_cache(conditions.shape[0], length)
