@@ -8,6 +8,7 @@ from flexar.sampling import (
     CFG_SCHEDULES,
     Sampler,
     SamplingState,
+    categorical,
     classifier_free_guidance,
     guidance_scale,
     temperature,
@@ -147,6 +148,17 @@ def test_filtered_sampling_matches_renormalised_softmax():
     generator = torch.Generator().manual_seed(99)
     ids = sampler.sample(logits.expand(20_000, -1), STATE, generator)
     assert chi_square_p_value(ids, expected) > 1e-3
+
+
+def test_categorical_draws_unnormalised_rows_with_zeros_by_their_law():
+    weights = torch.tensor([[0.0, 3.0, 0.0, 1.0, 0.5, 0.0, 2.0, 0.0], [5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.25]])
+    generator = torch.Generator().manual_seed(7)
+    ids = categorical(weights.repeat(10_000, 1).view(10_000, 2, 8), generator)
+    assert ids.shape == (10_000, 2) and ids.dtype == torch.long
+    for row in range(2):
+        assert chi_square_p_value(ids[:, row], weights[row]) > 1e-3
+    with pytest.raises(ValueError, match="empty"):
+        categorical(torch.ones(3, 0), generator)
 
 
 # ----------------------------------------------------------------------------- guidance

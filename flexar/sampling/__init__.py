@@ -11,7 +11,7 @@ from flexar.sampling.processors import (
     top_k,
     top_p,
 )
-from flexar.sampling.sampler import Sampler
+from flexar.sampling.sampler import Sampler, categorical
 from flexar.sampling.entropy import EntropySampler, entropy, entropy_temperature, entropy_top_k
 from flexar.sampling.strategy import DecodingStrategy
 from flexar.sampling.speculative import SpeculativeDecoder, accept_drafts
@@ -23,6 +23,7 @@ __all__ = [
     "LogitProcessor",
     "Sampler",
     "SamplingState",
+    "categorical",
     "check_cfg_schedule",
     "classifier_free_guidance",
     "guidance_scale",

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from flexar.sampling.processors import SamplingState
-from flexar.sampling.sampler import Sampler
+from flexar.sampling.sampler import Sampler, categorical
 from flexar.sampling.strategy import DecodingStrategy, check_decoding_hooks, generation_output
 
 
@@ -296,7 +296,7 @@ class SpeculativeDecoder(DecodingStrategy):
 
             def sample_draft(logits: Tensor, offset: int) -> tuple[Tensor, Tensor]:
                 q = sampler.probs(logits, SamplingState(step=position + offset, num_steps=count))
-                return torch.multinomial(q, 1, generator=generator).squeeze(1), q
+                return categorical(q, generator), q
 
             if num_drafts:
                 drafts, draft_probs = drafter.propose(ids[:, :committed], num_drafts, copies, sample_draft)
@@ -333,7 +333,7 @@ class SpeculativeDecoder(DecodingStrategy):
             accepted, next_probs = accept_drafts(
                 acceptance, draft_probs, drafts, uniforms, target_probs[:, num_drafts], residual_base
             )
-            next_token = torch.multinomial(next_probs, 1, generator=generator).squeeze(1)
+            next_token = categorical(next_probs, generator)
 
             keep = int(accepted.min())
             ids[:, committed : committed + keep] = drafts[:, :keep]
