@@ -93,18 +93,25 @@ def neighbour_sources(order: Tensor, height: int, width: int) -> tuple[Tensor, T
     return horizontal, vertical
 
 
-def combine_neighbour_logits(horizontal: Tensor, vertical: Tensor, horizontal_source: Tensor,
-                             vertical_source: Tensor) -> Tensor:
+def neighbour_logits(horizontal_features: Tensor, vertical_features: Tensor, horizontal_head: nn.Linear,
+                     vertical_head: nn.Linear, horizontal_source: Tensor, vertical_source: Tensor) -> Tensor:
     """Logits of n targets from the two heads: the mean of the available sources (index -1 = absent).
 
-    horizontal, vertical: (B, L, V) head logits; sources: (n,) long indices into L. Returns (B, n, V).
+    features: (B, L, dim), each head's normed input; heads: bias-free output layers; sources: (n,) long indices into
+    L. Returns (B, n, V). The source rows are gathered and scaled by 1 / (number of sources) before the output
+    layers, which equals averaging the heads' logits (the heads are linear and bias-free) while running each head once
+    per target instead of once per input, and never building (B, L, V) logits to gather from.
     """
-    has_horizontal = (horizontal_source >= 0)[:, None]
-    has_vertical = (vertical_source >= 0)[:, None]
-    total = torch.where(has_horizontal, horizontal[:, horizontal_source.clamp_min(0)], 0.0) + torch.where(
-        has_vertical, vertical[:, vertical_source.clamp_min(0)], 0.0
-    )
-    return total / (has_horizontal.to(total.dtype) + has_vertical.to(total.dtype))
+    has_horizontal = horizontal_source >= 0
+    has_vertical = vertical_source >= 0
+    count = (has_horizontal.to(horizontal_features.dtype) + has_vertical.to(horizontal_features.dtype))[:, None]
+
+    def rows(features: Tensor, source: Tensor, present: Tensor) -> Tensor:
+        # an absent source contributes nothing, even if its features are not finite
+        return torch.where(present[:, None], features[:, source.clamp_min(0)] / count, 0.0)
+
+    logits = horizontal_head(rows(horizontal_features, horizontal_source, has_horizontal))
+    return logits + vertical_head(rows(vertical_features, vertical_source, has_vertical))
 
 
 @register
@@ -228,6 +235,17 @@ class NAR(Generator):
         labels: (B,) long, needed when start == 0. Returns (horizontal, vertical), each (B, L_in, vocab_size) with
         L_in = n + 1 without a prefix and n with one.
         """
+        horizontal, vertical = self.head_features(ids, labels, kv_cache, order)
+        return self.head(horizontal), self.vertical_head(vertical)
+
+    def head_features(
+        self,
+        ids: Tensor,
+        labels: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        order: str = "raster",
+    ) -> tuple[Tensor, Tensor]:
+        """The inputs of the horizontal and vertical output layers, each (B, L_in, dim); arguments as in ``forward``."""
         if order not in ("raster", "decode"):
             raise ValueError(f"order must be 'raster' or 'decode', got {order!r}")
         if ids.dim() != 2:
@@ -249,12 +267,13 @@ class NAR(Generator):
         below = self.vertical_block(x, mask, rope, kv_cache=kv_cache, layer_index=self.depth)
         if kv_cache is not None:
             kv_cache.advance(length)
-        return self.head(self.transformer.final_norm(x)), self.vertical_head(self.vertical_norm(below))
+        return self.transformer.final_norm(x), self.vertical_norm(below)
 
     def grid_logits(self, ids: Tensor, labels: Tensor) -> Tensor:
         """Teacher-forced logits of every cell, (B, N, V) in raster order, from the rolled heads (see module doc)."""
-        horizontal, vertical = self.forward(ids, labels)
-        return combine_neighbour_logits(horizontal, vertical, self.horizontal_source, self.vertical_source)
+        horizontal, vertical = self.head_features(ids, labels)
+        return neighbour_logits(horizontal, vertical, self.head, self.vertical_head, self.horizontal_source,
+                                self.vertical_source)
 
     # -- decoding ------------------------------------------------------------------------------------------------------
     def new_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
@@ -284,14 +303,17 @@ class NAR(Generator):
         if kv_cache is not None:
             if kv_cache.length != first:
                 raise ValueError(f"pass {step} needs a KV cache holding {first} positions, it holds {kv_cache.length}")
-            horizontal, vertical = self.forward(decoded[:, max(first - 1, 0) : fed_end - 1], labels, kv_cache, "decode")
+            fed = decoded[:, max(first - 1, 0) : fed_end - 1]
+            horizontal, vertical = self.head_features(fed, labels, kv_cache, "decode")
             offset = first
         else:
-            horizontal, vertical = self.forward(decoded[:, : fed_end - 1], labels, None, "decode")
+            horizontal, vertical = self.head_features(decoded[:, : fed_end - 1], labels, None, "decode")
             offset = 0
-        return combine_neighbour_logits(
+        return neighbour_logits(
             horizontal,
             vertical,
+            self.head,
+            self.vertical_head,
             self.decode_horizontal_source[fed_end:end] - offset,
             self.decode_vertical_source[fed_end:end] - offset,
         )
