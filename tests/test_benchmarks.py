@@ -107,7 +107,20 @@ def test_nar_linear_split_counts_every_linear_call():
     assert sum(calls.values()) == 16 * (4 * 2 + 1)
     assert {rows for (_, rows) in calls} == {3}
     calls = linear_calls(nar, lambda: nar.generate(labels, Sampler(), torch.Generator().manual_seed(0)))
-    # every grid cell but the last diagonal is fed once, plus the condition in the first pass
-    fed_rows = sum(rows * count for (module, rows), count in calls.items() if module is nar.head)
-    assert fed_rows == 3 * (16 - 1 + 1)
+    # the output layers run on the gathered source rows of each target: every grid cell once
+    head_rows = sum(rows * count for (module, rows), count in calls.items() if module is nar.head)
+    assert head_rows == 3 * 16
     assert matmul_seconds(calls, "cpu") > 0
+
+
+def test_tokens_vs_quality_quick():
+    record = quick_record("tokens_vs_quality")
+    config, summary, rows = record["config"], record["summary"], record["rows"]
+    flexible = {"onedpiece", "flextok", "retok"}
+    for bar in ("", "_by_rfid", "_by_mean_decode_mse"):
+        assert set(summary[f"beats_truncated_titok_at_k_le_n_over_4{bar}"]) == flexible
+    tokenizer_rows = [row for row in rows if not row["tokenizer"].startswith("raster AR")]
+    assert {row["tokenizer"] for row in tokenizer_rows} == flexible | {"titok"}
+    assert all(positive(row["mse"]) and positive(row["mse_mean_decode"]) and positive(row["rfid"]) for row in tokenizer_rows)
+    assert {row["num_tokens"] for row in tokenizer_rows} == set(config["num_tokens_evaluated"])
+    assert set(summary["gfid_by_k"]) == {str(k) for k in config["num_tokens_evaluated"]}
