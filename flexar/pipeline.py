@@ -17,6 +17,9 @@ from tqdm.auto import tqdm
 
 from .hub import load_model
 
+# per-batch counts of decoding strategies that add up over the batches of one call
+SUMMED_STATS = ("draft_forward_passes", "rounds", "drafted", "accepted", "tokens_consumed")
+
 
 class Pipeline:
     def __init__(self, tokenizer, generator):
@@ -89,7 +92,9 @@ class Pipeline:
         """Sample images for `labels` (sequence of ints or a (B,) tensor).
 
         Returns uint8 images (B, 3, H, W) (grayscale tokenizers are repeated to 3 channels), and with
-        `return_stats=True` also a dict with forward passes, tokens and seconds summed over batches.
+        `return_stats=True` also a dict with forward passes, tokens and seconds summed over batches, and the
+        strategy's counts in ``SUMMED_STATS`` (draft passes, rounds, drafted and accepted tokens, tokens consumed)
+        where it reports them.
         The same seed gives the same images: one torch.Generator drives every draw, batch after batch.
         """
         from .sampling import Sampler
@@ -111,6 +116,9 @@ class Pipeline:
             out = self.generator.generate_with(chunk, sampler, generator=rng, num_tokens=num_tokens, use_cache=use_cache)
             for key in ("forward_passes", "tokens", "seconds"):
                 stats[key] += out.stats[key]
+            for key in SUMMED_STATS:  # counts a decoding strategy reports, where it reports them
+                if key in out.stats:
+                    stats[key] = stats.get(key, 0) + out.stats[key]
             start = time.perf_counter()
             decoded = self.tokenizer.decode(out.ids)
             stats["decode_seconds"] += time.perf_counter() - start

@@ -11,7 +11,7 @@ from flexar import Pipeline
 from flexar.data import TokenDataModule, TokenDataset, build_dataset, read_meta, write_token_cache
 from flexar.eval.classifier import DigitClassifier
 from flexar.generators import RasterAR
-from flexar.sampling import Sampler
+from flexar.sampling import BestOfN, Sampler
 from flexar.tokenizers import TiTok
 from flexar.train.cli import run
 
@@ -96,6 +96,9 @@ def test_pipeline_round_trip_and_determinism(pipeline_dir):
     assert not torch.equal(images, pipe.generate([0, 1, 2, 9], sampler=sampler, seed=4))
     shorter = pipe.generate([0, 1], num_tokens=2, seed=0, return_stats=True)[1]
     assert shorter["tokens"] == 4
+    # a strategy's own counts add up over batches too: best-of-3 consumes 3 trajectories of 6 tokens per label
+    best = pipe.generate([0, 1, 2], sampler=BestOfN(Sampler(), 3), seed=0, batch_size=2, return_stats=True)[1]
+    assert best["tokens_consumed"] == 3 * 3 * 6 and "rounds" not in best
 
 
 def test_pipeline_refusals(pipeline_dir, tmp_path):
