@@ -13,8 +13,11 @@ and the speed-up is the median over rounds of raster time / NAR time. Both run a
 boolean mask, the backend ``auto`` picks on CPU (eager FlexAttention is slower there, and compiled FlexAttention would
 recompile for every pass shape). On CUDA the paper's 24 x 24 grid is added.
 
-The headline network is 256 wide and 6 deep (flexar's ``raster-digits`` / ``nar-digits`` presets). A 64-wide, 2-deep
-pair (the ``-tiny`` presets) is also timed at the target grid. On a CPU, NAR's gain is bounded by the work it cannot
+The headline network is 256 wide and 6 deep (flexar's ``raster-digits`` / ``nar-digits`` presets), in float32. At the
+target grid two more pairs are timed: a 64-wide, 2-deep one (the ``-tiny`` presets), and the headline network with
+weights and activations in bfloat16 (both families; on a CPU with AVX512-BF16 the compute-bound NAR passes gain from
+it, while raster's many small steps pay for bfloat16 elementwise ops). The summary also gives the speed-up with each
+family at its own faster precision, the comparison a user choosing the dtype would see. On a CPU, NAR's gain is bounded by the work it cannot
 batch away: a NAR pass over up to B * n rows is close to compute-bound (the same multiply-adds per token as raster,
 plus the vertical block and second head), and the per-token costs (drawing from a softmax over the vocabulary, the
 second head) stay per token; the fewer passes only save raster's per-step overhead. The narrow pair shows the second
@@ -86,7 +89,7 @@ def matmul_seconds(calls: Counter, device: str) -> float:
     for (module, rows), count in calls.items():
         key = (tuple(module.weight.shape), module.bias is not None, rows)
         if key not in timed:
-            x = torch.randn(rows, module.in_features, device=device)
+            x = torch.randn(rows, module.in_features, device=device, dtype=module.weight.dtype)
             timed[key] = min(time_calls(lambda: F.linear(x, module.weight, module.bias), device, number=10) for _ in range(3))
         total += count * timed[key]
     return total
@@ -102,11 +105,14 @@ def run(quick: bool, device: str) -> dict:
     repeats = 3
     labels = (torch.arange(batch) % sizes["num_classes"]).to(device)
     sampler = Sampler()
-    rows, speedups, by_width = [], {}, {}
-    cases = [(sizes, side) for side in grids] + [(narrow, target_side)]
-    for model_sizes, side in cases:
+    rows, speedups, by_width, by_precision = [], {}, {}, {}
+    cases = [(sizes, side, torch.float32) for side in grids] + [(narrow, target_side, torch.float32),
+                                                                 (sizes, target_side, torch.bfloat16)]
+    for model_sizes, side, dtype in cases:
         width = f"dim{model_sizes['dim']}_depth{model_sizes['depth']}"
         raster, nar = build_pair(side, model_sizes, device)
+        raster, nar = raster.to(dtype), nar.to(dtype)
+        precision = str(dtype).removeprefix("torch.")
         stats = {}
 
         def timed(name, model):
@@ -120,14 +126,17 @@ def run(quick: bool, device: str) -> dict:
                              warmup=1, repeats=repeats)
         matmul = {name: matmul_seconds(linear_calls(model, timed(name, model)), device)
                   for name, model in (("nar", nar), ("raster", raster))}
-        if model_sizes is sizes:
+        if model_sizes is sizes and dtype == torch.float32:
             speedups[f"{side}x{side}"] = comparison.speedup("nar", "raster")
-        if side == target_side:
+        if side == target_side and dtype == torch.float32:
             by_width[width] = comparison.speedup("nar", "raster")
+        if side == target_side and model_sizes is sizes:
+            by_precision[precision] = {name: comparison.seconds(name) for name in ("nar", "raster")}
         for name, model in (("nar", nar), ("raster", raster)):
             seconds = comparison.seconds(name)
             rows.append({
                 "model": width,
+                "precision": precision,
                 "grid": f"{side}x{side}",
                 "family": name,
                 "forward_passes": stats[name]["forward_passes"],
@@ -149,6 +158,10 @@ def run(quick: bool, device: str) -> dict:
         "forward_passes": {row["grid"]: {r["family"]: r["forward_passes"] for r in rows if r["grid"] == row["grid"]}
                            for row in rows},
         f"speedup_by_width_at_{target_side}x{target_side}": by_width,
+        # the same network and grid with weights and activations in bfloat16, and each family at its faster precision
+        f"speedup_bfloat16_at_{target_side}x{target_side}": by_precision["bfloat16"]["raster"] / by_precision["bfloat16"]["nar"],
+        f"speedup_each_at_its_faster_precision_at_{target_side}x{target_side}":
+            min(t["raster"] for t in by_precision.values()) / min(t["nar"] for t in by_precision.values()),
         "target_grid": target,
         "target_speedup": TARGET_SPEEDUP,
     }
