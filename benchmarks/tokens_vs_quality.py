@@ -20,6 +20,9 @@ k tokens say about the image. The summary says, for each flexible tokenizer, whe
 k <= N/4 (the claim of One-D-Piece, FlexTok and ReTok) in MSE, in mean-decode MSE and in rFID, and the plot
 ``benchmarks/results/tokens_vs_quality.png`` draws the curves.
 
+The tokenizers train one after the other from the same global random stream, so a change to one tokenizer's recipe
+changes the batches and draws of the ones trained after it.
+
 Generation on flexible tokens: the flexible tokenizer with the lowest mean rFID over k encodes the training split at
 k = N, a class-conditional :class:`flexar.generators.RasterAR` trains on those tokens, and at every k it samples
 ``gfid_samples`` images by stopping after k tokens (coarse to fine), decoded from their k tokens and scored against
