@@ -33,8 +33,8 @@ each: sized for two CPU cores, far below the papers' budgets. FlexTok keeps the 
 own recipe: learning rate 3e-3 (1e-3 for the three others), no QK-norm and no null-register dropout (with the shared
 recipe its decoder ignored the registers within this budget: MSE flat at 0.33 for every k), and the noise level drawn
 logit-normal with mean 1.0 (the library default is 0.0), which puts more of this short budget on noisy inputs, where
-the decoder cannot rely on x_t alone and has to read the registers. Quick: embedded digits at 16x16, N = 8, a few steps (a smoke test of
-the pipeline; its numbers mean nothing); its plot goes to a temporary folder.
+the decoder cannot rely on x_t alone and has to read the registers. Quick: embedded digits at 16x16, N = 8, a few
+steps (a smoke test of the pipeline; its numbers mean nothing); its plot goes to a temporary folder.
 """
 from __future__ import annotations
 
@@ -143,7 +143,9 @@ def reconstruct(tokenizer, images: torch.Tensor, k: int, device: str, batch_size
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size].to(device)
         encoded = tokenizer.encode(batch, k)
-        extra = {"generator": torch.Generator(device=device).manual_seed(seed * 1_000_003 + start)} if decodes_by_sampling(tokenizer) else {}
+        extra = {}
+        if decodes_by_sampling(tokenizer):  # a different stream per (seed, batch)
+            extra["generator"] = torch.Generator(device=device).manual_seed(seed * 1_000_003 + start)
         outputs.append(tokenizer.decode(encoded.ids, encoded.lengths, **extra).clamp(-1, 1).float().cpu())
     return torch.cat(outputs)
 
