@@ -132,6 +132,27 @@ def read_config(folder: str | os.PathLike) -> dict:
     return config
 
 
+def fingerprint(folder: str | os.PathLike) -> str:
+    """sha256 over a saved folder's config.json and model.safetensors (hex): names exactly one saved model.
+
+    Token caches and generators record it, so a pipeline can tell the tokenizer that made a cache from another one
+    with the same vocabulary and length.
+    """
+    import hashlib
+
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"cannot fingerprint {folder}: no {name}")
+        digest.update(name.encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a safetensors file; anything else (a pickle, a truncated file) is refused without being executed."""
     from safetensors import SafetensorError
