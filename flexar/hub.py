@@ -94,18 +94,24 @@ def build_from_config(config: dict, kind: type | None = None) -> nn.Module:
     return cls(**kwargs)
 
 
-def save_model(model: nn.Module, folder: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Write `model` (a registered Configurable) to folder/config.json + folder/model.safetensors."""
-    from safetensors.torch import save_file
+def _serialized(model: nn.Module, extra: dict | None = None) -> tuple[bytes, bytes]:
+    """The exact bytes :func:`save_model` writes: (config.json, model.safetensors)."""
+    from safetensors.torch import save
 
     if type(model).__name__ not in _REGISTRY:
         raise ValueError(f"{type(model).__name__} is not registered with flexar.hub.register")
+    config = {"class": type(model).__name__, "kwargs": model.config, **(extra or {})}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    return json.dumps(config, indent=2).encode(), save(_untie(state))
+
+
+def save_model(model: nn.Module, folder: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write `model` (a registered Configurable) to folder/config.json + folder/model.safetensors."""
+    config, weights = _serialized(model, extra)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"class": type(model).__name__, "kwargs": model.config, **(extra or {})}
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(_untie(state), str(folder / WEIGHTS_NAME))
+    (folder / CONFIG_NAME).write_bytes(config)
+    (folder / WEIGHTS_NAME).write_bytes(weights)
     return folder
 
 
@@ -132,25 +138,39 @@ def read_config(folder: str | os.PathLike) -> dict:
     return config
 
 
+def _digest(parts) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, chunks in parts:
+        digest.update(name.encode())
+        for chunk in chunks:
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_chunks(path: Path):
+    with open(path, "rb") as handle:
+        yield from iter(lambda: handle.read(1 << 20), b"")
+
+
 def fingerprint(folder: str | os.PathLike) -> str:
     """sha256 over a saved folder's config.json and model.safetensors (hex): names exactly one saved model.
 
     Token caches and generators record it, so a pipeline can tell the tokenizer that made a cache from another one
-    with the same vocabulary and length.
+    with the same vocabulary and length. Equals :func:`model_fingerprint` of the model that was saved there.
     """
-    import hashlib
-
     folder = Path(folder)
-    digest = hashlib.sha256()
     for name in (CONFIG_NAME, WEIGHTS_NAME):
-        path = folder / name
-        if not path.is_file():
+        if not (folder / name).is_file():
             raise FileNotFoundError(f"cannot fingerprint {folder}: no {name}")
-        digest.update(name.encode())
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    return _digest((name, _file_chunks(folder / name)) for name in (CONFIG_NAME, WEIGHTS_NAME))
+
+
+def model_fingerprint(model: nn.Module, extra: dict | None = None) -> str:
+    """:func:`fingerprint` of the folder that ``save_model(model, folder, extra)`` would write, without writing it."""
+    config, weights = _serialized(model, extra)
+    return _digest([(CONFIG_NAME, [config]), (WEIGHTS_NAME, [weights])])
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
