@@ -2,6 +2,7 @@
 GeneratorContract, each with a tiny instance."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,16 +58,70 @@ class TokenizerContract:
         with pytest.raises(ValueError, match="expects images of shape"):
             tokenizer.encode(images[..., :-2, :-2])
 
+    def test_bad_image_values_are_refused(self, tokenizer, images):
+        for value in (float("nan"), float("inf"), -float("inf")):
+            bad = images.clone()
+            bad[0, 0, 0, 0] = value
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                tokenizer.encode(bad)
+        with pytest.raises(ValueError, match=r"float64.*images\.to\(torch\.float32\)"):
+            tokenizer.encode(images.double())
+        # floats in [0, 255] or [0, 1] are not silently encoded (they used to give all-zero ids)
+        for scaled in ((images + 1) * 127.5, images * 3):
+            with pytest.raises(ValueError, match=r"must lie in \[-1, 1\].*\[0, 1\].*\[0, 255\]"):
+                tokenizer.encode(scaled)
+        # a resize's small overshoot is tolerated
+        edge = images.clone()
+        edge[0, 0, 0, 0], edge[0, 0, 0, 1] = 1 + 5e-4, -1 - 5e-4
+        assert tokenizer.encode(edge).ids.shape[0] == images.shape[0]
+
     def test_num_tokens_out_of_range(self, tokenizer, images):
-        for bad in (0, tokenizer.max_tokens + 1, -3):
+        for bad in (0, tokenizer.max_tokens + 1, -3, True, 1.0, "2", torch.tensor([1])):
             with pytest.raises(ValueError, match="num_tokens must be an int in"):
                 tokenizer.encode(images, num_tokens=bad)
+
+    def test_numpy_integers_are_ints(self, tokenizer, images):
+        reference = tokenizer.encode(images, num_tokens=tokenizer.max_tokens).ids
+        for count in (np.int64(tokenizer.max_tokens), np.int32(tokenizer.max_tokens), torch.tensor(tokenizer.max_tokens)):
+            encoded = tokenizer.encode(images, num_tokens=count)
+            assert torch.equal(encoded.ids, reference) and encoded.lengths.dtype == torch.long
 
     def test_bad_ids_are_refused(self, tokenizer):
         with pytest.raises(ValueError, match="token ids must lie in"):
             tokenizer.decode(torch.full((1, 2), tokenizer.codebook_size, dtype=torch.long))
         with pytest.raises(ValueError, match="long tensor"):
             tokenizer.decode(torch.zeros(1, 2))
+        with pytest.raises(ValueError, match="ids hold no tokens"):
+            tokenizer.decode(torch.zeros(2, 0, dtype=torch.long))
+
+    def test_bad_lengths_are_refused(self, tokenizer, images):
+        encoded = tokenizer.encode(images[:3])
+        length = encoded.ids.shape[1]
+        expected = rf"lengths must be a \(3,\) integer tensor with 1 <= lengths <= {length}"
+        for bad in (
+            torch.full((1,), length),  # used to broadcast over the batch
+            torch.full((3, 1), length),
+            torch.zeros(3, dtype=torch.long),  # used to decode an all-padding image
+            torch.full((3,), length + 1),
+            torch.full((3,), length - 0.1),  # used to truncate to length - 1
+            torch.ones(3, dtype=torch.bool),
+        ):
+            with pytest.raises(ValueError, match=expected):
+                tokenizer.decode(encoded.ids, bad)
+        reference = tokenizer.decode(encoded.ids, encoded.lengths)
+        assert torch.equal(tokenizer.decode(encoded.ids, encoded.lengths.int()), reference)
+        assert torch.equal(tokenizer.decode(encoded.ids, encoded.lengths.numpy()), reference)
+
+    def test_decode_stays_in_the_image_range(self, tokenizer):
+        # larger weights make the raw decoder output overshoot [-1, 1]; decode must still return the image range
+        with torch.no_grad():
+            for parameter in tokenizer.parameters():
+                parameter.mul_(3.0)
+        ids = torch.randint(0, tokenizer.codebook_size, (4, tokenizer.max_tokens), generator=seeded(2))
+        decoded = tokenizer.decode(ids)
+        assert torch.isfinite(decoded).all()
+        assert decoded.min() >= -1.0 and decoded.max() <= 1.0, (decoded.min(), decoded.max())
+        assert (decoded.abs() == 1.0).any()  # the overshoot happened: the range is held by decode, not by chance
 
     def test_save_load_round_trip(self, tokenizer, images, tmp_path):
         tokenizer.save_pretrained(tmp_path / "tok")

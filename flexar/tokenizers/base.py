@@ -1,19 +1,38 @@
 """The interface every tokenizer keeps (see DESIGN.md).
 
 - ``encode(images (B, C, H, W) in [-1, 1], num_tokens=None) -> Encoded(ids (B, L) long, lengths (B,) long)``
-- ``decode(ids (B, L), lengths=None) -> images (B, C, H, W)``
+- ``decode(ids (B, L), lengths=None) -> images (B, C, H, W) in [-1, 1]``
 - ``training_loss(images) -> (loss, logs)``: the family's objective (the LightningModule only optimises it)
 - attributes ``codebook_size``, ``max_tokens``, ``grid`` (None for 1D), ``image_size``, ``channels``
 - ``code_vectors() -> (V, D)``: the embedding of every id, for samplers that need token geometry (LANTERN)
+
+Inputs are checked here once for every family (``check_images``, ``check_num_tokens``, ``check_ids``) and refused
+with a message, never reinterpreted:
+
+- images must be finite, in [-1, 1] (up to ``RANGE_TOLERANCE``, the overshoot of a bicubic or antialiased resize),
+  and float32 / float16 / bfloat16. float64 is refused rather than cast, unless the tokenizer itself is float64: a
+  silent cast would hide that the caller's pipeline runs at another precision than the tokenizer's weights.
+- ``num_tokens`` is None or an integer (Python or numpy, not bool) in [1, ``max_tokens``].
+- ``lengths`` is None or an integer tensor of shape (B,) with 1 <= lengths <= L, the number of ids given.
+
+Every family's ``decode`` returns images clamped to [-1, 1]: the decoders end in unconstrained linear layers (or an
+ODE integration), so a few pixels overshoot the documented range. The clamp is applied once, here: the ``decode``
+that a subclass defines is wrapped when the class is created (:meth:`Tokenizer.__init_subclass__`). Training
+objectives use the families' unclamped ``decode_codes``, so the clamp never cuts a gradient.
 """
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ..hub import Configurable, PretrainedMixin
+
+RANGE_TOLERANCE = 1e-3
+IMAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -24,6 +43,29 @@ class Encoded:
     lengths: Tensor
 
 
+def _clamped_decode(decode):
+    """Wrap a family's ``decode`` so that its images are clamped to [-1, 1] (see the module docstring)."""
+    if getattr(decode, "clamps_to_image_range", False):
+        return decode
+
+    @functools.wraps(decode)
+    def decode_in_range(self, *args, **kwargs):
+        return decode(self, *args, **kwargs).clamp(-1.0, 1.0)
+
+    decode_in_range.clamps_to_image_range = True
+    return decode_in_range
+
+
+def as_count(value) -> int | None:
+    """``value`` as a Python int if it is an integer (int, numpy integer, integer 0-d tensor; not bool), else None."""
+    if isinstance(value, bool) or (isinstance(value, Tensor) and (value.dim() or value.is_floating_point())):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 class Tokenizer(Configurable, PretrainedMixin, nn.Module):
     codebook_size: int
     max_tokens: int
@@ -31,33 +73,81 @@ class Tokenizer(Configurable, PretrainedMixin, nn.Module):
     image_size: int
     channels: int
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "decode" in cls.__dict__:
+            cls.decode = _clamped_decode(cls.__dict__["decode"])
+
     def check_images(self, images: Tensor) -> None:
+        """Refuse images that are not (B, C, H, W) float in [-1, 1]; see the module docstring."""
+        name = type(self).__name__
         expected = (self.channels, self.image_size, self.image_size)
+        if not isinstance(images, Tensor):
+            raise ValueError(f"{name} expects images as a torch.Tensor, got {type(images).__name__}")
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(
-                f"{type(self).__name__} expects images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}), "
+                f"{name} expects images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}), "
                 f"got {tuple(images.shape)}"
             )
         if not images.is_floating_point():
-            raise ValueError(f"images must be float in [-1, 1], got dtype {images.dtype}")
+            raise ValueError(
+                f"images must be float in [-1, 1], got dtype {images.dtype}; uint8 images in [0, 255] map with "
+                f"images.float() / 127.5 - 1"
+            )
+        weights = next(self.parameters(), None)
+        own_dtype = weights.dtype if weights is not None else torch.float32
+        if images.dtype not in IMAGE_DTYPES and images.dtype != own_dtype:
+            raise ValueError(
+                f"images are {images.dtype} but {name}'s weights are {own_dtype}: pass images.to({own_dtype}) "
+                f"(images are never cast silently)"
+            )
+        # one reduction (one device sync): NaN fails `<=` as well, so this also catches every non-finite value
+        if images.numel() and not bool((images.abs() <= 1.0 + RANGE_TOLERANCE).all()):
+            finite = torch.isfinite(images)
+            if not bool(finite.all()):
+                raise ValueError(f"images contain {int((~finite).sum())} NaN or Inf value(s); {name} encodes finite "
+                                 f"images in [-1, 1]")
+            low, high = float(images.min()), float(images.max())
+            raise ValueError(
+                f"images must lie in [-1, 1], got values in [{low:.4g}, {high:.4g}]: images in [0, 1] map with "
+                f"images * 2 - 1, images in [0, 255] with images / 127.5 - 1"
+            )
 
-    def check_num_tokens(self, num_tokens: int | None) -> int:
+    def check_num_tokens(self, num_tokens) -> int:
+        """None -> ``max_tokens``; an integer in [1, ``max_tokens``] -> that int; anything else is refused."""
         if num_tokens is None:
             return self.max_tokens
-        if not isinstance(num_tokens, int) or not 1 <= num_tokens <= self.max_tokens:
+        count = as_count(num_tokens)
+        if count is None or not 1 <= count <= self.max_tokens:
             raise ValueError(f"num_tokens must be an int in [1, {self.max_tokens}], got {num_tokens!r}")
-        return num_tokens
+        return count
 
     def check_ids(self, ids: Tensor, lengths: Tensor | None) -> Tensor:
-        """Validate ids and return per-row lengths (B,)."""
-        if ids.dim() != 2 or ids.dtype != torch.long:
-            raise ValueError(f"ids must be a (B, L) long tensor, got {tuple(ids.shape)} {ids.dtype}")
-        if ids.shape[1] > self.max_tokens:
-            raise ValueError(f"got {ids.shape[1]} tokens per image; {type(self).__name__} holds at most {self.max_tokens}")
+        """Validate ids (B, L) and lengths (None or (B,) integers in [1, L]); return per-row lengths (B,) long."""
+        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
+            shape = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
+            raise ValueError(f"ids must be a (B, L) long tensor, got {shape} {getattr(ids, 'dtype', '')}".rstrip())
+        batch, length = ids.shape
+        if length == 0:
+            raise ValueError(f"ids hold no tokens (shape {tuple(ids.shape)}); decode needs 1 <= L <= {self.max_tokens}")
+        if length > self.max_tokens:
+            raise ValueError(f"got {length} tokens per image; {type(self).__name__} holds at most {self.max_tokens}")
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.codebook_size):
             raise ValueError(f"token ids must lie in [0, {self.codebook_size}), got [{ids.min()}, {ids.max()}]")
         if lengths is None:
-            return torch.full((ids.shape[0],), ids.shape[1], dtype=torch.long, device=ids.device)
+            return torch.full((batch,), length, dtype=torch.long, device=ids.device)
+        expected = f"lengths must be a ({batch},) integer tensor with 1 <= lengths <= {length} (the ids' L)"
+        if not isinstance(lengths, Tensor):
+            try:
+                lengths = torch.as_tensor(lengths)
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"{expected}, got {type(lengths).__name__}") from None
+        if lengths.dtype == torch.bool or lengths.is_floating_point() or lengths.is_complex():
+            raise ValueError(f"{expected}, got dtype {lengths.dtype}")
+        if tuple(lengths.shape) != (batch,):
+            raise ValueError(f"{expected}, got shape {tuple(lengths.shape)}")
+        if batch and (lengths.min() < 1 or lengths.max() > length):
+            raise ValueError(f"{expected}, got values in [{int(lengths.min())}, {int(lengths.max())}]")
         return lengths.to(ids.device).long()
 
     @torch.no_grad()
