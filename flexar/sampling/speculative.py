@@ -8,7 +8,7 @@ One round, with ``n`` tokens committed and ``g = draft_length`` drafts:
    to the draft logits, so CFG, temperature and filters act on the draft exactly as on the target);
 2. one target forward pass over [last committed token, drafts] gives the target distributions ``p`` at the g draft
    positions and one more (again through the same sampler: ``p`` is the law plain decoding draws from);
-3. draft ``i`` is accepted with probability ``min(1, p(d_i) / q(d_i))`` (a uniform ``u`` with ``u q <= p``), in order,
+3. draft ``i`` is accepted with probability ``min(1, p(d_i) / q(d_i))`` (a uniform ``u`` with ``u q < p``), in order,
    until the first rejection; at the first rejected position the token is drawn from ``norm(max(0, p - q))``; when all
    ``g`` drafts pass, a bonus token is drawn from the target's next distribution. Each round commits accepted + 1
    tokens and the output keeps the target's joint law exactly.
@@ -59,6 +59,7 @@ def accept_drafts(
     uniforms: Tensor,
     bonus_probs: Tensor,
     residual_base: Tensor | None = None,
+    uniform_fallback: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """The accept / reject rule of speculative sampling for one round.
 
@@ -67,20 +68,25 @@ def accept_drafts(
             ``p~`` for LANTERN).
         draft_probs: ``(B, g, V)`` draft distributions ``q`` the drafts were drawn from.
         drafts: ``(B, g)`` long draft tokens.
-        uniforms: ``(B, g)`` uniforms in ``[0, 1)``; draft i passes when ``u_i q(d_i) <= p(d_i)``.
+        uniforms: ``(B, g)`` uniforms in ``[0, 1)``; draft i passes when ``u_i q(d_i) < p(d_i)``. The comparison is
+            strict so that a draft with ``p(d_i) = 0`` is never accepted, even for ``u_i = 0``; for ``p >= q`` every
+            ``u < 1`` passes, so the acceptance probability stays ``min(1, p / q)``.
         bonus_probs: ``(B, V)`` target distribution after the last draft (used when every draft passes).
         residual_base: ``(B, g, V)`` distribution whose excess over ``q`` is resampled on rejection; defaults to
             ``target_probs``.
+        uniform_fallback: when the residual has no positive part, draw uniformly over the vocabulary (LANTERN's
+            official code) instead of from ``target_probs`` at that position.
 
     Returns:
         ``accepted (B,)`` long, drafts accepted before the first rejection, and ``next_probs (B, V)``, the
         distribution of the token that follows them: ``norm(max(0, base - q))`` at the first rejected position, the
-        bonus distribution when all passed (``target_probs`` at that position if ``base - q`` has no positive part).
+        bonus distribution when all passed (``target_probs`` at that position, or the uniform distribution with
+        ``uniform_fallback``, if ``base - q`` has no positive part).
     """
     batch, length = drafts.shape
     residual_base = target_probs if residual_base is None else residual_base
     index = drafts.unsqueeze(-1)
-    passed = uniforms * draft_probs.gather(-1, index).squeeze(-1) <= target_probs.gather(-1, index).squeeze(-1)
+    passed = uniforms * draft_probs.gather(-1, index).squeeze(-1) < target_probs.gather(-1, index).squeeze(-1)
     accepted = passed.long().cumprod(dim=1).sum(dim=1)
     if length == 0:
         return accepted, bonus_probs
@@ -89,8 +95,8 @@ def accept_drafts(
     base = residual_base[rows, position]
     residual = (base - draft_probs[rows, position]).clamp_min(0.0)
     mass = residual.sum(dim=-1, keepdim=True)
-    # no positive excess means the position could not reject; fall back to the acceptance distribution
-    fallback = target_probs[rows, position]
+    # no positive excess: for base = p the position could not reject; otherwise fall back as the caller chose
+    fallback = torch.ones_like(residual) / residual.shape[-1] if uniform_fallback else target_probs[rows, position]
     residual = torch.where(mass > 0, residual / mass.clamp_min(torch.finfo(mass.dtype).tiny), fallback)
     next_probs = torch.where((accepted == length).unsqueeze(-1), bonus_probs, residual)
     return accepted, next_probs
@@ -232,11 +238,15 @@ class SpeculativeDecoder(DecodingStrategy):
         self.draft_length = draft_length
 
     # -- hooks for subclasses (LANTERN) --------------------------------------------------------------------------------
+    # draw uniformly when the residual of a rejected position has no mass (see accept_drafts)
+    uniform_fallback = False
+
     def relax(self, target_probs: Tensor, drafts: Tensor) -> tuple[Tensor, Tensor | None]:
         """(acceptance distribution, residual base) for (B, g, V) target probs and (B, g) drafts: exact SD uses p."""
         return target_probs, None
 
     def prepare(self, pipeline) -> None:
+        super().prepare(pipeline)
         self.load_draft(pipeline.device)
 
     def load_draft(self, device) -> nn.Module:
@@ -331,7 +341,8 @@ class SpeculativeDecoder(DecodingStrategy):
             uniforms = torch.rand(batch, num_drafts, generator=generator, device=ids.device, dtype=target_probs.dtype)
             acceptance, residual_base = self.relax(target_probs[:, :num_drafts], drafts)
             accepted, next_probs = accept_drafts(
-                acceptance, draft_probs, drafts, uniforms, target_probs[:, num_drafts], residual_base
+                acceptance, draft_probs, drafts, uniforms, target_probs[:, num_drafts], residual_base,
+                self.uniform_fallback,
             )
             next_token = categorical(next_probs, generator)
 
