@@ -259,3 +259,10 @@ class GeneratorModule(_ModelModule):
             problems.append(f"num_classes: generator {self.generator.num_classes} vs token cache {meta['num_classes']}")
         if problems:
             raise ValueError("generator does not match its token cache: " + "; ".join(problems))
+        # the export names the tokenizer whose ids the generator learns, so that flexar.Pipeline can refuse another
+        # one; the EMA copy (the one exported when EMA is on) records it too
+        tokenizer = meta.get("tokenizer")
+        if isinstance(tokenizer, dict) and tokenizer.get("fingerprint"):
+            for model in (self.generator, self.ema.module if self.ema is not None else None):
+                if model is not None:
+                    model.provenance = {"tokenizer_fingerprint": tokenizer["fingerprint"]}
