@@ -263,3 +263,36 @@ def test_presets_config_and_progress_bar(capsys):
         RasterAR.from_preset("raster-huge", vocab_size=16, max_tokens=4)
     out = model.generate(torch.tensor([1]), Sampler(temperature=0.0), progress=True)
     assert out.ids.shape == (1, 4)
+
+
+def test_llamagen_switches_class_token_rotary_norm_eps_and_mlp_rounding():
+    torch.manual_seed(0)
+    kwargs = dict(vocab_size=32, max_tokens=16, num_classes=3, grid=[4, 4], dim=32, depth=2, num_heads=2)
+    identity = RasterAR(**kwargs).eval()
+    llamagen = RasterAR(**kwargs, class_token_rotary="zero", norm_eps=1e-5, mlp_multiple_of=256).eval()
+    cos, sin = llamagen.rotary(0, 3)
+    assert torch.equal(cos[0], torch.zeros_like(cos[0])) and torch.equal(sin[0], torch.zeros_like(sin[0]))
+    assert torch.equal(identity.rotary(0, 3)[0][0], torch.ones_like(cos[0]))
+    assert torch.equal(llamagen.rotary(1, 2)[0], identity.rotary(1, 2)[0])  # only the class token differs
+    assert llamagen.transformer.final_norm.eps == 1e-5
+    assert llamagen.transformer.blocks[0].mlp.down.in_features == 256  # 2/3 * 128 rounded up to 256
+    # with the same weights the class token's zero query/key change the outputs, and the KV cache stays exact
+    switched = RasterAR(**kwargs, class_token_rotary="zero").eval()
+    switched.load_state_dict(identity.state_dict())
+    ids, labels = torch.randint(0, 32, (2, 16)), torch.tensor([0, 2])
+    assert not torch.allclose(switched(ids[:, :-1], labels), identity(ids[:, :-1], labels))
+    cache = switched.new_cache(2)
+    incremental = [switched.prefill(labels, cache)] + [switched.step(ids[:, i : i + 1], cache)[:, 0] for i in range(15)]
+    torch.testing.assert_close(torch.stack(incremental, 1), switched(ids[:, :-1], labels), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="class_token_rotary"):
+        RasterAR(**kwargs, class_token_rotary="none")
+
+
+def test_paper_preset_parameter_counts_with_llamagen_rounding():
+    # LlamaGen's GPT-B / L / XL / XXL: 111M, 343M, 775M, 1.4B (c2i, 16384 codes, 1000 classes)
+    expected = {"raster-b": 111e6, "raster-l": 343e6, "raster-xl": 775e6, "raster-xxl": 1.4e9}
+    for name, count in expected.items():
+        with torch.device("meta"):
+            model = RasterAR.from_preset(name, vocab_size=16384, max_tokens=256, num_classes=1000, grid=[16, 16],
+                                         mlp_multiple_of=256)
+        assert abs(sum(p.numel() for p in model.parameters()) - count) / count < 0.01, name

@@ -25,7 +25,14 @@ Decoding hooks for loop-changing decoders (speculative decoding, LANTERN, Scalin
 
 Differences from LlamaGen's official code:
 - no token, residual or FFN dropout (LlamaGen trains with 0.1 each); the shared transformer blocks have none.
-- the SwiGLU hidden width is 2/3 of ``mlp_ratio * dim`` rounded to a multiple of 8, not of 256.
+- the SwiGLU hidden width is 2/3 of ``mlp_ratio * dim`` rounded to a multiple of 8, not of 256, so the L and XL
+  presets are 1.7 % and 3.0 % smaller than LlamaGen's GPT-L and GPT-XL (B and XXL are unchanged: their widths are
+  already multiples of 256). ``mlp_multiple_of=256`` restores LlamaGen's widths.
+- norms use eps 1e-6 (LlamaGen: 1e-5); ``norm_eps=1e-5`` restores it.
+- the class token's rotary tables are the identity (cos 1, sin 0: its query and key pass unrotated). LlamaGen
+  prepends zero tables (cos 0, sin 0) for the class token, which zeroes its query and key in every layer, so no
+  position attends to it through a non-zero logit and its own query sees uniform weights; its value still reaches
+  every later token. ``class_token_rotary="zero"`` restores LlamaGen's tables.
 - the output head is initialised like the other linear layers (normal, std 0.02) by default; LlamaGen zero-initialises
   it, which makes a fresh model emit constant logits. ``zero_init_head=True`` restores LlamaGen's choice.
 - loss and accuracy are averaged over valid targets only when ``lengths`` is given (flexible-length tokenizers);
@@ -54,6 +61,7 @@ RASTER_PRESETS = {
 }
 
 IGNORE_INDEX = -100
+CLASS_TOKEN_ROTARY = ("identity", "zero")
 
 
 @register
@@ -82,15 +90,22 @@ class RasterAR(Generator):
         init_std: float = 0.02,
         zero_init_head: bool = False,
         attention_backend: str = "auto",
+        class_token_rotary: str = "identity",
+        norm_eps: float = 1e-6,
+        mlp_multiple_of: int = 8,
     ):
         super().__init__()
         self.set_sizes(vocab_size, max_tokens, num_classes, class_dropout, grid)
+        if class_token_rotary not in CLASS_TOKEN_ROTARY:
+            raise ValueError(f"class_token_rotary must be one of {CLASS_TOKEN_ROTARY}, got {class_token_rotary!r}")
         self.dim = dim
+        self.class_token_rotary = class_token_rotary
 
         self.class_embed = nn.Embedding(num_classes + 1, dim)
         self.token_embed = nn.Embedding(vocab_size, dim)
         self.transformer = Transformer(
-            dim, depth, num_heads, mlp_ratio, mlp="swiglu", norm="rms", qk_norm=qk_norm, backend=attention_backend
+            dim, depth, num_heads, mlp_ratio, mlp="swiglu", norm="rms", qk_norm=qk_norm, backend=attention_backend,
+            norm_eps=norm_eps, mlp_multiple_of=mlp_multiple_of,
         )
         self.head = nn.Linear(dim, vocab_size, bias=False)
         self.rope = RotaryEmbedding(dim // num_heads, axes=1 if grid is None else 2, base=rope_base)
@@ -129,7 +144,11 @@ class RasterAR(Generator):
 
     def rotary(self, start: int, length: int) -> tuple[Tensor, Tensor]:
         """(cos, sin), each (length, head_dim / 2), for input indices [start, start + length)."""
-        return self.rope(self.positions[start : start + length])
+        cos, sin = self.rope(self.positions[start : start + length])
+        if start == 0 and self.class_token_rotary == "zero":  # LlamaGen: zero tables for the class token
+            cos, sin = cos.clone(), sin.clone()
+            cos[0], sin[0] = 0.0, 0.0
+        return cos, sin
 
     def forward(
         self,

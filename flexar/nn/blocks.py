@@ -18,19 +18,25 @@ from .kv_cache import KVCache
 from .rope import apply_rotary
 
 
-def make_norm(kind: str, dim: int, affine: bool = True) -> nn.Module:
+def make_norm(kind: str, dim: int, affine: bool = True, eps: float = 1e-6) -> nn.Module:
+    """RMSNorm or LayerNorm; eps 1e-6 by default (DiT, TiTok), 1e-5 in LlamaGen's GPT."""
     if kind == "rms":
-        return nn.RMSNorm(dim, eps=1e-6, elementwise_affine=affine)
+        return nn.RMSNorm(dim, eps=eps, elementwise_affine=affine)
     if kind == "layer":
-        return nn.LayerNorm(dim, eps=1e-6, elementwise_affine=affine)
+        return nn.LayerNorm(dim, eps=eps, elementwise_affine=affine)
     raise ValueError(f"unknown norm {kind!r}; expected 'rms' or 'layer'")
 
 
+def swiglu_width(hidden_dim: int, multiple_of: int = 8) -> int:
+    """2/3 of `hidden_dim` (LLaMA: the parameter count of a GELU MLP of that width) rounded up to `multiple_of`
+    (8 here by default; LlamaGen and LLaMA round to 256)."""
+    return max(multiple_of, -(-int(2 * hidden_dim / 3) // multiple_of) * multiple_of)
+
+
 class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, multiple_of: int = 8):
         super().__init__()
-        # 2/3 keeps the parameter count of a GELU MLP with the same hidden_dim (LLaMA), rounded to a multiple of 8
-        hidden = max(8, (int(2 * hidden_dim / 3) + 7) // 8 * 8)
+        hidden = swiglu_width(hidden_dim, multiple_of)
         self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
         self.down = nn.Linear(hidden, dim, bias=False)
 
@@ -101,15 +107,17 @@ class Block(nn.Module):
         cond_dim: int | None = None,
         qk_norm: bool = False,
         backend: str = "auto",
+        norm_eps: float = 1e-6,
+        mlp_multiple_of: int = 8,
     ):
         super().__init__()
         self.conditioned = cond_dim is not None
-        self.norm1 = make_norm(norm, dim, affine=not self.conditioned)
-        self.norm2 = make_norm(norm, dim, affine=not self.conditioned)
+        self.norm1 = make_norm(norm, dim, affine=not self.conditioned, eps=norm_eps)
+        self.norm2 = make_norm(norm, dim, affine=not self.conditioned, eps=norm_eps)
         self.attn = SelfAttention(dim, num_heads, qk_norm=qk_norm, backend=backend)
         hidden = int(dim * mlp_ratio)
         if mlp == "swiglu":
-            self.mlp = SwiGLU(dim, hidden)
+            self.mlp = SwiGLU(dim, hidden, mlp_multiple_of)
         elif mlp == "gelu":
             self.mlp = GeluMLP(dim, hidden)
         else:
@@ -159,13 +167,16 @@ class Transformer(nn.Module):
         cond_dim: int | None = None,
         qk_norm: bool = False,
         backend: str = "auto",
+        norm_eps: float = 1e-6,
+        mlp_multiple_of: int = 8,
     ):
         super().__init__()
         self.dim, self.depth, self.num_heads = dim, depth, num_heads
         self.blocks = nn.ModuleList(
-            Block(dim, num_heads, mlp_ratio, mlp, norm, cond_dim, qk_norm, backend) for _ in range(depth)
+            Block(dim, num_heads, mlp_ratio, mlp, norm, cond_dim, qk_norm, backend, norm_eps, mlp_multiple_of)
+            for _ in range(depth)
         )
-        self.final_norm = make_norm(norm, dim, affine=cond_dim is None)
+        self.final_norm = make_norm(norm, dim, affine=cond_dim is None, eps=norm_eps)
         if cond_dim is not None:
             self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim))
             nn.init.zeros_(self.final_modulation[1].weight)
