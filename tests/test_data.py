@@ -169,27 +169,47 @@ def make_image_folder(root):
     (root / "dog" / "truncated.jpg").write_bytes(full[: len(full) // 2])
 
 
-def test_image_folder_skips_broken_files_with_one_warning(tmp_path):
+def test_image_folder_skips_broken_files_lazily_with_one_warning_each(tmp_path, monkeypatch):
+    import PIL.Image
+
     make_image_folder(tmp_path)
+    opened = []
+    real_open = PIL.Image.open
+    monkeypatch.setattr(PIL.Image, "open", lambda *args, **kwargs: opened.append(args[0]) or real_open(*args, **kwargs))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         dataset = build_dataset(f"imagefolder:{tmp_path}", "train", image_size=16)
-    assert len(caught) == 1
-    message = str(caught[0].message)
-    assert "corrupt.png" in message and "truncated.jpg" in message
-    assert len(dataset) == 5 and dataset.classes == ["cat", "dog"]
+    # building lists the files and decodes none of them (on ImageNet: 1.28M decodes per rank saved)
+    assert opened == [] and caught == []
+    assert len(dataset) == 7 and dataset.classes == ["cat", "dog"]
     assert dataset_info(f"imagefolder:{tmp_path}") == {"num_classes": 2, "channels": 3}
-    for index in range(len(dataset)):
-        check_item(dataset[index], 3, 16, 2)
-    batches = list(DataLoader(dataset, batch_size=2, shuffle=True))
-    assert sum(images.shape[0] for images, _ in batches) == 5
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):  # a second epoch warns no more
+            items = [dataset[index] for index in range(len(dataset))]
+    messages = sorted(str(warning.message) for warning in caught)
+    assert len(messages) == 2, messages
+    assert "corrupt.png" in messages[0] and "truncated.jpg" in messages[1]
+    for item in items:
+        check_item(item, 3, 16, 2)
+    paths = [path for path, _ in dataset.samples]
+    corrupt, truncated = paths.index(str(tmp_path / "cat" / "corrupt.png")), paths.index(str(tmp_path / "dog" / "truncated.jpg"))
+    # an unreadable item reads the next readable file, label included (the last one wraps around)
+    assert torch.equal(items[corrupt][0], items[corrupt + 1][0]) and items[corrupt][1] == items[corrupt + 1][1] == 1
+    assert torch.equal(items[truncated][0], items[0][0]) and items[truncated][1] == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batches = list(DataLoader(dataset, batch_size=2, shuffle=True))
+    assert sum(images.shape[0] for images, _ in batches) == 7
 
 
 def test_image_folder_falls_back_when_a_file_breaks_later(tmp_path):
     make_image_folder(tmp_path)
+    dataset = build_dataset(f"imagefolder:{tmp_path}", "test", image_size=16, channels=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dataset = build_dataset(f"imagefolder:{tmp_path}", "test", image_size=16, channels=1)
+        for index in range(len(dataset)):  # meets the two files broken from the start
+            dataset[index]
     broken_path, _ = dataset.samples[1]
     with open(broken_path, "wb") as file:
         file.write(b"not an image")
@@ -211,6 +231,49 @@ def test_image_folder_split_subfolders(tmp_path):
     test = build_dataset(f"imagefolder:{tmp_path}", "test", image_size=8)
     assert all("train" in path for path, _ in train.samples) and all("val" in path for path, _ in test.samples)
     assert dataset_info(f"imagefolder:{tmp_path}")["num_classes"] == 3
+
+
+def test_image_folder_splits_share_the_train_class_index(tmp_path):
+    for split, classes in (("train", ("ant", "bee", "cow")), ("test", ("ant", "cow"))):
+        for shade, name in enumerate(classes):
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (12, 12), (60 * shade, 0, 0)).save(tmp_path / split / name / "0.png")
+    train = build_dataset(f"imagefolder:{tmp_path}", "train", image_size=8)
+    test = build_dataset(f"imagefolder:{tmp_path}", "test", image_size=8)
+    assert train.classes == test.classes == ["ant", "bee", "cow"]
+    # "cow" keeps label 2 although the test split has no "bee" (it used to become label 1)
+    labels = {path.split(os.sep)[-2]: label for path, label in test.samples}
+    assert labels == {"ant": 0, "cow": 2} and [test[i][1] for i in range(len(test))] == [0, 2]
+    # a test class the training split never saw is refused by name
+    (tmp_path / "test" / "dog").mkdir()
+    Image.new("RGB", (12, 12)).save(tmp_path / "test" / "dog" / "0.png")
+    with pytest.raises(ValueError, match=r"test has class folder\(s\) \['dog'\].*ant, bee, cow"):
+        build_dataset(f"imagefolder:{tmp_path}", "test", image_size=8)
+
+
+def test_image_folder_scales_16_bit_images(tmp_path):
+    (tmp_path / "gray").mkdir()
+    ramp = np.linspace(0, 65535, 16 * 16).round().astype(np.uint16).reshape(16, 16)
+    Image.fromarray(ramp).save(tmp_path / "gray" / "deep.png")
+    Image.fromarray((ramp // 257).astype(np.uint8)).save(tmp_path / "gray" / "shallow.png")
+    full = (tmp_path / "gray" / "deep.png").read_bytes()
+    (tmp_path / "gray" / "cut.png").write_bytes(full[: len(full) // 2])  # a truncated 16-bit file
+    with Image.open(tmp_path / "gray" / "deep.png") as opened:
+        assert opened.mode in ("I;16", "I")  # what Pillow makes of a 16-bit grayscale PNG
+    dataset = build_dataset(f"imagefolder:{tmp_path}", "train", image_size=16)
+    paths = [os.path.basename(path) for path, _ in dataset.samples]
+    deep, shallow = dataset[paths.index("deep.png")][0], dataset[paths.index("shallow.png")][0]
+    expected = torch.from_numpy(ramp.astype(np.float32) / 65535.0 * 2 - 1)
+    assert deep.shape == (3, 16, 16)
+    torch.testing.assert_close(deep, expected.expand(3, -1, -1), atol=1e-5, rtol=0)
+    # the same picture at 8 bits reads the same up to its quantisation (it used to be 99.6 % white at 16 bits)
+    assert (deep - shallow).abs().max() <= 2 / 255
+    assert (deep == 1).float().mean() < 0.01
+    resized = build_dataset(f"imagefolder:{tmp_path}", "train", image_size=8, channels=1)[paths.index("deep.png")][0]
+    assert resized.shape == (1, 8, 8) and -1 <= resized.min() < resized.max() <= 1
+    with pytest.warns(UserWarning, match="cut.png"):
+        image, _ = dataset[paths.index("cut.png")]
+    assert torch.equal(image, deep)  # the next readable file
 
 
 # ---------------------------------------------------------------- DataModule

@@ -12,10 +12,15 @@ Names understood by :func:`build_dataset`:
 - ``mnist``, ``cifar10``: torchvision's files, never downloaded. The root is the ``root`` argument, else the
   ``FLEXAR_DATA`` environment variable, else ``./data``; MNIST is read from ``ROOT/MNIST/raw`` (the idx files) and
   CIFAR-10 from ``ROOT/cifar-10-batches-py``.
-- ``imagefolder:PATH``: torchvision ``ImageFolder`` (one sub-folder per class). If ``PATH/train`` exists it holds
-  the train split and ``PATH/test`` (or ``PATH/val``) the test split; otherwise both splits read all of ``PATH``.
-  Images are resized (shorter side, bicubic) and centre-cropped, with no augmentation. Unreadable files are found
-  when the dataset is built (every file is decoded, JPEGs at 1/8 scale) and skipped with one warning naming them.
+- ``imagefolder:PATH``: one sub-folder of images per class, as torchvision's ``ImageFolder``. If ``PATH/train``
+  exists it holds the train split and ``PATH/test`` (or ``PATH/val``) the test split; otherwise both splits read all
+  of ``PATH``. The class index comes from the train split's sub-folders and is shared by every split, so a test split
+  that lacks a class keeps the train labels; a test class folder the train split does not have is refused by name.
+  Images are resized (shorter side, bicubic) and centre-cropped, with no augmentation; 16-bit grayscale files
+  (Pillow modes ``I;16`` and ``I``) are scaled from 0..65535. Building the dataset only lists the files (decoding
+  each one up front costs a full pass over ImageNet on every rank): a file that cannot be read is found when it is
+  loaded, named in one warning (once per process: each DataLoader worker and rank warns for itself), and from then
+  on replaced by the next readable file, so an epoch never ends early.
 
 ``image_size`` is the output side; ``channels=None`` keeps the native count, 1 -> 3 repeats the channel and 3 -> 1
 takes the ITU-R BT.601 luminance.
@@ -26,8 +31,8 @@ import functools
 import math
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -163,58 +168,44 @@ class PhotoCrops(Dataset):
         return _match_channels(_resize(crop, self.image_size), self.channels), photo
 
 
-def _readable(path: str) -> bool:
-    """Whether PIL decodes the whole file (``verify`` alone misses truncated JPEGs)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            # JPEG decodes at 1/8 scale in draft mode: the check reads every byte at a fraction of the cost.
-            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-            image.load()
-        return True
-    except Exception:  # any decoder error (OSError, SyntaxError, DecompressionBombError, ...) means unusable
-        return False
-
-
-def _format_paths(paths: list[str], limit: int = 20) -> str:
-    shown = ", ".join(paths[:limit])
-    return shown if len(paths) <= limit else f"{shown}, ... and {len(paths) - limit} more"
+# Pillow's modes for 16-bit grayscale files (PNG, TIFF): its RGB conversion clips their values at 255, which turns
+# almost every pixel white, so they are scaled from 0..65535 instead.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class ImageFolderImages(Dataset):
-    """torchvision ``ImageFolder`` with unreadable files removed, resized and centre-cropped to ``image_size``.
+    """Images in one sub-folder per class, resized and centre-cropped to ``image_size``; see the module docstring.
+
+    Files are listed, not decoded, when the dataset is built. An item whose file cannot be read is replaced by the next
+    readable file (its label comes with it), with one warning per file and process.
 
     Args:
         folder: root with one sub-folder per class.
         image_size: output side.
         channels: output channels, None for 3.
-        check_files: decode every file now and drop failures with one warning; a file that still fails later is
-            replaced by the next readable one (with a warning the first time).
+        classes: the class index (sorted class names, label = position); None takes the folder's own sub-folders.
+            ``build_dataset`` passes the train split's classes to every split, so labels mean the same everywhere.
     """
 
-    def __init__(self, folder: str, image_size: int, channels: int | None = None, check_files: bool = True):
-        from torchvision.datasets import ImageFolder
+    def __init__(self, folder: str, image_size: int, channels: int | None = None, classes: list[str] | None = None):
+        from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-        image_folder = ImageFolder(folder, allow_empty=True)
+        own, _ = find_classes(folder)
+        classes = list(own) if classes is None else list(classes)
+        unknown = [name for name in own if name not in classes]
+        if unknown:
+            raise ValueError(
+                f"{folder} has class folder(s) {unknown} that the class index lacks (the train split's classes: "
+                f"{_format_paths(classes)}); every split must use the train split's classes"
+            )
+        index = {name: label for label, name in enumerate(classes)}
         self.folder = folder
-        self.classes = image_folder.classes
+        self.classes = classes
         self.image_size = image_size
         self.channels = channels
-        samples = list(image_folder.samples)
-        if check_files:
-            paths = [path for path, _ in samples]
-            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-                readable = list(pool.map(_readable, paths))
-            bad = [path for path, ok in zip(paths, readable) if not ok]
-            if bad:
-                warnings.warn(
-                    f"skipping {len(bad)} unreadable image file(s) in {folder}: {_format_paths(bad)}", stacklevel=2
-                )
-            samples = [sample for sample, ok in zip(samples, readable) if ok]
-        if not samples:
-            raise ValueError(f"no readable images in {folder} (expected one sub-folder of images per class)")
-        self.samples = samples
+        self.samples = make_dataset(folder, {name: index[name] for name in own}, IMG_EXTENSIONS, allow_empty=True)
+        if not self.samples:
+            raise ValueError(f"no images in {folder} (expected one sub-folder of images per class)")
         self.failed: set[str] = set()
 
     def __len__(self) -> int:
@@ -226,27 +217,41 @@ class ImageFolderImages(Dataset):
         from torchvision.transforms.functional import pil_to_tensor
 
         with Image.open(path) as opened:
-            image = opened.convert("RGB")
+            if opened.mode in SIXTEEN_BIT_MODES:
+                image = Image.fromarray(np.asarray(opened, dtype=np.float32) / 65535.0)  # mode "F", values 0..1
+            else:
+                image = opened.convert("RGB")
         scale = self.image_size / min(image.size)
         width = max(self.image_size, round(image.width * scale))
         height = max(self.image_size, round(image.height * scale))
         image = image.resize((width, height), Image.BICUBIC)
         left, top = (width - self.image_size) // 2, (height - self.image_size) // 2
         image = image.crop((left, top, left + self.image_size, top + self.image_size))
+        if image.mode == "F":
+            # mode "F" keeps bicubic overshoot that 8-bit modes clip: clip it the same way
+            unit = torch.from_numpy(np.array(image, dtype=np.float32)).clamp(0.0, 1.0)
+            return (unit * 2.0 - 1.0).expand(3, -1, -1).contiguous()
         return _uint8_to_unit(pil_to_tensor(image))
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
+            if path in self.failed:
+                continue
             try:
                 image = self.load(path)
-            except Exception as error:  # a file can break after the check (or it was skipped): never end an epoch
-                if path not in self.failed:
-                    self.failed.add(path)
-                    warnings.warn(f"skipping unreadable image {path} ({error}); using the next file instead")
+            except Exception as error:  # any decoder error (OSError, SyntaxError, DecompressionBomb...): never end an epoch
+                self.failed.add(path)
+                warnings.warn(f"skipping unreadable image file in {self.folder}: {path} ({error}); its items read the "
+                              f"next readable file instead")
                 continue
             return _match_channels(image, self.channels), label
         raise RuntimeError(f"no image in {self.folder} could be read")
+
+
+def _format_paths(paths: list[str], limit: int = 20) -> str:
+    shown = ", ".join(paths[:limit])
+    return shown if len(paths) <= limit else f"{shown}, ... and {len(paths) - limit} more"
 
 
 def _data_root(root: str | None) -> str:
@@ -353,4 +358,7 @@ def build_dataset(
         return TensorImages(images, labels, image_size, channels)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"image folder {os.path.abspath(path)} does not exist")
-    return ImageFolderImages(_image_folder_split(path, split), image_size, channels)
+    from torchvision.datasets.folder import find_classes
+
+    classes, _ = find_classes(_image_folder_split(path, "train"))  # one class index for every split
+    return ImageFolderImages(_image_folder_split(path, split), image_size, channels, classes=classes)
