@@ -2,12 +2,14 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flexar.tokenizers import OneDPiece, ReconstructionLoss, TiTok
 from flexar.tokenizers.losses import (
+    LPIPS_HEADS_FILE,
     VGG_LAYOUTS,
     PatchDiscriminator,
     PerceptualLoss,
@@ -71,9 +73,110 @@ def test_perceptual_loader_round_trip(tmp_path):
     taps = bare(images)
     assert [t.shape[1] for t in taps] == bare.channels == [8, 16, 32, 64, 64]
     assert [t.shape[-1] for t in taps] == [32, 16, 8, 4, 2]
-    loss = PerceptualLoss(path, "vgg16-narrow")
+    loss = PerceptualLoss(path, "vgg16-narrow", heads="baseline")
     other = torch.rand(2, 1, 32, 32) * 2 - 1
     assert torch.all(loss(images, images) < 1e-6) and torch.all(loss(other, images) > 0)
+
+
+@pytest.fixture(scope="module")
+def random_vgg16_file(tmp_path_factory):
+    """A randomly initialised full-width VGG16 feature stack in torchvision's layout (features.N.weight ...)."""
+    from torchvision.models import vgg16
+
+    torch.manual_seed(0)
+    features = vgg16(weights=None).features
+    path = tmp_path_factory.mktemp("vgg16") / "vgg16.safetensors"
+    save_file({f"features.{k}": v.contiguous() for k, v in features.state_dict().items()}, str(path))
+    return path, features.eval()
+
+
+def lpips_reference(features: nn.Sequential, heads: list[torch.Tensor], x: torch.Tensor, x0: torch.Tensor):
+    """LPIPS v0.1 written out from the lpips package's equations: ScalingLayer, the five VGG16 slices (relu1_2 ...
+    relu5_3), normalize_tensor, squared difference, NetLinLayer (a 1x1 conv without bias), spatial_average, sum."""
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    slices = [range(0, 4), range(4, 9), range(9, 16), range(16, 23), range(23, 30)]
+
+    def taps(images):
+        h = (images.expand(-1, 3, -1, -1) - shift) / scale
+        out = []
+        for indices in slices:
+            for index in indices:
+                h = features[index](h)
+            out.append(h)
+        return out
+
+    total = 0
+    for head, a, b in zip(heads, taps(x), taps(x0)):
+        a = a / (torch.sqrt(torch.sum(a**2, dim=1, keepdim=True)) + 1e-10)
+        b = b / (torch.sqrt(torch.sum(b**2, dim=1, keepdim=True)) + 1e-10)
+        total = total + F.conv2d((a - b) ** 2, head.view(1, -1, 1, 1)).mean(dim=[2, 3], keepdim=True)
+    return total.view(-1)
+
+
+def test_lpips_heads_are_shipped_and_calibrated(random_vgg16_file):
+    from safetensors import safe_open
+
+    with safe_open(str(LPIPS_HEADS_FILE), "pt") as handle:
+        assert "lpips" in handle.metadata()["source"] and handle.metadata()["version"] == "0.1"
+        shipped = [handle.get_tensor(f"head{layer}") for layer in range(5)]
+    loss = PerceptualLoss(random_vgg16_file[0])
+    assert loss.heads == "lpips" and not any(name.startswith("head") for name in loss.state_dict())
+    for layer, (head, width) in enumerate(zip(shipped, (64, 128, 256, 512, 512))):
+        assert head.shape == (width,) and torch.all(head >= 0)
+        assert torch.equal(getattr(loss, f"head{layer}").flatten(), head)
+    # LPIPS v0.1's VGG heads (lpips 0.1.4): their sums are what makes LPIPS about a tenth of the equal-weight distance
+    assert [round(float(head.sum()), 2) for head in shipped] == [6.93, 8.86, 17.52, 51.52, 47.03]
+
+
+def test_lpips_equals_reference_equations(random_vgg16_file):
+    path, features = random_vgg16_file
+    loss = PerceptualLoss(path)
+    # the shipped heads, read with safetensors' own loader rather than flexar's
+    heads = [load_file(str(LPIPS_HEADS_FILE))[f"head{layer}"] for layer in range(5)]
+    torch.manual_seed(1)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    x0 = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
+    grey = torch.rand(2, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        ours, expected = loss(x, x0), lpips_reference(features, heads, x, x0)
+        ours_grey, expected_grey = loss(grey, grey.flip(-1)), lpips_reference(features, heads, grey, grey.flip(-1))
+    assert torch.all(expected > 0)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours_grey, expected_grey, rtol=1e-5, atol=1e-6)
+    # the uncalibrated baseline (every channel weight 1) is the plain sum over channels, several times larger
+    baseline = PerceptualLoss(path, heads="baseline")
+    with torch.no_grad():
+        assert torch.all(baseline(x, x0) > 3 * ours)
+
+
+def test_lpips_equals_the_lpips_package(random_vgg16_file):
+    lpips = pytest.importorskip("lpips")
+    path, features = random_vgg16_file
+    reference = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()
+    trunk = {}
+    for key, value in features.state_dict().items():
+        index = int(key.split(".")[0])
+        part = 1 + sum(index >= start for start in (4, 9, 16, 23))
+        trunk[f"net.slice{part}.{key}"] = value
+    missing, unexpected = reference.load_state_dict(trunk, strict=False)
+    assert not unexpected and all(key.startswith(("lin", "scaling_layer")) for key in missing)
+    torch.manual_seed(2)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    x0 = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(PerceptualLoss(path)(x, x0), reference(x, x0).view(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_narrow_trunk_has_no_calibrated_heads(tmp_path):
+    path = narrow_vgg_file(tmp_path / "vgg.safetensors")
+    with pytest.raises(ValueError, match="vgg16 trunk only.*heads='baseline'"):
+        PerceptualLoss(path, "vgg16-narrow")
+    with pytest.raises(ValueError, match="perceptual_heads must be one of"):
+        ReconstructionLoss(channels=1, perceptual_weight=0.0, perceptual_heads="calibrated")
+    loss = ReconstructionLoss(channels=1, perceptual_weights=str(path), perceptual_network="vgg16-narrow",
+                              perceptual_heads="baseline", adversarial_weight=0.0)
+    assert torch.equal(loss.perceptual.head2, torch.ones(1, 32, 1, 1))
 
 
 def test_vgg16_layout_matches_torchvision():
@@ -157,7 +260,7 @@ def gan_config(tmp_path, perceptual_file):
     tokenizer = dict(image_size=16, channels=1, patch_size=4, num_latent_tokens=8, width=32, depth=1, num_heads=2,
                      codebook_size=64, code_dim=8)
     loss = dict(channels=1, perceptual_weight=0.5, perceptual_weights=str(perceptual_file),
-                perceptual_network="vgg16-narrow", adversarial_weight=0.5, discriminator_start=2,
+                perceptual_network="vgg16-narrow", perceptual_heads="baseline", adversarial_weight=0.5, discriminator_start=2,
                 discriminator_width=8, discriminator_layers=2)
     config = {
         "trainer": {

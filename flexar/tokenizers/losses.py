@@ -1,9 +1,15 @@
 """Reconstruction objectives shared by tokenizers: pixel, perceptual and adversarial terms.
 
 - Pixel: L1 or L2 between reconstruction and image.
-- Perceptual (LPIPS, Zhang et al. 2018, "The Unreasonable Effectiveness of Deep Features as a Perceptual Metric"):
-  squared distance between channel-normalised activations of a frozen VGG16 feature stack (Simonyan & Zisserman
-  2015) at relu1_2, relu2_2, relu3_3, relu4_3 and relu5_3, averaged over space and summed over layers.
+- Perceptual (LPIPS, Zhang et al. 2018, "The Unreasonable Effectiveness of Deep Features as a Perceptual Metric",
+  version 0.1 with the VGG16 trunk of Simonyan & Zisserman 2015): activations of a frozen VGG16 at relu1_2, relu2_2,
+  relu3_3, relu4_3 and relu5_3, each unit-normalised over channels, squared difference, weighted per channel by
+  LPIPS's calibrated linear heads (1x1 convolutions fitted to human judgements, BAPPS), averaged over space and
+  summed over the five layers:
+
+      d(x, x0) = sum_l mean_{h,w} sum_c w_{l,c} (f_l(x) / |f_l(x)| - f_l(x0) / |f_l(x0)|)^2_{c,h,w}
+
+  so ``perceptual_weight`` is on the scale of the papers' LPIPS weight (ReTok, LlamaGen and TiTok use 1.0).
 - Adversarial (Esser et al. 2021, "Taming Transformers for High-Resolution Image Synthesis", VQGAN): a PatchGAN
   discriminator (Isola et al. 2017, pix2pix) trained with the hinge loss; the generator term ``-mean(D(x_hat))``
   is switched on at ``discriminator_start`` and scaled by the adaptive weight
@@ -20,13 +26,18 @@ holds a discriminator, alternates a tokenizer step and a discriminator step (``d
 Shapes: images and reconstructions (B, C, H, W) in [-1, 1]; discriminator logits (B, 1, h, w).
 
 Differences from the papers and their official code:
-- the perceptual distance has no learned per-channel weights: LPIPS calibrates its linear heads on human
-  judgements (BAPPS) and ships them as a download; flexar uses the uncalibrated "baseline" variant of the LPIPS
-  paper (equal channel weights), so only VGG16 weights are needed, read from a user-given safetensors file (never
-  downloaded, never unpickled). torchvision's ``vgg16`` checkpoint converts with
+- the perceptual trunk's weights are not shipped: LPIPS uses torchvision's ImageNet VGG16 (``IMAGENET1K_V1``),
+  which the user converts once and passes as a safetensors file (never downloaded, never unpickled):
   ``save_file({k: v for k, v in torch.load(pth).items() if k.startswith("features.")}, "vgg16.safetensors")``.
-- grey images are repeated to three channels before the VGG, and the VGG input uses torchvision's ImageNet
-  normalisation (LPIPS uses its own shift and scale of [-1, 1] inputs; the two differ by under 5%).
+  A different VGG16 checkpoint gives a different distance than the papers'. The linear heads are LPIPS v0.1's own,
+  converted from the lpips 0.1.4 wheel by ``scripts/convert_lpips.py`` and shipped in
+  ``flexar/tokenizers/weights/lpips_vgg_lin.safetensors`` (BSD-2-Clause, ``LICENSE.lpips`` beside it).
+- the input shift and scale are LPIPS's ``ScalingLayer``, which is torchvision's ImageNet normalisation written for
+  [-1, 1] inputs (shift = 2 mean - 1, scale = 2 std): the two are identical, not approximately equal.
+- grey images are repeated to three channels before the VGG (LPIPS takes RGB only).
+- ``perceptual_network="vgg16-narrow"`` (an eighth of the channels, for tests and toy runs) has no calibrated
+  heads: it needs ``perceptual_heads="baseline"``, the LPIPS paper's uncalibrated variant (every channel weight 1),
+  which is about ten times LPIPS at the same weight on VGG16.
 - ``discriminator_norm`` offers ``group`` besides pix2pix/VQGAN's ``batch`` (batch statistics of tiny CPU batches
   are noisy); the default is the papers' ``batch``.
 - the defaults are ReTok's loss weights (L2 1.0, perceptual 1.0, GAN 0.5) and LlamaGen's discriminator start
@@ -37,6 +48,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -51,8 +63,14 @@ VGG_LAYOUTS = {
 }
 # indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's vgg16().features
 VGG_TAPS = (3, 8, 15, 22, 29)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# LPIPS v0.1's ScalingLayer for [-1, 1] inputs: (x - shift) / scale, i.e. torchvision's ImageNet mean (0.485, 0.456,
+# 0.406) and std (0.229, 0.224, 0.225) applied to (x + 1) / 2
+LPIPS_SHIFT = (-0.030, -0.088, -0.188)
+LPIPS_SCALE = (0.458, 0.448, 0.450)
+# LPIPS v0.1's calibrated per-channel weights of the five VGG16 taps (head0 ... head4, shapes (64,), (128,), (256,),
+# (512,), (512,)), converted by scripts/convert_lpips.py
+LPIPS_HEADS_FILE = Path(__file__).resolve().parent / "weights" / "lpips_vgg_lin.safetensors"
+PERCEPTUAL_HEADS = ("lpips", "baseline")
 
 
 def pixel_loss(reconstruction: Tensor, images: Tensor, kind: str = "l2") -> Tensor:
@@ -125,8 +143,8 @@ class VGGFeatures(nn.Module):
         self.layers.load_state_dict(state)
         self.requires_grad_(False)
         self.eval()
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
 
     def train(self, mode: bool = True):
         # frozen: stays in eval mode whatever the enclosing module does
@@ -135,7 +153,7 @@ class VGGFeatures(nn.Module):
     def forward(self, images: Tensor) -> list[Tensor]:
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
-        x = ((images + 1) / 2 - self.mean) / self.std
+        x = (images - self.shift) / self.scale
         taps = []
         for index, layer in enumerate(self.layers):
             x = layer(x)
@@ -144,19 +162,53 @@ class VGGFeatures(nn.Module):
         return taps
 
 
-class PerceptualLoss(nn.Module):
-    """Uncalibrated LPIPS: forward(reconstruction, images) -> per-image distance (B,)."""
+def load_lpips_heads(channels: list[int]) -> list[Tensor]:
+    """LPIPS v0.1's VGG16 linear heads from the shipped file: one non-negative (C_l,) weight per tap."""
+    state = load_weights(LPIPS_HEADS_FILE)
+    heads = [state.get(f"head{layer}") for layer in range(len(channels))]
+    for layer, (head, width) in enumerate(zip(heads, channels)):
+        if head is None or tuple(head.shape) != (width,) or head.min() < 0:
+            raise ValueError(
+                f"{LPIPS_HEADS_FILE}: head{layer} must be a non-negative ({width},) tensor; rebuild the file with "
+                "scripts/convert_lpips.py"
+            )
+    return heads
 
-    def __init__(self, weights: str | os.PathLike, network: str = "vgg16"):
+
+class PerceptualLoss(nn.Module):
+    """LPIPS (Zhang et al. 2018, version 0.1, VGG16): forward(reconstruction, images) -> per-image distance (B,).
+
+    Inputs (B, 1 or 3, H, W) in [-1, 1]. ``weights``: the VGG16 trunk (a safetensors file, see :class:`VGGFeatures`).
+    ``heads``: ``"lpips"`` (the calibrated linear heads shipped with flexar; VGG16 only) or ``"baseline"`` (every
+    channel weight 1, the LPIPS paper's uncalibrated variant). The heads are fixed buffers, not saved with the loss.
+    """
+
+    def __init__(self, weights: str | os.PathLike, network: str = "vgg16", heads: str = "lpips"):
         super().__init__()
+        if heads not in PERCEPTUAL_HEADS:
+            raise ValueError(f"perceptual heads must be one of {PERCEPTUAL_HEADS}, got {heads!r}")
+        if heads == "lpips" and network != "vgg16":
+            raise ValueError(
+                f"LPIPS's calibrated heads exist for the vgg16 trunk only, not {network!r}; use heads='baseline' "
+                "(perceptual_heads in ReconstructionLoss) for it"
+            )
         self.features = VGGFeatures(weights, network)
+        self.heads = heads
+        weights_per_layer = (
+            load_lpips_heads(self.features.channels) if heads == "lpips" else [torch.ones(c) for c in self.features.channels]
+        )
+        for layer, weight in enumerate(weights_per_layer):
+            self.register_buffer(f"head{layer}", weight.view(1, -1, 1, 1), persistent=False)
 
     def forward(self, reconstruction: Tensor, images: Tensor) -> Tensor:
         distance = reconstruction.new_zeros(reconstruction.shape[0])
-        for fake, real in zip(self.features(reconstruction), self.features(images)):
+        for layer, (fake, real) in enumerate(zip(self.features(reconstruction), self.features(images))):
+            # LPIPS's normalize_tensor: unit length over channels at every position
             fake = fake / (fake.norm(dim=1, keepdim=True) + 1e-10)
             real = real / (real.norm(dim=1, keepdim=True) + 1e-10)
-            distance = distance + ((fake - real) ** 2).sum(dim=1).mean(dim=(1, 2))
+            # the 1x1 linear head on the squared difference, then the spatial mean
+            weighted = ((fake - real) ** 2 * getattr(self, f"head{layer}")).sum(dim=1)
+            distance = distance + weighted.mean(dim=(1, 2))
         return distance
 
 
@@ -209,9 +261,10 @@ class ReconstructionLoss(nn.Module):
         channels: image channels (the discriminator's input).
         pixel: ``"l2"`` or ``"l1"``.
         pixel_weight: weight of the pixel term.
-        perceptual_weight: weight of the perceptual term; > 0 needs ``perceptual_weights``.
+        perceptual_weight: weight of the LPIPS term (the papers' LPIPS weight); > 0 needs ``perceptual_weights``.
         perceptual_weights: safetensors file of the VGG16 feature stack.
         perceptual_network: ``"vgg16"`` or ``"vgg16-narrow"`` (the layout of the weights file).
+        perceptual_heads: ``"lpips"`` (calibrated, vgg16 only) or ``"baseline"`` (uncalibrated, every channel weight 1).
         adversarial_weight: weight of the generator term; 0 builds no discriminator.
         discriminator_start: tokenizer step from which the adversarial terms are on (and the discriminator trains).
         discriminator_width, discriminator_layers, discriminator_norm: the PatchGAN's size and normalisation.
@@ -231,6 +284,7 @@ class ReconstructionLoss(nn.Module):
         perceptual_weight: float = 1.0,
         perceptual_weights: str | None = None,
         perceptual_network: str = "vgg16",
+        perceptual_heads: str = "lpips",
         adversarial_weight: float = 0.5,
         discriminator_start: int = 20000,
         discriminator_width: int = 64,
@@ -244,6 +298,8 @@ class ReconstructionLoss(nn.Module):
             raise ValueError(f"pixel must be 'l1' or 'l2', got {pixel!r}")
         if min(pixel_weight, perceptual_weight, adversarial_weight) < 0:
             raise ValueError("loss weights must be non-negative")
+        if perceptual_heads not in PERCEPTUAL_HEADS:
+            raise ValueError(f"perceptual_heads must be one of {PERCEPTUAL_HEADS}, got {perceptual_heads!r}")
         if perceptual_weight > 0 and perceptual_weights is None:
             raise ValueError(
                 f"perceptual_weight {perceptual_weight} needs perceptual_weights, a safetensors file of the "
@@ -253,7 +309,9 @@ class ReconstructionLoss(nn.Module):
         self.perceptual_weight, self.adversarial_weight = perceptual_weight, adversarial_weight
         self.discriminator_start = discriminator_start
         self.use_adaptive_weight, self.max_adaptive_weight = adaptive_weight, max_adaptive_weight
-        self.perceptual = PerceptualLoss(perceptual_weights, perceptual_network) if perceptual_weight > 0 else None
+        self.perceptual = (
+            PerceptualLoss(perceptual_weights, perceptual_network, perceptual_heads) if perceptual_weight > 0 else None
+        )
         self.discriminator = (
             PatchDiscriminator(channels, discriminator_width, discriminator_layers, discriminator_norm)
             if adversarial_weight > 0
