@@ -9,7 +9,7 @@
 
       d(x, x0) = sum_l mean_{h,w} sum_c w_{l,c} (f_l(x) / |f_l(x)| - f_l(x0) / |f_l(x0)|)^2_{c,h,w}
 
-  so ``perceptual_weight`` is on the scale of the papers' LPIPS weight (ReTok, LlamaGen and TiTok use 1.0).
+  so ``perceptual_weight`` is on the scale of the papers' LPIPS weight (ReTok and LlamaGen use 1.0).
 - Adversarial (Esser et al. 2021, "Taming Transformers for High-Resolution Image Synthesis", VQGAN): a PatchGAN
   discriminator (Isola et al. 2017, pix2pix) trained with the hinge loss; the generator term ``-mean(D(x_hat))``
   is switched on at ``discriminator_start`` and scaled by the adaptive weight
