@@ -83,16 +83,177 @@ def test_deterministic_draft_output_law_is_p_with_b_moved_to_x():
     assert pvalue > 1e-3
 
 
-def test_official_rejection_removes_more_than_b():
-    p = torch.softmax(torch.randn(8, generator=seeded(2)), -1)
+def official_rejection(p, x, table, k, delta):
+    """LANTERN's official relaxed acceptance for one deterministic draft ``x`` (ea_model_llamagen.py,
+    ``evaluate_posterior``, where a draft is verified with q(x) = 1), line by line: returns (p~(x), the distribution
+    the next token is drawn from after a rejection). ``table`` has the diagonal at infinity: x is not in its row."""
+    gtp = p.clone()
+    nearest_probs = gtp[table[x, :k]]
+    cumsum_nearest_probs = torch.cumsum(nearest_probs, dim=0)
+    indices = (cumsum_nearest_probs <= delta).nonzero(as_tuple=True)[0]
+    indices = -1 if indices.numel() == 0 else indices[-1]
+    px = (gtp[x] if indices == -1 else gtp[x] + cumsum_nearest_probs[indices]).item()  # read before gtp changes
+    gtp[x] = 0
+    if indices != -1:
+        gtp[table[x, : k + 1]] = 0
+    if gtp.sum() == 0:
+        gtp = torch.ones_like(gtp)
+    return px, gtp / gtp.sum()
+
+
+def rejected_draft(decoder, p, x):
+    """(p~(x), next-token distribution) of flexar's decoder when the deterministic draft x is rejected."""
+    vocabulary_size = p.shape[-1]
+    q = torch.zeros(1, 1, vocabulary_size, dtype=p.dtype).index_fill(-1, torch.tensor([x]), 1.0)
+    drafts = torch.tensor([[x]])
+    acceptance, base = decoder.relax(p.view(1, 1, -1), drafts)
+    # u just below 1 rejects every draft with p~(x) < 1
+    uniforms = torch.full((1, 1), 1.0 - 1e-12, dtype=p.dtype)
+    accepted, next_probs = accept_drafts(acceptance, q, drafts, uniforms, p.view(1, -1), base, decoder.uniform_fallback)
+    assert accepted.item() == 0
+    return acceptance[0, 0, x], next_probs[0]
+
+
+def official_decoder(table, k, delta):
+    return LanternDecoder(tiny(table.shape[0]), neighbours=table, k=k, delta=delta, rejection="official")
+
+
+def test_official_rejection_keeps_the_neighbours_when_b_is_empty():
+    table = neighbour_table(codes(8), 7)
+    x, k, delta = 5, 3, 0.05
+    # the nearest neighbour alone holds more than delta: B is empty, and the official code zeroes only x
+    p = torch.full((8,), 0.5 / 7, dtype=torch.float64)
+    p[table[x, 0]], p[x] = 0.2, 0.3
+    p = p / p.sum()
+    px, reference = official_rejection(p, x, table, k, delta)
+    acceptance, next_probs = rejected_draft(official_decoder(table, k, delta), p, x)
+    assert acceptance == pytest.approx(px) == pytest.approx(p[x].item())
+    torch.testing.assert_close(next_probs, reference)
+    assert (next_probs[table[x, :k]] > 0).all()
+
+
+def test_official_rejection_zeroes_the_k_plus_one_nearest_neighbours():
+    table = neighbour_table(codes(10), 9)
+    x, k, delta = 2, 3, 0.1
+    p = torch.full((10,), 1.0, dtype=torch.float64)
+    p[table[x, 0]] = 0.01  # B = the nearest neighbour only
+    p = p / p.sum()
+    px, reference = official_rejection(p, x, table, k, delta)
+    acceptance, next_probs = rejected_draft(official_decoder(table, k, delta), p, x)
+    assert acceptance.item() == pytest.approx(px)
+    torch.testing.assert_close(next_probs, reference)
+    # x and its k + 1 nearest neighbours lose their mass; the (k + 2)-th keeps it
+    assert (next_probs[[x] + table[x, : k + 1].tolist()] == 0).all() and next_probs[table[x, k + 1]] > 0
+
+
+def test_official_rejection_falls_back_to_uniform_when_the_residual_is_empty():
+    table = neighbour_table(codes(8), 7)
+    x, k, delta = 1, 2, 0.3
+    # all mass on x and its k + 1 nearest neighbours, B non-empty: nothing is left after the official removal
+    p = torch.zeros(8, dtype=torch.float64)
+    p[x], p[table[x, 0]], p[table[x, 1]], p[table[x, 2]] = 0.4, 0.1, 0.1, 0.4
+    px, reference = official_rejection(p, x, table, k, delta)
+    acceptance, next_probs = rejected_draft(official_decoder(table, k, delta), p, x)
+    assert acceptance.item() == pytest.approx(px) == pytest.approx(0.6)
+    torch.testing.assert_close(next_probs, torch.full((8,), 1 / 8, dtype=torch.float64))
+    torch.testing.assert_close(next_probs, reference)
+
+
+def test_official_rejection_matches_the_official_code_on_random_targets():
+    generator = seeded(11)
+    table = neighbour_table(codes(16, 3), 15)
+    for trial in range(40):
+        p = torch.softmax(3 * torch.randn(16, generator=generator, dtype=torch.float64), -1)
+        k, delta = (1, 2, 4, 8)[trial % 4], (0.02, 0.1, 0.3)[trial % 3]
+        decoder = official_decoder(table, k, delta)
+        for x in range(16):
+            if p[x] > 0.9:
+                continue
+            px, reference = official_rejection(p, x, table, k, delta)
+            acceptance, next_probs = rejected_draft(decoder, p, x)
+            assert acceptance.item() == pytest.approx(px)
+            torch.testing.assert_close(next_probs, reference)
+
+
+def test_official_rejection_needs_k_plus_one_columns():
+    table = neighbour_table(codes(8), 3)
+    with pytest.raises(ValueError, match=r"k \+ 1 = 4 nearest neighbours"):
+        LanternDecoder(tiny(8), neighbours=table, k=3, rejection="official")
+    assert LanternDecoder(tiny(8), neighbours=neighbour_table(codes(8), 7), k=3, rejection="official").neighbours.shape == (8, 4)
+    # the whole table (V - 1 columns) is enough for any k, as in the official code's slicing
+    LanternDecoder(tiny(8), neighbours=neighbour_table(codes(8), 7), k=7, rejection="official")
+
+
+def test_a_draft_without_target_mass_is_never_accepted():
+    # p(x) = 0 and u = 0: the official rule r <= p / q would accept it
+    p = torch.tensor([[[0.0, 0.5, 0.5]]])
+    q = torch.tensor([[[0.5, 0.25, 0.25]]])
+    drafts, zero = torch.tensor([[0]]), torch.zeros(1, 1)
+    accepted, next_probs = accept_drafts(p, q, drafts, zero, p[:, 0])
+    assert accepted.item() == 0 and next_probs[0, 0] == 0
+    # the same for LANTERN's relaxed target when x borrows nothing (its neighbours have no mass either)
+    table = torch.tensor([[1, 2], [0, 2], [0, 1]])
+    p = torch.tensor([[[0.0, 0.0, 1.0]]])
+    for rejection in ("exact", "official"):
+        decoder = LanternDecoder(tiny(3), neighbours=table, k=1, delta=0.1, rejection=rejection)
+        relaxed, base = decoder.relax(p, drafts)
+        assert relaxed[0, 0, 0] == 0
+        accepted, _ = accept_drafts(relaxed, q, drafts, zero, p[:, 0], base, decoder.uniform_fallback)
+        assert accepted.item() == 0
+
+
+def position_law(decoder, p, q):
+    """Exact law (V,) of the token committed at one position when one draft x ~ q is verified against p."""
+    vocabulary_size = p.shape[-1]
+    drafts = torch.arange(vocabulary_size).view(-1, 1)
+    acceptance, base = decoder.relax(p.expand(vocabulary_size, 1, -1).clone(), drafts)
+    draft_probs = q.expand(vocabulary_size, 1, -1)
+    # u = 1 rejects every draft that is not accepted with certainty, which exposes its residual
+    ones = torch.ones(vocabulary_size, 1, dtype=p.dtype)
+    _, residual = accept_drafts(acceptance, draft_probs, drafts, ones, p.expand(vocabulary_size, -1), base,
+                                decoder.uniform_fallback)
+    accept = torch.minimum(torch.ones_like(q), acceptance[drafts[:, 0], 0, drafts[:, 0]] / q)
+    return q * accept + ((q * (1 - accept)).unsqueeze(-1) * residual).sum(0)
+
+
+def test_sampled_draft_law_is_the_mixture_over_drafts():
+    generator = seeded(5)
     table = neighbour_table(codes(8), 4)
-    decoder = LanternDecoder(tiny(8), neighbours=table, k=4, delta=0.05, rejection="official")
-    exact = LanternDecoder(tiny(8), neighbours=table, k=4, delta=0.05)
-    drafts = torch.tensor([[5]])
-    relaxed, base = decoder.relax(p.view(1, 1, -1), drafts)
-    assert torch.equal(relaxed, exact.relax(p.view(1, 1, -1), drafts)[0]) and exact.relax(p.view(1, 1, -1), drafts)[1] is None
-    removed = [5] + table[5].tolist()
-    assert (base[0, 0, removed] == 0).all() and (base[0, 0].sum() < relaxed[0, 0].sum() - relaxed[0, 0, 5])
+    p = torch.softmax(torch.randn(8, generator=generator, dtype=torch.float64), -1)
+    q = torch.softmax(torch.randn(8, generator=generator, dtype=torch.float64), -1)
+    decoder = LanternDecoder(tiny(8), neighbours=table, k=4, delta=0.2)
+    law = position_law(decoder, p, q)
+    assert law.sum().item() == pytest.approx(1.0) and 0.5 * (law - p).abs().sum() > 0.2
+    count = 30_000
+    drafts = torch.multinomial(q, count, replacement=True, generator=generator).view(count, 1)
+    relaxed, base = decoder.relax(p.expand(count, 1, -1), drafts)
+    uniforms = torch.rand(count, 1, generator=generator, dtype=torch.float64)
+    accepted, next_probs = accept_drafts(relaxed, q.expand(count, 1, -1), drafts, uniforms, p.expand(count, -1), base)
+    tokens = torch.where(accepted == 1, drafts[:, 0], torch.multinomial(next_probs, 1, generator=generator)[:, 0])
+    observed = torch.bincount(tokens, minlength=8).double()
+    assert stats.chisquare(observed.numpy(), (law * count).numpy()).pvalue > 1e-3
+
+
+def test_tv_bound_holds_for_deterministic_drafts_only():
+    # the module docstring's measurement, smaller: V = 64 codes, k = 8, delta = 0.1, unrelated draft
+    generator = seeded(0)
+    delta, ratios, deterministic = 0.1, [], []
+    for _ in range(40):
+        table = neighbour_table(torch.randn(64, 4, generator=generator), 9)
+        exact = LanternDecoder(tiny(64), neighbours=table, k=8, delta=delta)
+        p = torch.softmax(2 * torch.randn(64, generator=generator, dtype=torch.float64), -1)
+        q = torch.softmax(2 * torch.randn(64, generator=generator, dtype=torch.float64), -1)
+        ratios.append(0.5 * (position_law(exact, p, q) - p).abs().sum().item() / delta)
+        x = int(torch.multinomial(q, 1, generator=generator))
+        one_hot = torch.zeros(64, dtype=torch.float64).index_fill(0, torch.tensor([x]), 1.0)
+        relaxed, _ = relaxed_target(p, torch.tensor(x), table[:, :8], delta)
+        law = position_law(exact, p, one_hot)
+        torch.testing.assert_close(law, relaxed)  # a deterministic draft commits a token of p~ exactly
+        deterministic.append(0.5 * (law - p).abs().sum().item() / delta)
+        assert position_law(exact, p, p).sub(p).abs().max() < 1e-12  # a perfect draft keeps p
+    ratios = torch.tensor(ratios)
+    assert max(deterministic) <= 1 + 1e-9
+    assert (ratios > 1).float().mean() > 0.9 and ratios.max() > 3
 
 
 def test_acceptance_is_non_decreasing_in_k_and_delta():

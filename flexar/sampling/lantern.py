@@ -12,17 +12,38 @@ target that lends ``x`` the mass of its nearest latent neighbours:
 - ``p~`` = ``p`` with ``B``'s mass moved onto ``x``: ``p~(x) = p(x) + c_|B|``, ``p~(b) = 0`` for ``b`` in ``B``;
 - accept with probability ``min(1, p~(x) / q(x))``; on rejection draw from ``norm(max(0, p~ - q))``.
 
-This is exact speculative sampling against ``p~``, so every committed token follows ``p~`` of its position: with a
-deterministic draft the output law is ``p`` with ``B``'s mass moved to ``x``, and ``TV(p~, p) = mass(B) <= delta``.
+The output law depends on how the draft is drawn:
+
+- deterministic draft (the drafter's distribution ``q`` is one-hot on ``x``, e.g. a greedy drafter, or LANTERN's
+  top-k tree candidates that the official code verifies with ``q(x) = 1``): this is exact speculative sampling
+  against ``p~``, so every committed token follows ``p~`` of its position, ``p`` with ``B``'s mass moved to ``x``, and
+  ``TV(p~, p) = mass(B) <= delta``. This is the bound the paper states.
+- sampled draft (``x ~ q``, what :class:`~flexar.sampling.SpeculativeDecoder` drafts): ``p~ = p~_x`` depends on the
+  draw, so the law of the committed token is the mixture
+  ``law(y) = sum_x q(x) [a_x 1{y = x} + (1 - a_x) r_x(y)]``, ``a_x = min(1, p~_x(x) / q(x))``, ``r_x`` the residual
+  of draft ``x``. Every token that can be drafted is accepted with its neighbours' mass added, so the law moves
+  from ``p`` towards ``q``, and ``TV <= delta`` no longer holds; ``q = p`` gives ``law = p``. Measured exactly over
+  one position (``V = 256`` random 4-D codes, ``k = 32``, ``delta = 0.1``, target logits ``2 N(0, 1)``, 200 draws
+  of codes, target and draft; tests/test_lantern.py repeats a smaller version): with an unrelated draft (logits an
+  independent ``2 N(0, 1)``) ``TV > delta`` in 100 % of cases, median 6.7 ``delta``, max 8.3 ``delta``; with draft
+  logits = target logits + ``N(0, 1)`` noise, 98 %, median 2.9, max 4.8 ``delta``; with ``N(0, 0.3^2)`` noise, 68 %,
+  median 1.1, max 1.9 ``delta``.
+
 With ``delta = 0`` (or ``k = 0``, or ``lambda = 1``) ``p~ = p`` and the decoder is exact speculative decoding, draw for
-draw on the same random stream.
+draw on the same random stream. Acceptance compares strictly (``u q(x) < p~(x)``), so a draft with ``p~(x) = 0`` is
+never accepted; the official code's ``r <= p~ / q`` accepts it when the uniform is exactly 0.
 
-Differences from the official code, each kept as a switch:
+Differences from the official code (``LANTERN/models/ea_model_llamagen.py``), each kept as a switch:
 
-- ``rejection="official"``: on rejection the official code zeroes the first ``k + 1`` entries of the draft's
-  neighbour row (its table includes the token itself at distance 0, so: ``x`` and its ``k`` nearest neighbours),
-  not only ``B``, before taking ``max(0, p - q)``. That removes mass LANTERN never moved to ``x``, so the output law
-  can drift from ``p`` by more than ``delta``. The default, ``rejection="exact"``, removes exactly ``B``.
+- ``rejection="official"`` follows the official rejection instead of removing exactly ``B``: when ``B`` is non-empty,
+  the ``k + 1`` nearest neighbours of the rejected ``x`` (its table sets the diagonal to infinity, so ``x`` is not
+  among them) are zeroed in ``p`` before the residual ``max(0, p - q)`` is taken, and when that residual has no mass
+  the next token is drawn uniformly over the vocabulary. For a deterministic draft this is the official
+  ``evaluate_posterior`` (``p(x) = 0``, neighbours zeroed, renormalised) exactly. It removes mass LANTERN never
+  moved to ``x`` (neighbours ``|B| + 1 .. k + 1``), so even a deterministic draft's law drifts from ``p`` by more
+  than ``delta`` (up to 7.2 ``delta`` in the measurement above). The default, ``rejection="exact"``, removes
+  exactly ``B``. The official static-tree path (``evaluate_posterior_v1``, used for LANTERN++) zeroes the
+  neighbours in the draft distribution ``q`` instead of in ``p``; that variant is not offered.
 - drafts are chains (see :mod:`flexar.sampling.speculative`), not EAGLE trees.
 - defaults follow the paper for LlamaGen: ``k = 1000``, ``delta = 0.1`` (capped at the codebook size minus one).
 """
@@ -88,13 +109,15 @@ class LanternDecoder(SpeculativeDecoder):
 
     Args:
         draft, sampler, draft_length: as in :class:`~flexar.sampling.SpeculativeDecoder`.
-        neighbours: ``(V, k)`` table from :func:`neighbour_table`; when None it is built from the pipeline's
-            tokenizer in :meth:`prepare` (``Pipeline.generate`` calls it).
-        k: neighbours considered per draft (the table is cut to ``k`` columns).
+        neighbours: ``(V, k)`` table from :func:`neighbour_table` (``(V, k + 1)`` for ``rejection="official"``,
+            which zeroes one neighbour more than ``B`` can hold); when None it is built from the pipeline's tokenizer
+            in :meth:`prepare` (``Pipeline.generate`` calls it). A wider table is cut to the columns needed.
+        k: neighbours considered per draft (at most the table's width).
         delta: total mass a draft may borrow from its neighbours (LANTERN).
         lam: LANTERN++'s ``lambda`` (``p~(x) <= lambda p(x)``); None uses ``delta``.
-        rejection: ``"exact"`` (remove exactly ``B`` on rejection) or ``"official"`` (the official code's removal of
-            ``x`` and its ``k`` nearest neighbours).
+        rejection: ``"exact"`` (remove exactly ``B`` on rejection) or ``"official"`` (the official code's rule: the
+            ``k + 1`` nearest neighbours of ``x`` are removed from ``p`` when ``B`` is non-empty, and an empty
+            residual is replaced by the uniform distribution).
     """
 
     name = "lantern"
@@ -118,24 +141,56 @@ class LanternDecoder(SpeculativeDecoder):
         if rejection not in REJECTIONS:
             raise ValueError(f"rejection must be one of {REJECTIONS}, got {rejection!r}")
         self.k, self.delta, self.lam, self.rejection = k, float(delta), lam, rejection
-        self.neighbours = None if neighbours is None else neighbours[:, :k]
+        self.neighbours = None
+        if neighbours is not None:
+            self.neighbours = neighbours[:, : self.table_width]
+            self.check_table(self.neighbours)
+
+    @property
+    def table_width(self) -> int:
+        """Neighbour columns the rule reads: ``k``, or ``k + 1`` for the official rejection."""
+        return self.k + 1 if self.rejection == "official" else self.k
+
+    @property
+    def uniform_fallback(self) -> bool:
+        # the official code replaces a residual without mass by the uniform distribution (torch.ones_like)
+        return self.rejection == "official"
+
+    def check_table(self, table: Tensor) -> None:
+        """Refuse a table too narrow for the official rejection, which zeroes ``k + 1`` neighbours."""
+        if table.dim() != 2:
+            raise ValueError(f"neighbours must be a (V, k) table, got shape {tuple(table.shape)}")
+        if self.rejection != "official":
+            return
+        width = min(self.k, table.shape[1])
+        needed = min(width + 1, table.shape[0] - 1)
+        if table.shape[1] < needed:
+            raise ValueError(
+                f"rejection='official' zeroes the k + 1 = {width + 1} nearest neighbours of a rejected draft, but the "
+                f"neighbours table has {table.shape[1]} columns; pass neighbour_table(code_vectors, {width + 1})"
+            )
 
     def prepare(self, pipeline) -> None:
         super().prepare(pipeline)
         if self.neighbours is None:
-            self.neighbours = neighbour_table(pipeline.tokenizer.code_vectors(), self.k).to(pipeline.device)
+            vectors = pipeline.tokenizer.code_vectors()
+            self.neighbours = neighbour_table(vectors, self.table_width).to(pipeline.device)
 
     def relax(self, target_probs: Tensor, drafts: Tensor) -> tuple[Tensor, Tensor | None]:
         if self.neighbours is None:
             raise ValueError("LanternDecoder has no neighbour table: pass neighbours= or decode through a Pipeline")
-        neighbours = self.neighbours.to(drafts.device)
-        if neighbours.shape[1] == 0:
+        table = self.neighbours.to(drafts.device)
+        width = min(self.k, table.shape[1])
+        if width == 0:
             return target_probs, None
-        relaxed, in_b = relaxed_target(target_probs, drafts, neighbours, self.delta, self.lam)
+        relaxed, in_b = relaxed_target(target_probs, drafts, table[:, :width], self.delta, self.lam)
         if self.rejection == "exact":
             return relaxed, None
-        rows = torch.cat([drafts.unsqueeze(-1), neighbours[drafts]], dim=-1)
-        return relaxed, target_probs.scatter(-1, rows, 0.0)
+        # the official table has the diagonal at infinity, so its first k + 1 entries are k + 1 true neighbours
+        # (the draft itself is not among them); they are removed only where B is non-empty
+        removed = table[:, : width + 1][drafts]
+        zeroed = target_probs.scatter(-1, removed, 0.0)
+        return relaxed, torch.where(in_b.any(dim=-1, keepdim=True), zeroed, target_probs)
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "k": self.k, "delta": self.delta, "lam": self.lam, "rejection": self.rejection}
