@@ -5,6 +5,7 @@ import torch
 
 from flexar.hub import load_model
 from flexar.tokenizers import TITOK_PRESETS, TiTok, titok_from_preset
+from flexar.tokenizers.titok import unpatchify
 
 from common import TokenizerContract
 
@@ -81,3 +82,85 @@ def test_refuses_files_that_are_not_what_they_claim(tmp_path):
         load_model(folder)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_model(tmp_path / "missing")
+
+
+def trained_looking_titok():
+    """A tiny TiTok whose pad embedding differs clearly from every code, so the three fills give different decodes."""
+    torch.manual_seed(0)
+    tokenizer = tiny_titok().eval()
+    with torch.no_grad():
+        tokenizer.pad_token.normal_(0, 1.0)
+    return tokenizer
+
+
+def test_fair_fills_at_full_length_are_the_normal_decode():
+    tokenizer = trained_looking_titok()
+    images = torch.rand(4, 1, 16, 16) * 2 - 1
+    ids = tokenizer.encode(images).ids
+    tokenizer.fit_mean_fill(ids)
+    normal = tokenizer.decode(ids)
+    for fill in ("pad", "cut", "mean"):
+        assert torch.equal(tokenizer.decode(ids, fill=fill), normal), fill
+        assert torch.equal(tokenizer.decode(ids, torch.full((4,), 8), fill=fill), normal), fill
+
+
+def test_fair_fills_are_deterministic_and_differ_from_pad():
+    tokenizer = trained_looking_titok()
+    images = torch.rand(3, 1, 16, 16) * 2 - 1
+    tokenizer.fit_mean_fill(tokenizer.encode(torch.rand(16, 1, 16, 16) * 2 - 1).ids)
+    short = tokenizer.encode(images, num_tokens=2)
+    decodes = {}
+    for fill in ("pad", "cut", "mean"):
+        first = tokenizer.decode(short.ids, short.lengths, fill=fill)
+        assert first.shape == images.shape and torch.isfinite(first).all()
+        assert torch.equal(first, tokenizer.decode(short.ids, short.lengths, fill=fill)), fill
+        decodes[fill] = first
+    assert not torch.allclose(decodes["cut"], decodes["pad"], atol=1e-4)
+    assert not torch.allclose(decodes["mean"], decodes["pad"], atol=1e-4)
+    with pytest.raises(ValueError, match=r"fill must be one of \('pad', 'cut', 'mean'\)"):
+        tokenizer.decode(short.ids, fill="zeros")
+
+
+def test_cut_decodes_from_the_kept_tokens_alone():
+    tokenizer = trained_looking_titok()
+    images = torch.rand(3, 1, 16, 16) * 2 - 1
+    full = tokenizer.encode(images).ids
+    lengths = torch.tensor([2, 5, 8])
+    cut = tokenizer.decode(full, lengths, fill="cut")
+    # what the dropped positions hold cannot matter: another pad embedding, other ids past lengths
+    with torch.no_grad():
+        tokenizer.pad_token.normal_(0, 3.0)
+    other = full.clone()
+    other[0, 2:], other[1, 5:] = 0, 1
+    torch.testing.assert_close(tokenizer.decode(other, lengths, fill="cut"), cut, rtol=0, atol=1e-6)
+    # and each row equals a decoder run on the physically shortened sequence [N mask tokens; k latents]
+    with torch.no_grad():
+        for row, k in enumerate(lengths.tolist()):
+            codes = tokenizer.quantizer.ids_to_codes(full[row : row + 1, :k])
+            latents = tokenizer.from_code(codes) + tokenizer.latent_pos[:k]
+            masks = (tokenizer.mask_token + tokenizer.mask_pos)[None]
+            out = tokenizer.decoder(torch.cat([masks, latents], dim=1))[:, : tokenizer.num_patches]
+            expected = unpatchify(tokenizer.to_pixels(out), tokenizer.patch_size, tokenizer.image_size).clamp(-1, 1)
+            torch.testing.assert_close(cut[row : row + 1], expected, rtol=0, atol=1e-5)
+
+
+def test_mean_fill_is_the_per_position_mean_code():
+    tokenizer = trained_looking_titok()
+    with pytest.raises(ValueError, match=r"fill='mean'.*fit_mean_fill"):
+        tokenizer.decode(torch.zeros(2, 3, dtype=torch.long), fill="mean")
+    with pytest.raises(ValueError, match=r"full-length training ids, a \(M >= 1, 8\) long tensor"):
+        tokenizer.fit_mean_fill(torch.zeros(4, 3, dtype=torch.long))
+    train_ids = tokenizer.encode(torch.rand(32, 1, 16, 16) * 2 - 1).ids
+    means = tokenizer.fit_mean_fill(train_ids)
+    codes = tokenizer.quantizer.ids_to_codes(train_ids)
+    assert means.shape == (8, tokenizer.code_dim)
+    torch.testing.assert_close(means, codes.mean(dim=0))
+    # decoding k = 3 tokens with fill="mean" is decoding the codes with positions 3.. replaced by those means
+    images = torch.rand(2, 1, 16, 16) * 2 - 1
+    short = tokenizer.encode(images, num_tokens=3)
+    filled = torch.cat([tokenizer.quantizer.ids_to_codes(short.ids), means[3:].expand(2, -1, -1)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(tokenizer.decode(short.ids, short.lengths, fill="mean"), tokenizer.decode_codes(filled).clamp(-1, 1),
+                                   rtol=0, atol=1e-6)
+    # the means are not part of the saved weights (the model's fingerprint does not change)
+    assert "mean_fill_codes" not in tokenizer.state_dict()

@@ -13,8 +13,19 @@ Differences from the paper and its official code:
   on pixels, which is what flexar does from the start. Perceptual and adversarial terms come from
   :mod:`flexar.tokenizers.losses` when configured.
 - the decoder has a learned padding embedding for latent positions past ``lengths``, so ``decode`` accepts truncated
-  sequences (the "TiTok, truncated" baseline against flexible-length tokenizers). Plain TiTok never sees padding
-  during training; flexible-length subclasses do.
+  sequences. Plain TiTok never sees padding during training (the embedding keeps its random initialisation);
+  flexible-length subclasses do. For a fair "TiTok, truncated" baseline against flexible-length tokenizers,
+  ``decode(ids, lengths, fill)`` offers two fills besides it that do not rest on an untrained embedding:
+
+  - ``"pad"`` (default): dropped latent positions take ``pad_token``, as training does for the subclasses;
+  - ``"cut"``: the decoder attends only to the mask tokens and the kept latents; the dropped positions are removed
+    from every attention (as if the sequence were [N mask tokens; k latents]);
+  - ``"mean"``: dropped latent position i takes the mean, over a training set, of the quantised code vector at
+    position i, ``c_i = (1 / M) sum_m e(ids[m, i])``, set by :meth:`TiTok.fit_mean_fill` from full-length ids;
+    since ``from_code`` is affine, the decoder sees there the mean of what it saw at position i in training.
+    The means are not saved with the model (fit them again after loading).
+
+  At k = N the three are the same decode.
 """
 from __future__ import annotations
 
@@ -26,6 +37,9 @@ from ..hub import register
 from ..nn import Transformer
 from ..quantizers import FSQ, VQ
 from .base import Encoded, Tokenizer
+
+# how decode fills latent positions past `lengths` (see the module docstring)
+FILLS = ("pad", "cut", "mean")
 
 TITOK_PRESETS = {
     # width, depth, heads per the paper's ViT sizes (encoder and decoder alike)
@@ -117,6 +131,8 @@ class TiTok(Tokenizer):
         decoder_heads = max(1, num_heads * decoder_width // width)
         self.decoder = Transformer(decoder_width, decoder_depth, decoder_heads, mlp=mlp, norm=norm, backend=attention_backend)
         self.to_pixels = nn.Linear(decoder_width, patch_dim)
+        # (K, code_dim) per-position mean code of a training set for fill="mean"; set by fit_mean_fill, not saved
+        self.register_buffer("mean_fill_codes", None, persistent=False)
 
     # -- encoder -------------------------------------------------------------------------------------------------------
     def encode_latents(self, images: Tensor) -> Tensor:
@@ -134,28 +150,70 @@ class TiTok(Tokenizer):
         return Encoded(ids, lengths)
 
     # -- decoder -------------------------------------------------------------------------------------------------------
-    def decoder_input(self, codes: Tensor, lengths: Tensor | None = None) -> Tensor:
+    def decoder_input(self, codes: Tensor, lengths: Tensor | None = None, fill: str = "pad") -> Tensor:
         """codes (B, L <= K, code_dim) -> decoder sequence (B, N + K, width): [mask tokens; latents], where latent
-        positions >= lengths (and >= L) take the pad embedding."""
+        positions >= lengths (and >= L) take the pad embedding, or with ``fill="mean"`` the embedded mean code of
+        their position (``fill="cut"`` fills with the pad embedding too; :meth:`decode_codes` masks those out)."""
         batch, length = codes.shape[:2]
         hidden = self.from_code(codes)
+        if fill == "mean":
+            filler = self.from_code(self._mean_fill().to(hidden.dtype)).expand(batch, -1, -1)
+        else:
+            filler = self.pad_token.expand(batch, self.max_tokens, -1)
         if length < self.max_tokens:
-            hidden = torch.cat([hidden, self.pad_token.expand(batch, self.max_tokens - length, -1)], dim=1)
+            hidden = torch.cat([hidden, filler[:, length:]], dim=1)
         if lengths is not None:
-            keep = torch.arange(self.max_tokens, device=codes.device)[None, :] < lengths[:, None]
-            hidden = torch.where(keep[..., None], hidden, self.pad_token)
+            hidden = torch.where(self.kept_positions(lengths)[..., None], hidden, filler)
         hidden = hidden + self.latent_pos
         masks = (self.mask_token + self.mask_pos).expand(batch, -1, -1)
         return torch.cat([masks, hidden], dim=1)
 
-    def decode_codes(self, codes: Tensor, lengths: Tensor | None = None) -> Tensor:
-        """codes (B, L <= K, code_dim) -> images; latent positions >= lengths (and >= L) take the pad embedding."""
-        out = self.decoder(self.decoder_input(codes, lengths))[:, : self.num_patches]
+    def kept_positions(self, lengths: Tensor) -> Tensor:
+        """(B,) kept counts -> (B, K) bool, True at the latent positions a decode reads."""
+        return torch.arange(self.max_tokens, device=lengths.device)[None, :] < lengths[:, None]
+
+    def decode_codes(self, codes: Tensor, lengths: Tensor | None = None, fill: str = "pad") -> Tensor:
+        """codes (B, L <= K, code_dim) -> images; latent positions >= lengths (and >= L) are filled as ``fill``
+        says ("pad", "cut" or "mean", see the module docstring)."""
+        if fill not in FILLS:
+            raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
+        mask = None
+        if fill == "cut":
+            kept = torch.full((codes.shape[0],), codes.shape[1], dtype=torch.long, device=codes.device)
+            kept = kept if lengths is None else torch.minimum(kept, lengths.to(codes.device))
+            if bool((kept < self.max_tokens).any()):
+                # keys: every mask token, and the kept latents only; (B, 1, 1, N + K) broadcasts over heads and queries
+                every_mask = torch.ones(codes.shape[0], self.num_patches, dtype=torch.bool, device=codes.device)
+                mask = torch.cat([every_mask, self.kept_positions(kept)], dim=1)[:, None, None, :]
+        out = self.decoder(self.decoder_input(codes, lengths, fill), mask=mask)[:, : self.num_patches]
         return unpatchify(self.to_pixels(out), self.patch_size, self.image_size)
 
-    def decode(self, ids: Tensor, lengths: Tensor | None = None) -> Tensor:
+    def decode(self, ids: Tensor, lengths: Tensor | None = None, fill: str = "pad") -> Tensor:
+        """ids (B, L <= K), lengths (B,) -> images (B, C, H, W); ``fill`` as in :meth:`decode_codes`."""
         lengths = self.check_ids(ids, lengths)
-        return self.decode_codes(self.quantizer.ids_to_codes(ids), lengths)
+        return self.decode_codes(self.quantizer.ids_to_codes(ids), lengths, fill)
+
+    @torch.no_grad()
+    def fit_mean_fill(self, ids: Tensor) -> Tensor:
+        """Set the fill of ``decode(..., fill="mean")`` from full-length training ids (M, K): the mean quantised
+        code vector at each latent position, (K, code_dim), which is also returned."""
+        if ids.dim() != 2 or ids.shape[1] != self.max_tokens or ids.shape[0] < 1 or ids.dtype != torch.long:
+            raise ValueError(
+                f"fit_mean_fill needs full-length training ids, a (M >= 1, {self.max_tokens}) long tensor, "
+                f"got {tuple(ids.shape)} {ids.dtype}"
+            )
+        self.check_ids(ids, None)
+        codes = self.quantizer.ids_to_codes(ids.to(self.latent_pos.device))
+        self.mean_fill_codes = codes.float().mean(dim=0).to(self.latent_pos.dtype)
+        return self.mean_fill_codes
+
+    def _mean_fill(self) -> Tensor:
+        if self.mean_fill_codes is None:
+            raise ValueError(
+                f"{type(self).__name__}.decode(fill='mean') needs the per-position mean codes of a training set: call "
+                "fit_mean_fill(ids) first with full-length training ids (e.g. tokenizer.encode(train_images).ids)"
+            )
+        return self.mean_fill_codes
 
     def code_vectors(self) -> Tensor:
         return self.quantizer.code_vectors()
