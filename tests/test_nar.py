@@ -10,7 +10,7 @@ from flexar import Pipeline
 from flexar.generators import GENERATORS, NAR, NAR_PRESETS, RasterAR
 from flexar.generators.nar import decode_order, neighbour_logits, neighbour_sources, proximity_mask
 from flexar.nn import Block, make_norm
-from flexar.sampling import Sampler
+from flexar.sampling import BestOfN, LanternDecoder, Sampler, ScalingAR, SpeculativeDecoder
 from flexar.tokenizers import VQGAN2D
 
 from common import GeneratorContract, random_ids, seeded
@@ -233,10 +233,35 @@ def test_misuse_is_refused():
         model.training_loss(random_ids(model, 2, length=5), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="NAR trains on whole 4x4 grids"):
         model.training_loss(random_ids(model, 2), torch.tensor([0, 1]), torch.tensor([16, 5]))
-    with pytest.raises(NotImplementedError, match="whole diagonal per pass"):
-        model.step(torch.zeros(1, 1, dtype=torch.long), model.new_cache(1))
     with pytest.raises(ValueError, match=r"h \* w == max_tokens"):
         tiny_nar(max_tokens=15)
+
+
+def test_decoding_strategies_refuse_nar_by_name_before_any_work():
+    model = tiny_nar().eval()
+    calls = []
+    model.transformer.blocks[0].register_forward_hook(lambda module, inputs, output: calls.append(1))
+    raster = RasterAR(vocab_size=16, max_tokens=16, num_classes=4, dim=16, depth=1, num_heads=2).eval()
+    sampler = Sampler(cfg_scale=2.0)
+
+    def strategies():
+        return [SpeculativeDecoder(raster, sampler, 2), LanternDecoder(raster, sampler, 2, k=3), ScalingAR(sampler, 2),
+                BestOfN(sampler, 2)]
+
+    for strategy in strategies():
+        with pytest.raises(ValueError, match=rf"{type(strategy).__name__} cannot decode with NAR: the NAR family has"):
+            model.generate_with(torch.tensor([0, 1]), strategy, seeded())
+    # through a pipeline the refusal comes before the strategy prepares anything (LANTERN's neighbour table)
+    torch.manual_seed(0)
+    pipe = Pipeline(VQGAN2D.from_preset("vq2d-tiny", image_size=16, channels=1, codebook_size=16), model)
+    for strategy in strategies():
+        with pytest.raises(ValueError, match=rf"{type(strategy).__name__} cannot decode with NAR"):
+            pipe.generate([0, 1], sampler=strategy, seed=0)
+        assert getattr(strategy, "neighbours", None) is None
+    assert calls == []
+    # a NAR draft for a raster target is refused by name too
+    with pytest.raises(ValueError, match="cannot decode with NAR"):
+        raster.generate_with(torch.tensor([0]), SpeculativeDecoder(model, sampler, 2), seeded())
 
 
 def test_presets_config_and_pipeline(tmp_path):

@@ -121,3 +121,40 @@ def test_selectable_from_flags_and_reproducible():
     with pytest.raises(ValueError, match="checkpoints"):
         ScalingAR(checkpoints=[1.5])
     assert math.isfinite(first.stats["scores"][0][0])
+
+
+def count_network_calls(model):
+    """A list that grows by one at every pass of the model's network (prefill, step or full forward)."""
+    calls = []
+    model.transformer.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[1]))
+    return calls
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
+@pytest.mark.parametrize("num_tokens", [1, 12])
+def test_forward_passes_count_every_network_call(cfg_scale, num_tokens):
+    sampler = Sampler(cfg_scale=cfg_scale)
+    labels = torch.tensor([0, 2])
+    for strategy in (BestOfN(sampler, 3), ScalingAR(sampler, 3), ScalingAR(sampler, 3, terminate=False)):
+        model = tiny()
+        calls = count_network_calls(model)
+        out = model.generate_with(labels, strategy, seeded(1), num_tokens=num_tokens)
+        assert out.stats["forward_passes"] == len(calls), type(strategy).__name__
+    # best-of-N: N trajectories decoded in one batch (num_tokens passes), then one prefill and one teacher-forced step
+    model = tiny()
+    calls = count_network_calls(model)
+    out = model.generate_with(labels, BestOfN(sampler, 3), seeded(1), num_tokens=num_tokens)
+    assert out.stats["forward_passes"] == len(calls) == num_tokens + min(num_tokens, 2)
+
+
+def test_best_of_n_refuses_a_family_without_step_decoding_before_sampling():
+    from flexar.generators import NAR
+
+    torch.manual_seed(0)
+    model = NAR(vocab_size=16, max_tokens=4, grid=[2, 2], num_classes=3, dim=16, depth=1, num_heads=2).eval()
+    calls = []
+    model.transformer.blocks[0].register_forward_hook(lambda module, inputs, output: calls.append(1))
+    for strategy in (BestOfN(Sampler(), 2), ScalingAR(Sampler(), 2)):
+        with pytest.raises(ValueError, match=rf"{type(strategy).__name__} cannot decode with NAR"):
+            model.generate_with(torch.tensor([0]), strategy, seeded())
+    assert calls == []

@@ -279,18 +279,14 @@ class NAR(Generator):
     def new_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
         """An empty KV cache for the main blocks and the vertical block (depth + 1 layers), in decode order.
 
-        NAR decodes whole diagonals, so it has no token-by-token ``prefill`` / ``step`` hooks.
+        NAR decodes whole diagonals, so it has no token-by-token ``prefill`` / ``step`` hooks, and the decoding
+        strategies that drive them (speculative decoding, LANTERN, ScalingAR, best-of-N) refuse it with a ValueError
+        before any work.
         """
         parameter = self.head.weight
         return KVCache(self.depth + 1, batch_size, self.transformer.num_heads,
                        self.max_tokens + 1 if max_length is None else max_length, self.transformer.head_dim,
                        device=parameter.device, dtype=parameter.dtype)
-
-    def prefill(self, labels: Tensor, kv_cache: KVCache, return_hidden: bool = False):
-        raise NotImplementedError("NAR decodes a whole diagonal per pass; it has no token-by-token prefill/step hooks")
-
-    def step(self, ids: Tensor, kv_cache: KVCache, return_hidden: bool = False):
-        raise NotImplementedError("NAR decodes a whole diagonal per pass; it has no token-by-token prefill/step hooks")
 
     def pass_logits(self, step: int, decoded: Tensor, labels: Tensor, kv_cache: KVCache | None = None) -> Tensor:
         """Logits of the cells at distance ``step``, given the decoded cells of distance < ``step``.

@@ -163,7 +163,7 @@ class ScalingAR(DecodingStrategy):
         use_cache: bool = True,
         progress: bool = False,
     ):
-        check_decoding_hooks(model)
+        check_decoding_hooks(model, strategy=type(self).__name__)
         labels = model.check_labels(labels)
         count = model.check_num_tokens(num_tokens)
         generator = model.resolve_generator(generator)
@@ -267,7 +267,9 @@ class BestOfN(DecodingStrategy):
     the same confidence profile as :class:`ScalingAR` (teacher-forced) and the best one kept.
 
     Args: ``sampler``, ``num_trajectories``, ``entropy_weight``, ``condition_weight`` as in :class:`ScalingAR`.
-    Stats: the family's stats plus ``tokens_consumed`` (= B * N * num_tokens), ``scores``, ``selected``.
+    Stats: the family's stats plus ``tokens_consumed`` (= B * N * num_tokens), ``scores``, ``selected``;
+    ``forward_passes`` counts every network call, the scoring pass included (a prefill and one teacher-forced step
+    over the sequence: two calls, one when ``num_tokens`` is 1).
     """
 
     name = "best_of_n"
@@ -287,7 +289,7 @@ class BestOfN(DecodingStrategy):
 
     @torch.no_grad()
     def decode(self, model, labels, generator=None, num_tokens=None, use_cache=True, progress=False):
-        check_decoding_hooks(model)
+        check_decoding_hooks(model, strategy=type(self).__name__)
         labels = model.check_labels(labels)
         count = model.check_num_tokens(num_tokens)
         generator = model.resolve_generator(generator)
@@ -295,12 +297,13 @@ class BestOfN(DecodingStrategy):
         batch, trajectories = labels.shape[0], self.num_trajectories
         repeated = labels.repeat_interleave(trajectories)
         out = model.generate(repeated, self.sampler, generator, count, use_cache, progress)
-        scores = self.score(model, repeated, out.ids).view(batch, trajectories)
+        scores, scoring_passes = self._score(model, repeated, out.ids)
+        scores = scores.view(batch, trajectories)
         selected = scores.argmax(dim=1)
         best = torch.arange(batch, device=labels.device) * trajectories + selected
         stats = {
             **out.stats,
-            "forward_passes": out.stats["forward_passes"] + 1,
+            "forward_passes": out.stats["forward_passes"] + scoring_passes,
             "tokens": batch * count,
             "tokens_consumed": batch * trajectories * count,
             "scores": scores.tolist(),
@@ -311,19 +314,25 @@ class BestOfN(DecodingStrategy):
         return generation_output(out.ids[best], stats)
 
     def score(self, model, labels: Tensor, ids: Tensor) -> Tensor:
-        """Mean fused confidence of each sequence, from one teacher-forced pass. labels (R,), ids (R, L) -> (R,)."""
+        """Mean fused confidence of each sequence, teacher-forced. labels (R,), ids (R, L) -> (R,)."""
+        return self._score(model, labels, ids)[0]
+
+    def _score(self, model, labels: Tensor, ids: Tensor) -> tuple[Tensor, int]:
+        """(scores (R,), network calls made): the prefill, then one step over ids[:, :-1] when L > 1."""
         conditions = model.guidance_labels(labels, self.sampler)
         copies = conditions.shape[0] // labels.shape[0]
         count = ids.shape[1]
         cache = model.new_cache(conditions.shape[0], count)
         logits = model.prefill(conditions, cache).unsqueeze(1)
+        calls = 1
         if count > 1:
             logits = torch.cat([logits, model.step(ids[:, :-1].repeat(copies, 1), cache)], dim=1)
+            calls += 1
         scorer = _Scorer(self.sampler, self.entropy_weight, self.condition_weight)
         confidence = torch.stack(
             [scorer.step_confidence(logits[:, index], SamplingState(index, count)) for index in range(count)], dim=1
         )
-        return confidence.float().mean(dim=1)
+        return confidence.float().mean(dim=1), calls
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "num_trajectories": self.num_trajectories,

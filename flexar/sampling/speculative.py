@@ -117,7 +117,7 @@ class GeneratorDrafter:
     needs_hidden = False
 
     def __init__(self, model) -> None:
-        check_decoding_hooks(model)
+        check_decoding_hooks(model, strategy="a speculative draft")
         self.model = model
         self.forward_passes = 0
 
@@ -283,7 +283,7 @@ class SpeculativeDecoder(DecodingStrategy):
 
         ``use_cache`` is accepted for the interface; speculative decoding always runs on KV caches.
         """
-        check_decoding_hooks(model)
+        check_decoding_hooks(model, strategy=type(self).__name__)
         sampler = self.sampler
         labels, count, generator, timer, conditions, copies = model.begin_generation(labels, sampler, generator, num_tokens)
         drafter = self.drafter_for(model)

@@ -10,7 +10,8 @@ The protocol, which :meth:`flexar.generators.Generator.generate_with` and :meth:
 
 - ``decode(model, labels, generator=None, num_tokens=None, use_cache=True, progress=False) -> GenerationOutput``;
 - ``prepare(pipeline)``: called by the pipeline before decoding, for strategies that need more than the generator
-  (LANTERN reads the tokenizer's code vectors, a draft given as a folder is loaded on the pipeline's device);
+  (LANTERN reads the tokenizer's code vectors, a draft given as a folder is loaded on the pipeline's device); it
+  first checks the pipeline's generator, so a family the strategy cannot drive is refused before any work;
 - ``uses_cfg`` and ``to_dict()`` like a sampler.
 """
 from __future__ import annotations
@@ -40,7 +41,9 @@ class DecodingStrategy:
         return self.sampler.uses_cfg
 
     def prepare(self, pipeline) -> None:
-        """Read what the strategy needs from a :class:`flexar.Pipeline` (nothing by default)."""
+        """Check the pipeline's generator (:func:`check_decoding_hooks`); subclasses then read what they need from the
+        :class:`flexar.Pipeline`, after calling this."""
+        check_decoding_hooks(pipeline.generator, strategy=type(self).__name__)
 
     def decode(
         self,
@@ -61,8 +64,11 @@ class DecodingStrategy:
         return f"{type(self).__name__}({arguments})"
 
 
-def check_decoding_hooks(model, tokens_per_step: int = 1) -> None:
-    """Refuse a generator whose schedule the strategy cannot drive: no hooks, or several tokens per step."""
+def check_decoding_hooks(model, tokens_per_step: int = 1, strategy: str = "this decoding strategy") -> None:
+    """Refuse, with a ValueError that names the family, a generator whose schedule a strategy cannot drive: one
+    without its own token-by-token hooks (NAR decodes a whole diagonal per pass), or one that emits several tokens
+    per step (Token-Shuffle)."""
+    family = type(model).__name__
     for hook in DECODING_HOOKS:
         try:
             implemented = getattr(type(model), hook) is not getattr(_base_generator(), hook)
@@ -70,13 +76,15 @@ def check_decoding_hooks(model, tokens_per_step: int = 1) -> None:
             implemented = False
         if not implemented:
             raise ValueError(
-                f"{type(model).__name__} has no decoding hook {hook!r}; decoding strategies need new_cache / prefill "
-                "/ step (raster order and other token-by-token schedules)"
+                f"{strategy} cannot decode with {family}: the {family} family has no token-by-token decoding hook "
+                f"{hook!r}. Speculative decoding, LANTERN, ScalingAR and best-of-N drive new_cache / prefill / step "
+                "(raster order, NPP and other one-token-per-step schedules); sample this family with a plain Sampler"
             )
     step_tokens = getattr(model, "tokens_per_step", 1)
     if step_tokens != tokens_per_step:
         raise ValueError(
-            f"{type(model).__name__} emits {step_tokens} tokens per step; this strategy drives one token per step"
+            f"{strategy} cannot decode with {family}: it emits {step_tokens} tokens per step, and this strategy drives "
+            f"{tokens_per_step} token per step"
         )
 
 
