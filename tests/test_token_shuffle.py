@@ -105,6 +105,41 @@ def test_cfg_schedule_option_overrides_the_sampler_schedule():
     assert not torch.equal(first, plain.generate(labels, Sampler(cfg_scale=4.0), seeded(1)).ids)
 
 
+def test_cfg_schedule_keeps_the_processors_a_caller_inserted():
+    torch.manual_seed(0)
+    scheduled = tiny_shuffle(cfg_schedule="linear").eval()
+    plain = tiny_shuffle().eval()
+    plain.load_state_dict(scheduled.state_dict())
+    labels = torch.tensor([0, 1, 2])
+
+    def no_low_ids(logits, state):  # a caller's processor: ids below 8 are never drawn
+        return logits.index_fill(-1, torch.arange(8), float("-inf"))
+
+    def sampler(schedule="constant"):
+        chosen = Sampler(cfg_scale=4.0, cfg_schedule=schedule)
+        chosen.processors.append(no_low_ids)
+        return chosen
+
+    given = sampler()
+    first = scheduled.generate(labels, given, seeded(1)).ids
+    assert first.min() >= 8
+    assert torch.equal(first, plain.generate(labels, sampler("linear"), seeded(1)).ids)
+    # the caller's sampler is left as it was
+    assert given.cfg_schedule == "constant" and given.processors[-1] is no_low_ids and len(given.processors) == 2
+    assert given.processors[0].keywords["schedule"] == "constant"
+
+
+def test_training_refuses_lengths_short_of_the_grid():
+    torch.manual_seed(0)
+    model = tiny_shuffle().eval()
+    ids, labels = random_ids(model, 2), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"whole 4x4 grids.*every entry of lengths 16"):
+        model.training_loss(ids, labels, torch.tensor([16, 9]))
+    with torch.no_grad():
+        full = model.training_loss(ids, labels, torch.tensor([16, 16]))[0]
+        assert torch.equal(full, model.training_loss(ids, labels)[0])
+
+
 def test_config_builds_the_model_and_one_token_strategies_refuse_it():
     config = yaml.safe_load((ROOT / "configs" / "generators" / "token_shuffle_digits.yaml").read_text())
     generator = config["model"]["init_args"]["generator"]

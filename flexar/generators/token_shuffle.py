@@ -13,7 +13,9 @@ share one transformer position:
   forward pass, drawn independently given the previous windows, as in the paper.
 
 Guidance: the paper's CFG scheduler raises the guidance over the generation; ``Sampler(cfg_schedule="linear")`` does
-that per merged step, and ``cfg_schedule`` here (when set) overrides the sampler's schedule for this model.
+that per merged step, and ``cfg_schedule`` here (when set) overrides the sampler's schedule for this model: only the
+guidance step of the sampler's chain changes, every other processor (entropy-aware temperature, processors a caller
+inserted into ``sampler.processors``) runs as given.
 
 Shapes: ids (B, N) long in the tokenizer's raster order, N = h * w = ``max_tokens``; windows (B, M, s^2), M = N / s^2;
 logits (B, M_in, s^2, V).
@@ -24,8 +26,13 @@ Differences from the paper:
 - MLP blocks are pre-norm residual GELU MLPs of width ``4 d``; the paper does not give their inner width.
 - the decoding hooks (``prefill`` / ``step``) work on whole windows (``tokens_per_step = s^2``), so the one-token
   strategies (speculative decoding, LANTERN, ScalingAR) refuse this family.
+- training needs whole grids (``lengths`` = N for every row): a window mixes tokens of several raster rows, so a
+  valid token can be predicted from a window that holds padding, and padding would change the loss.
 """
 from __future__ import annotations
+
+import copy
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -34,14 +41,13 @@ from torch import Tensor, nn
 from ..hub import register
 from ..nn import KVCache, RotaryEmbedding, Transformer, causal_mask, grid_positions
 from ..sampling import SamplingState, check_cfg_schedule
+from ..sampling.processors import classifier_free_guidance
 from .base import GenerationOutput, Generator
 
 TOKEN_SHUFFLE_PRESETS = {
     "token-shuffle-tiny": dict(dim=64, depth=2, num_heads=4),
     "token-shuffle-digits": dict(dim=256, depth=6, num_heads=8),
 }
-
-IGNORE_INDEX = -100
 
 
 def shuffle_tokens(x: Tensor, grid: tuple[int, int], shuffle: int) -> Tensor:
@@ -217,19 +223,36 @@ class TokenShuffleAR(Generator):
         """Cross-entropy over every token of every window given the previous windows. ids (B, N) raster order."""
         labels = self.check_labels(labels)
         lengths = self.check_ids(ids, lengths)
-        if ids.shape[1] != self.max_tokens:
-            raise ValueError(f"Token-Shuffle trains on full grids of {self.max_tokens} tokens, got {ids.shape[1]}")
+        if ids.shape[1] != self.max_tokens or bool((lengths != self.max_tokens).any()):
+            raise ValueError(
+                f"TokenShuffleAR trains on whole {self.grid[0]}x{self.grid[1]} grids: ids must be (B, {self.max_tokens}) "
+                f"and every entry of lengths {self.max_tokens} (got ids {tuple(ids.shape)}, lengths in "
+                f"[{int(lengths.min())}, {int(lengths.max())}]); a window holds tokens of several raster rows, so padding "
+                "would condition valid tokens"
+            )
         if labels.shape[0] != ids.shape[0]:
             raise ValueError(f"got {labels.shape[0]} labels for {ids.shape[0]} rows of ids")
         labels = self.drop_labels(labels)
         windows = self.to_windows(ids)
         logits = self.forward(windows[:, :-1], labels)  # (B, M, s^2, V)
-        valid = self.to_windows((torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]).long()).bool()
-        targets = windows.masked_fill(~valid, IGNORE_INDEX)
-        loss = F.cross_entropy(logits.flatten(0, 2).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(logits.flatten(0, 2).float(), windows.flatten())
         with torch.no_grad():
-            accuracy = ((logits.argmax(-1) == windows) & valid).sum() / valid.sum()
+            accuracy = (logits.argmax(-1) == windows).float().mean()
         return loss, {"loss": loss.detach(), "accuracy": accuracy, "perplexity": loss.detach().exp()}
+
+    # -- guidance ------------------------------------------------------------------------------------------------------
+    def scheduled_sampler(self, sampler):
+        """``sampler`` with its guidance on this model's ``cfg_schedule``: a copy whose guidance processor is
+        replaced in place, so every other processor of its chain (inserted ones included) is kept, in order."""
+        if self.cfg_schedule is None or not sampler.uses_cfg or sampler.cfg_schedule == self.cfg_schedule:
+            return sampler
+        scheduled = copy.copy(sampler)
+        scheduled.cfg_schedule = self.cfg_schedule
+        scheduled.processors = [
+            _with_schedule(processor, self.cfg_schedule) if _is_guidance(processor) else processor
+            for processor in sampler.processors
+        ]
+        return scheduled
 
     # -- sampling ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -246,8 +269,7 @@ class TokenShuffleAR(Generator):
 
         ``num_tokens`` must be None or ``max_tokens``: a grid is generated whole.
         """
-        if self.cfg_schedule is not None and sampler.uses_cfg and sampler.cfg_schedule != self.cfg_schedule:
-            sampler = type(sampler).from_dict({**sampler.to_dict(), "cfg_schedule": self.cfg_schedule})
+        sampler = self.scheduled_sampler(sampler)
         labels, count, generator, timer, conditions, copies = self.begin_generation(
             labels, sampler, generator, num_tokens, whole="Token-Shuffle generates whole grids")
         batch = labels.shape[0]
@@ -270,3 +292,12 @@ class TokenShuffleAR(Generator):
             "batch_size": batch,
         }
         return GenerationOutput(ids=self.from_windows(windows), stats=stats)
+
+
+def _is_guidance(processor) -> bool:
+    return isinstance(processor, partial) and processor.func is classifier_free_guidance
+
+
+def _with_schedule(processor: partial, schedule: str) -> partial:
+    """The guidance processor ``processor`` (a partial of classifier_free_guidance) with another schedule."""
+    return partial(processor.func, *processor.args, **{**processor.keywords, "schedule": schedule})
