@@ -26,7 +26,7 @@ def tiny_npp(**overrides):
 
 def raster_twin(model: NPP) -> RasterAR:
     """A RasterAR with the same sizes and weights as `model`."""
-    config = {k: v for k, v in model.config.items() if k not in ("patch_sizes", "epoch_rate")}
+    config = {k: v for k, v in model.config.items() if k not in ("patch_sizes", "epoch_rate", "patch_size")}
     raster = RasterAR(**config)
     raster.load_state_dict(model.state_dict())
     return raster.train(model.training)
@@ -124,7 +124,7 @@ def test_parameters_are_raster_parameters_at_every_stage():
         model.on_epoch_start(epoch, 10)
         counts.add(sum(p.numel() for p in model.parameters()))
         keys.add(tuple(model.state_dict()))
-    raster = RasterAR(**{k: v for k, v in model.config.items() if k not in ("patch_sizes", "epoch_rate")})
+    raster = RasterAR(**{k: v for k, v in model.config.items() if k not in ("patch_sizes", "epoch_rate", "patch_size")})
     assert counts == {sum(p.numel() for p in raster.parameters())} and keys == {tuple(raster.state_dict())}
 
 
@@ -169,6 +169,23 @@ def test_generator_module_runs_the_schedule():
     assert seen == [(p, p) for p in (4, 4, 2, 2, 2, 1, 1, 1, 1, 1)]
 
 
+def test_reloaded_model_keeps_the_stage_it_was_saved_in(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_npp(patch_sizes=[4, 2, 1]).eval()
+    ids, labels = random_ids(model, 2), torch.tensor([0, 3])
+    for epoch, expected in ((0, 4), (3, 2), (9, 1)):
+        assert model.on_epoch_start(epoch, 10) == expected
+        model.save_pretrained(tmp_path / str(epoch))
+        loaded = NPP.from_pretrained(tmp_path / str(epoch)).eval()
+        assert loaded.patch_size == expected and loaded.config == model.config
+        with torch.no_grad():
+            assert torch.equal(loaded.training_loss(ids, labels)[0], model.training_loss(ids, labels)[0])
+    assert tiny_npp(patch_sizes=[4, 2, 1], patch_size=2).patch_size == 2
+    for bad in (3, 2.0, True):
+        with pytest.raises(ValueError, match=r"patch_size must be one of patch_sizes \[4, 2, 1\]"):
+            tiny_npp(patch_sizes=[4, 2, 1], patch_size=bad)
+
+
 def test_presets_and_configs():
     assert set(NPP_PRESETS) <= set(GENERATORS) and NPP_PRESETS["npp-xl"] == dict(dim=1280, depth=36, num_heads=20)
     model = NPP.from_preset("npp-tiny", vocab_size=32, max_tokens=64, grid=[8, 8], patch_sizes=[4, 2, 1])
@@ -209,4 +226,5 @@ def test_schedule_runs_under_flexar_train(tmp_path):
     stages = [(int(row["epoch"]), float(row["train/patch_size"])) for row in rows if row.get("train/patch_size")]
     # boundaries for 2 epochs: [1, 2] -> epoch 0 trains on 2x2 patches, epoch 1 on tokens
     assert sorted(set(stages)) == [(0, 2.0), (1, 1.0)]
-    assert NPP.from_pretrained(tmp_path / "generator").patch_sizes == [2, 1]
+    exported = NPP.from_pretrained(tmp_path / "generator")
+    assert exported.patch_sizes == [2, 1] and exported.patch_size == 1

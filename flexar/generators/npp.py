@@ -15,7 +15,9 @@ Schedule: ``patch_sizes`` lists the patch sides of the stages, coarse to fine (`
 single tokens; ``[4, 2, 1]``); over E training epochs with ``epoch_rate`` r, stage i lasts until epoch boundary i of
 ``[int(E * r^k) for k in range(levels)]`` reversed (E = 300, r = 0.5, two levels -> [150, 300]). The generator holds
 the schedule; whoever runs the epochs calls ``on_epoch_start(epoch, max_epochs)`` (flexar's GeneratorModule does,
-from Lightning's epoch hook), which sets ``patch_size``, the stage that ``training_loss`` uses.
+from Lightning's epoch hook), which sets ``patch_size``, the stage that ``training_loss`` uses. ``patch_size`` is
+also a constructor argument (None: the first stage) that every change of stage writes into ``model.config``, so a
+model saved mid-schedule (or after it, at p = 1) reloads at the stage it was saved in.
 
 Shapes: ids (B, N = h * w) long in raster order; labels (B,) long; patch logits (B, N / p^2, vocab_size).
 
@@ -28,6 +30,8 @@ Differences from the paper and its official code:
 - ``lengths`` (flexible-length tokenizers) are honoured at p = 1 only; coarser stages need whole grids.
 """
 from __future__ import annotations
+
+import numbers
 
 import torch
 from torch import Tensor
@@ -55,7 +59,11 @@ def stage_boundaries(num_levels: int, max_epochs: int, epoch_rate: float = 0.5) 
 
 @register
 class NPP(RasterAR):
-    """A raster generator trained with next-patch prediction; the same parameters as :class:`RasterAR`."""
+    """A raster generator trained with next-patch prediction; the same parameters as :class:`RasterAR`.
+
+    Args (beyond :class:`RasterAR`'s): ``patch_sizes`` and ``epoch_rate``, the schedule (module docstring);
+    ``patch_size``, the current stage (None: ``patch_sizes[0]``), kept up to date in ``config`` by every change.
+    """
 
     presets = NPP_PRESETS
 
@@ -67,6 +75,7 @@ class NPP(RasterAR):
         num_classes: int = 10,
         patch_sizes: list[int] | None = None,
         epoch_rate: float = 0.5,
+        patch_size: int | None = None,
         dim: int = 256,
         depth: int = 6,
         num_heads: int = 8,
@@ -94,7 +103,23 @@ class NPP(RasterAR):
             raise ValueError(f"epoch_rate must lie in (0, 1), got {epoch_rate}")
         self.patch_sizes = patch_sizes
         self.epoch_rate = epoch_rate
-        self.patch_size = patch_sizes[0]
+        self.patch_size = patch_sizes[0] if patch_size is None else patch_size
+
+    @property
+    def patch_size(self) -> int:
+        """The current stage: the patch side ``training_loss`` trains with, one of ``patch_sizes``."""
+        return self._patch_size
+
+    @patch_size.setter
+    def patch_size(self, size: int) -> None:
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or int(size) not in self.patch_sizes:
+            raise ValueError(f"NPP patch_size must be one of patch_sizes {self.patch_sizes}, got {size!r}")
+        size = int(size)
+        self._patch_size = size
+        # the stage belongs to the saved config: a reloaded model resumes (and validates) at the stage it was saved in
+        config = self.__dict__.get("config")
+        if config is not None:
+            config["patch_size"] = size
 
     # -- schedule ------------------------------------------------------------------------------------------------------
     def stage_boundaries(self, max_epochs: int) -> list[int]:
