@@ -135,3 +135,26 @@ def test_adaln_zero_starts_as_identity_per_block():
     block = Block(16, 2, cond_dim=4)
     x = torch.randn(2, 5, 16)
     torch.testing.assert_close(block(x, cond=torch.randn(2, 4)), x)
+
+
+def test_auto_uses_flex_attention_only_when_compiled_flex_attention_is_on():
+    from flexar.nn.attention import auto_backend, flex_compile_enabled, resolve_backend, set_flex_compile
+
+    structured = block_causal_mask(torch.arange(8) // 2)
+    dense = torch.ones(8, 8, dtype=torch.bool)
+    # eager FlexAttention is slower than SDPA with a dense mask on every device: auto picks it only when compiled
+    assert auto_backend("cuda", structured, flex_compiled=False) == "sdpa"
+    assert auto_backend("cuda", structured, flex_compiled=True) == "flex"
+    for device_type in ("cpu", "cuda"):
+        for mask in (None, causal_mask(), dense):
+            assert auto_backend(device_type, mask, flex_compiled=True) == "sdpa"
+    assert auto_backend("cpu", structured, flex_compiled=True) == "sdpa"
+    # resolve_backend reads the process-wide switch
+    q = torch.zeros(1, 1, 8, 4)
+    assert not flex_compile_enabled()
+    try:
+        set_flex_compile(True)
+        assert flex_compile_enabled() and resolve_backend("auto", q, structured) == "sdpa"  # a CPU tensor
+    finally:
+        set_flex_compile(False)
+    assert resolve_backend("flex", q, structured) == "flex" and resolve_backend("auto", q, structured) == "sdpa"
