@@ -4,6 +4,9 @@ import json
 import math
 import pathlib
 import pickle
+import re
+import warnings
+from urllib.error import URLError
 
 import lightning
 import numpy as np
@@ -12,8 +15,16 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from flexar.eval import CLASSIFIER_EXTRACTOR, ClassifierModule, DigitClassifier, compute_metrics, extract_features
-from flexar.eval.fid import frechet_distance, gaussian_statistics
+from flexar.eval import (
+    CLASSIFIER_EXTRACTOR,
+    ClassifierModule,
+    DigitClassifier,
+    SmallSetWarning,
+    compute_metrics,
+    extract_features,
+    load_extractor,
+)
+from flexar.eval.fid import frechet_distance, gaussian_statistics, reference_images
 
 # Small enough that 200 images give full-rank covariances, so FID is well conditioned.
 TINY = dict(in_channels=1, num_classes=10, image_size=32, width=8, feature_dim=16)
@@ -302,3 +313,167 @@ def test_extractor_is_registered():
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
     assert CLASSIFIER_EXTRACTOR in FEATURE_EXTRACTORS_REGISTRY
+
+
+# --- extractors loaded once, and checked before sampling ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def inception_weights_file(tmp_path_factory) -> pathlib.Path:
+    """Random weights in the format torch-fidelity loads (a plain state dict read by torch.load)."""
+    from torch_fidelity import feature_extractor_inceptionv3 as inception
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(inception, "load_state_dict_from_url", lambda *args, **kwargs: None)
+        patch.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+        torch.manual_seed(0)
+        network = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    path = tmp_path_factory.mktemp("inception") / "inception.pth"
+    torch.save(network.state_dict(), path)
+    return path
+
+
+def test_inception_weights_are_read_once(tmp_path, monkeypatch, inception_weights_file):
+    import torch_fidelity
+
+    # A copy swapped for a hostile pickle after flexar's check, just before torch-fidelity builds its network: the
+    # swapped file must never be read (torch-fidelity would unpickle it without restriction).
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(inception_weights_file.read_bytes())
+    marker = tmp_path / "executed"
+    original = torch_fidelity.calculate_metrics
+
+    def swap_then_score(**kwargs):
+        torch.save(Hostile(marker), weights)
+        return original(**kwargs)
+
+    monkeypatch.setattr(torch_fidelity, "calculate_metrics", swap_then_score)
+    samples, reference = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8), pattern_images(2, seed=4)
+    with pytest.warns(SmallSetWarning, match="2048-dimensional inception"):
+        metrics = compute_metrics(samples, reference, extractor="inception", inception_weights=str(weights), kid=False)
+    assert not marker.exists() and math.isfinite(metrics["fid"]) and metrics["feature_dim"] == 2048
+    # a loaded extractor keeps its tensors in memory: the file can go
+    weights.write_bytes(inception_weights_file.read_bytes())
+    loaded = load_extractor("inception", str(weights))
+    weights.unlink()
+    assert loaded.source == str(weights) and loaded.feature_dim == 2048
+    with pytest.warns(SmallSetWarning):
+        again = compute_metrics(samples, reference, extractor=loaded, kid=False)
+    assert again["fid"] == pytest.approx(metrics["fid"], rel=1e-6) and again["extractor"] == "inception"
+
+
+def test_inception_weights_that_do_not_fit_are_refused(tmp_path):
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, wrong)
+    with pytest.raises(ValueError, match="does not hold torch-fidelity's inception-v3-compat weights"):
+        load_extractor("inception", str(wrong))
+
+
+def offline_download(*args, **kwargs):
+    raise URLError("no network")
+
+
+def test_offline_default_inception_says_what_to_do(tmp_path, monkeypatch):
+    # an empty torch-hub cache and no network: the message names both ways out
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline_download)
+    with pytest.raises(RuntimeError, match=r"not cached.*no network.*--inception-weights PATH.*classifier:PATH"):
+        load_extractor("inception")
+
+
+def test_small_sets_warn(classifier_folder, image_sets):
+    first, second = image_sets
+    extractor = load_extractor(f"classifier:{classifier_folder}")
+    assert extractor.feature_dim == TINY["feature_dim"] and extractor.name == CLASSIFIER_EXTRACTOR
+    with pytest.warns(SmallSetWarning, match=r"16 samples for 16-dimensional"):
+        compute_metrics(first[:16], second[:40], extractor=extractor, kid=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SmallSetWarning)
+        compute_metrics(first[:17], second[:40], extractor=extractor, kid=False)
+
+
+def test_reference_limit_must_be_at_least_two():
+    for bad in (0, 1, -5, 2.5, True):
+        with pytest.raises(ValueError, match="reference limit must be an int >= 2"):
+            reference_images("digits", limit=bad)
+    assert reference_images("digits", image_size=16, limit=np.int64(3)).shape == (3, 3, 16, 16)
+
+
+# --- scripts/eval_fid.py -------------------------------------------------------------------------------------------
+
+
+def load_script(name: str):
+    import importlib.util
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory) -> pathlib.Path:
+    from flexar import Pipeline
+    from flexar.generators import RasterAR
+    from flexar.tokenizers import TiTok
+
+    torch.manual_seed(0)
+    tokenizer = TiTok(image_size=16, channels=1, patch_size=4, num_latent_tokens=4, width=32, depth=1, num_heads=2,
+                      codebook_size=32, code_dim=8)
+    generator = RasterAR(vocab_size=32, max_tokens=4, num_classes=10, dim=32, depth=1, num_heads=2)
+    folder = tmp_path_factory.mktemp("pipeline")
+    Pipeline(tokenizer.eval(), generator.eval()).save_pretrained(folder)
+    return folder
+
+
+def test_eval_fid_checks_everything_before_sampling(tmp_path, monkeypatch, capsys, tiny_pipeline, classifier_folder):
+    from flexar import Pipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("sampled before the inputs were checked")
+
+    monkeypatch.setattr(Pipeline, "generate", never)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline_download)
+    script = load_script("eval_fid")
+    base = ["--pipeline", str(tiny_pipeline), "--num-samples", "20"]
+    classifier = ["--extractor", f"classifier:{classifier_folder}"]
+    cases = [
+        (["--extractor", "vgg"], "unknown extractor 'vgg'"),
+        (["--extractor", f"classifier:{tmp_path / 'missing'}"], "classifier folder .* does not exist"),
+        (["--extractor", f"classifier:{tmp_path}"], "not a flexar classifier"),
+        ([], r"not cached.*--inception-weights PATH.*classifier:PATH"),  # the default Inception, offline
+        (["--extractor", "inception", "--inception-weights", str(tmp_path / "none.pth")], "does not exist"),
+        (classifier + ["--reference", "nosuchset"], "--reference nosuchset"),
+        (classifier + ["--reference-limit", "0"], r"--reference-limit: must be an integer >= 2, got 0"),
+        (classifier + ["--num-samples", "-5"], r"--num-samples: must be an integer >= 2, got -5"),
+        (classifier + ["--batch-size", "0"], r"--batch-size: must be an integer >= 1, got 0"),
+        (classifier + ["--num-tokens", "9"], r"--num-tokens 9: the pipeline's tokenizer holds at most 4"),
+        (classifier + ["--decoding", "speculative"], "needs --draft"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            script.main(base + extra)
+        assert exit_info.value.code == 2, extra
+        assert re.search(message, capsys.readouterr().err, re.S), (extra, message)
+
+
+def test_eval_fid_records_its_settings(tmp_path, tiny_pipeline, classifier_folder):
+    script = load_script("eval_fid")
+    output = tmp_path / "fid.json"
+    argv = ["--pipeline", str(tiny_pipeline), "--num-samples", "12", "--batch-size", "5", "--reference-limit", "30",
+            "--extractor", f"classifier:{classifier_folder}", "--top-k", "5", "--temperature", "0.9",
+            "--output", str(output)]
+    # 12 samples for 16 feature dimensions: flagged before sampling
+    with pytest.warns(SmallSetWarning, match="12 samples for 16-dimensional"):
+        assert script.main(argv) == 0
+    result = json.loads(output.read_text())
+    assert result["batch_size"] == 5 and result["num_samples"] == 12 and result["reference_limit"] == 30
+    assert result["feature_dim"] == 16 and result["extractor_weights"] == str(classifier_folder)
+    assert result["sampler"]["top_k"] == 5 and result["sampler"]["temperature"] == 0.9
+    arguments = result["sampler_arguments"]
+    assert set(arguments) == set(script.sampler_argument_names())
+    expected = {"temperature", "top_k", "top_p", "cfg_scale", "cfg_schedule", "decoding", "draft", "lantern_k"}
+    assert expected <= set(arguments)
+    assert arguments["top_k"] == 5 and arguments["decoding"] == "sample" and arguments["draft"] is None

@@ -1,7 +1,15 @@
 """Evaluation: FID/KID through torch-fidelity, and a small classifier whose features score small image sets."""
 
 from flexar.eval.classifier import CLASSIFIER_EXTRACTOR, ClassifierFeatureExtractor, ClassifierModule, DigitClassifier
-from flexar.eval.fid import compute_metrics, extract_features, frechet_distance, gaussian_statistics
+from flexar.eval.fid import (
+    FeatureExtractor,
+    SmallSetWarning,
+    compute_metrics,
+    extract_features,
+    frechet_distance,
+    gaussian_statistics,
+    load_extractor,
+)
 from flexar.eval.reconstruction import reconstruction_metrics
 
 __all__ = [
@@ -9,9 +17,12 @@ __all__ = [
     "ClassifierFeatureExtractor",
     "ClassifierModule",
     "DigitClassifier",
+    "FeatureExtractor",
+    "SmallSetWarning",
     "compute_metrics",
     "extract_features",
     "frechet_distance",
     "gaussian_statistics",
+    "load_extractor",
     "reconstruction_metrics",
 ]

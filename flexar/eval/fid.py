@@ -16,18 +16,35 @@ pixels a saved PNG would hold.
 
 ``frechet_distance`` recomputes FID from feature statistics with scipy's matrix square root instead of
 torch-fidelity's eigenvalue route, so the two can check each other.
+
+Feature extractors are loaded once, before any image is scored (:func:`load_extractor`, which ``compute_metrics``
+calls for an extractor given by name): torch-fidelity 0.4 reads Inception weights with ``torch.load(...,
+weights_only=False)``, which runs whatever code a pickle carries, and reads the file again every time it builds the
+network. flexar reads the file (or torch-hub's cached download) once with the restricted ``weights_only=True``
+loader, builds the network from those tensors to check them, and hands torch-fidelity an in-memory serialisation of
+the same tensors in place of the path. The file is never opened again, so a file swapped after the check cannot
+run code. The default weights are torch-fidelity's own (``URL_INCEPTION_V3``), downloaded once into torch-hub's
+cache with their sha256 prefix checked.
+
+FID of fewer images than feature dimensions is biased: the covariance of n images has rank at most n - 1, so with
+n <= D it is singular. Such sets are scored with a :class:`SmallSetWarning`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import numbers
 import os
+import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
 import torch
 import torch_fidelity
 from torch.utils.data import Dataset
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.metric_fid import KEY_METRIC_FID
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
@@ -36,6 +53,7 @@ from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from
 from flexar.eval.classifier import CLASSIFIER_EXTRACTOR, register_classifier_extractor
 
 INCEPTION_EXTRACTOR = "inception-v3-compat"
+INCEPTION_FEATURE_DIM = 2048  # pool3, the layer FID reads
 CLASSIFIER_PREFIX = "classifier:"
 # torch-fidelity's default; smaller sets use every sample in each subset.
 KID_SUBSET_SIZE = 1000
@@ -89,12 +107,51 @@ class Uint8Images(Dataset):
         return _to_rgb(_to_uint8(item.detach().cpu()))
 
 
-def _resolve_extractor(extractor: str, inception_weights: str | None) -> tuple[str, str | None]:
-    """Map flexar's extractor string to (torch-fidelity extractor name, its weights path), checking the files."""
+class SmallSetWarning(UserWarning):
+    """A set has no more images than the extractor has feature dimensions: its covariance is singular."""
+
+
+@dataclass(frozen=True)
+class FeatureExtractor:
+    """A checked feature extractor, loaded once (see the module docstring); made by :func:`load_extractor`.
+
+    ``spec``: flexar's name (``"inception"`` or ``"classifier:PATH"``); ``name``: torch-fidelity's registry name;
+    ``feature_dim``: D of the FID features; ``source``: where the weights were read from; ``payload``: the Inception
+    tensors serialised in memory (bytes) or the classifier folder (str).
+    """
+
+    spec: str
+    name: str
+    feature_dim: int
+    source: str
+    payload: bytes | str
+
+    def weights_argument(self) -> io.BytesIO | str:
+        """What torch-fidelity's ``feature_extractor_weights_path`` receives: a fresh in-memory file of the checked
+        Inception tensors (never the path on disk), or the classifier folder."""
+        return io.BytesIO(self.payload) if isinstance(self.payload, bytes) else self.payload
+
+
+def load_extractor(extractor: str, inception_weights: str | os.PathLike | None = None) -> FeatureExtractor:
+    """Check and load a feature extractor once: ``"inception"`` (weights from ``inception_weights``, a state dict
+    saved by ``torch.save``, or torch-fidelity's download) or ``"classifier:PATH"`` (a saved flexar classifier).
+
+    Raises ValueError for an unknown name or weights that do not fit the network, FileNotFoundError for a missing
+    file or folder, and RuntimeError when the default Inception weights are neither cached nor downloadable.
+    """
     if extractor == "inception":
-        if inception_weights is not None:
-            _check_inception_weights(inception_weights)
-        return INCEPTION_EXTRACTOR, inception_weights
+        state, source = _inception_state(inception_weights)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        checked = FeatureExtractor(extractor, INCEPTION_EXTRACTOR, INCEPTION_FEATURE_DIM, source, buffer.getvalue())
+        try:
+            # build torch-fidelity's network from these tensors now, so that wrong weights fail before any sampling
+            create_feature_extractor(INCEPTION_EXTRACTOR, ["2048"], cuda=False, verbose=False,
+                                     feature_extractor_weights_path=checked.weights_argument())
+        except Exception as error:
+            message = f"{source} does not hold torch-fidelity's {INCEPTION_EXTRACTOR} weights: {error}"
+            raise ValueError(message) from error
+        return checked
     if isinstance(extractor, str) and extractor.startswith(CLASSIFIER_PREFIX):
         if inception_weights is not None:
             raise ValueError("inception_weights only applies to extractor='inception'")
@@ -103,45 +160,91 @@ def _resolve_extractor(extractor: str, inception_weights: str | None) -> tuple[s
             raise ValueError("extractor 'classifier:PATH' needs the folder of a saved flexar classifier")
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"classifier folder {folder!r} does not exist")
+        from flexar.eval.classifier import DigitClassifier
+
+        # safetensors and a checked JSON config: loading it here cannot run code, and a bad folder fails now
+        classifier = DigitClassifier.from_pretrained(folder)
         register_classifier_extractor()
-        return CLASSIFIER_EXTRACTOR, folder
+        return FeatureExtractor(extractor, CLASSIFIER_EXTRACTOR, classifier.feature_dim, folder, folder)
     raise ValueError(f"unknown extractor {extractor!r}: use 'inception' or 'classifier:PATH'")
 
 
-def _check_inception_weights(path: str) -> None:
-    """Refuse a missing file, or one that is not a plain state dict, before torch-fidelity opens it.
-
-    torch-fidelity 0.4 reads these weights with ``torch.load(weights_only=False)``, which would run any code a
-    pickle carries; the restricted ``weights_only=True`` loader here only rebuilds tensors and containers.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Inception weights file {path!r} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"{path!r} is not a plain PyTorch state dict of Inception weights: {error}") from error
+def _inception_state(path: str | os.PathLike | None) -> tuple[dict, str]:
+    """Inception weights read once with ``weights_only=True``: from ``path``, or torch-fidelity's download (cached
+    by torch-hub, sha256 prefix checked). Returns the state dict and where it came from."""
+    if path is None:
+        try:
+            state = torch.hub.load_state_dict_from_url(URL_INCEPTION_V3, map_location="cpu", progress=False,
+                                                       check_hash=True, weights_only=True)  # fmt: skip
+        except OSError as error:  # URLError and connection errors: offline, or the host is unreachable
+            cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(URL_INCEPTION_V3))
+            raise RuntimeError(
+                f"the Inception weights for FID are not cached ({cached}) and could not be downloaded from "
+                f"{URL_INCEPTION_V3} ({error}). Offline, pass a local copy of that file: inception_weights=PATH "
+                "(scripts/eval_fid.py --inception-weights PATH), or score with a flexar classifier's features: "
+                "extractor='classifier:PATH' (--extractor classifier:PATH)"
+            ) from error
+        except Exception as error:  # a failed hash check, or a cached file that is not a plain state dict
+            cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(URL_INCEPTION_V3))
+            message = f"could not read the Inception weights of {URL_INCEPTION_V3} (cache {cached}): {error}"
+            raise ValueError(message) from error
+        source = URL_INCEPTION_V3
+    else:
+        source = os.fspath(path)
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"Inception weights file {source!r} does not exist")
+        try:
+            state = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(f"{source!r} is not a plain PyTorch state dict of Inception weights: {error}") from error
     if not isinstance(state, dict) or not all(torch.is_tensor(value) for value in state.values()):
-        raise ValueError(f"{path!r} does not hold a state dict (a mapping from names to tensors)")
+        raise ValueError(f"{source!r} does not hold a state dict (a mapping from names to tensors)")
+    return state, source
+
+
+def warn_small_sets(num_samples: int, num_reference: int, extractor: FeatureExtractor) -> None:
+    """Warn (:class:`SmallSetWarning`) when a set has no more images than the extractor has feature dimensions."""
+    small = {name: count for name, count in (("samples", num_samples), ("reference images", num_reference))
+             if count <= extractor.feature_dim}  # fmt: skip
+    if small:
+        counts = " and ".join(f"{count} {name}" for name, count in small.items())
+        warnings.warn(
+            f"FID with {counts} for {extractor.feature_dim}-dimensional {extractor.spec} features: the covariance of "
+            f"n images has rank at most n - 1, so it is singular and FID is biased; use more than "
+            f"{extractor.feature_dim} images per set, or an extractor with fewer features",
+            SmallSetWarning,
+            stacklevel=3,
+        )
+
+
+def _prepared(extractor: str | FeatureExtractor, inception_weights) -> FeatureExtractor:
+    if isinstance(extractor, FeatureExtractor):
+        if inception_weights is not None:
+            raise ValueError("inception_weights only applies when the extractor is given by name")
+        return extractor
+    return load_extractor(extractor, inception_weights)
 
 
 def extract_features(
     images: torch.Tensor | Dataset,
-    extractor: str = "inception",
+    extractor: str | FeatureExtractor = "inception",
     inception_weights: str | None = None,
     batch_size: int = 64,
     device: str = "cpu",
 ) -> torch.Tensor:
     """Features torch-fidelity's FID would use for ``images``: (N, D) float32 on CPU.
 
-    D is 2048 for ``"inception"`` (pool3) and the classifier's ``feature_dim`` for ``"classifier:PATH"``.
+    D is 2048 for ``"inception"`` (pool3) and the classifier's ``feature_dim`` for ``"classifier:PATH"``;
+    ``extractor`` may also be a :class:`FeatureExtractor` from :func:`load_extractor`.
     """
     cuda = _is_cuda(device)
-    name, weights_path = _resolve_extractor(extractor, inception_weights)
+    extractor = _prepared(extractor, inception_weights)
     dataset = Uint8Images(images)
-    layer = FEATURE_EXTRACTORS_REGISTRY[name].get_default_feature_layer_for_metric("fid")
+    layer = FEATURE_EXTRACTORS_REGISTRY[extractor.name].get_default_feature_layer_for_metric("fid")
     with _device_scope(device):
         network = create_feature_extractor(
-            name, [layer], cuda=cuda, feature_extractor_weights_path=weights_path, verbose=False
+            extractor.name, [layer], cuda=cuda, feature_extractor_weights_path=extractor.weights_argument(),
+            verbose=False,
         )
         features = get_featuresdict_from_dataset(dataset, network, batch_size, cuda, True, False)
     return features[layer]
@@ -180,7 +283,7 @@ def frechet_distance(
 def compute_metrics(
     samples: torch.Tensor | Dataset,
     reference: torch.Tensor | Dataset,
-    extractor: str = "inception",
+    extractor: str | FeatureExtractor = "inception",
     inception_weights: str | None = None,
     kid: bool = True,
     batch_size: int = 64,
@@ -191,9 +294,11 @@ def compute_metrics(
 
     Args:
         samples, reference: uint8 images (N, 3, H, W) or (N, 1, H, W), or Datasets of such (C, H, W) images.
-        extractor: ``"inception"`` (torch-fidelity's ``inception-v3-compat``) or ``"classifier:PATH"`` (a folder
-            written by ``DigitClassifier.save_pretrained``).
-        inception_weights: local Inception weights for offline use; None downloads them on first use.
+        extractor: ``"inception"`` (torch-fidelity's ``inception-v3-compat``), ``"classifier:PATH"`` (a folder
+            written by ``DigitClassifier.save_pretrained``), or a :class:`FeatureExtractor` from
+            :func:`load_extractor` (to check and load it once, before sampling).
+        inception_weights: local Inception weights (a state dict saved by ``torch.save``) for offline use; None
+            downloads torch-fidelity's on first use. Read once, never unpickled without restriction.
         kid: also compute KID.
         batch_size: images per feature-extractor batch.
         device: ``"cpu"`` or a CUDA device such as ``"cuda"`` / ``"cuda:1"``.
@@ -201,11 +306,12 @@ def compute_metrics(
             subsets larger than either set.
 
     Returns:
-        ``{"fid", "kid_mean", "kid_std", "num_samples", "num_reference", "extractor"}``; the KID entries are None
-        when ``kid`` is False. Nothing is cached on disk.
+        ``{"fid", "kid_mean", "kid_std", "num_samples", "num_reference", "extractor", "feature_dim"}``; the KID
+        entries are None when ``kid`` is False. Nothing is cached on disk. Sets of at most ``feature_dim`` images
+        are scored with a :class:`SmallSetWarning`.
     """
     cuda = _is_cuda(device)
-    name, weights_path = _resolve_extractor(extractor, inception_weights)
+    extractor = _prepared(extractor, inception_weights)
     samples_dataset, reference_dataset = Uint8Images(samples), Uint8Images(reference)
     num_samples, num_reference = len(samples_dataset), len(reference_dataset)
     if min(num_samples, num_reference) < 2:
@@ -215,14 +321,15 @@ def compute_metrics(
     if kid_subset_size is not None and kid_subset_size < 2:
         raise ValueError(f"kid_subset_size must be at least 2, got {kid_subset_size}")
     subset_size = min(kid_subset_size or KID_SUBSET_SIZE, num_samples, num_reference)
+    warn_small_sets(num_samples, num_reference, extractor)
     with _device_scope(device):
         metrics = torch_fidelity.calculate_metrics(
             input1=samples_dataset,
             input2=reference_dataset,
             fid=True,
             kid=kid,
-            feature_extractor=name,
-            feature_extractor_weights_path=weights_path,
+            feature_extractor=extractor.name,
+            feature_extractor_weights_path=extractor.weights_argument(),
             kid_subset_size=subset_size,
             batch_size=batch_size,
             cuda=cuda,
@@ -236,7 +343,8 @@ def compute_metrics(
         "kid_std": float(metrics[KEY_METRIC_KID_STD]) if kid else None,
         "num_samples": num_samples,
         "num_reference": num_reference,
-        "extractor": extractor,
+        "extractor": extractor.spec,
+        "feature_dim": extractor.feature_dim,
     }
 
 
@@ -257,11 +365,16 @@ def _device_scope(device: str) -> contextlib.AbstractContextManager:
 
 def reference_images(dataset: str, split: str = "test", image_size: int = 32, root: str | None = None,
                      limit: int | None = None) -> torch.Tensor:
-    """A dataset split as uint8 RGB images (N, 3, H, W), the reference set FID compares samples with."""
+    """A dataset split as uint8 RGB images (N, 3, H, W), the reference set FID compares samples with; ``limit``
+    (an int >= 2, FID's minimum) keeps the first ``limit`` images."""
     from flexar.data import build_dataset
 
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 2):
+        raise ValueError(f"reference limit must be an int >= 2 (FID needs two images per set) or None, got {limit!r}")
     data = build_dataset(dataset, split, image_size=image_size, root=root)
     count = len(data) if limit is None else min(limit, len(data))
+    if count < 2:
+        raise ValueError(f"reference set {dataset}:{split} has {count} images; FID needs at least 2")
     images = torch.stack([data[i][0] for i in range(count)])
     images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
