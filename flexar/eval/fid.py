@@ -50,7 +50,7 @@ from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
-from flexar.eval.classifier import CLASSIFIER_EXTRACTOR, register_classifier_extractor
+from flexar.eval.classifier import CLASSIFIER_EXTRACTOR, DigitClassifier, register_classifier_extractor
 
 INCEPTION_EXTRACTOR = "inception-v3-compat"
 INCEPTION_FEATURE_DIM = 2048  # pool3, the layer FID reads
@@ -146,7 +146,7 @@ def load_extractor(extractor: str, inception_weights: str | os.PathLike | None =
         checked = FeatureExtractor(extractor, INCEPTION_EXTRACTOR, INCEPTION_FEATURE_DIM, source, buffer.getvalue())
         try:
             # build torch-fidelity's network from these tensors now, so that wrong weights fail before any sampling
-            create_feature_extractor(INCEPTION_EXTRACTOR, ["2048"], cuda=False, verbose=False,
+            create_feature_extractor(INCEPTION_EXTRACTOR, [str(INCEPTION_FEATURE_DIM)], cuda=False, verbose=False,
                                      feature_extractor_weights_path=checked.weights_argument())
         except Exception as error:
             message = f"{source} does not hold torch-fidelity's {INCEPTION_EXTRACTOR} weights: {error}"
@@ -160,8 +160,6 @@ def load_extractor(extractor: str, inception_weights: str | os.PathLike | None =
             raise ValueError("extractor 'classifier:PATH' needs the folder of a saved flexar classifier")
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"classifier folder {folder!r} does not exist")
-        from flexar.eval.classifier import DigitClassifier
-
         # safetensors and a checked JSON config: loading it here cannot run code, and a bad folder fails now
         classifier = DigitClassifier.from_pretrained(folder)
         register_classifier_extractor()
