@@ -180,8 +180,9 @@ def test_official_rejection_needs_k_plus_one_columns():
     with pytest.raises(ValueError, match=r"k \+ 1 = 4 nearest neighbours"):
         LanternDecoder(tiny(8), neighbours=table, k=3, rejection="official")
     assert LanternDecoder(tiny(8), neighbours=neighbour_table(codes(8), 7), k=3, rejection="official").neighbours.shape == (8, 4)
-    # the whole table (V - 1 columns) is enough for any k, as in the official code's slicing
+    # the whole table (V - 1 columns) is enough for any k, as in the official code's slicing; k = 0 needs none
     LanternDecoder(tiny(8), neighbours=neighbour_table(codes(8), 7), k=7, rejection="official")
+    LanternDecoder(tiny(8), neighbours=neighbour_table(codes(8), 0), k=0, rejection="official")
 
 
 def test_a_draft_without_target_mass_is_never_accepted():
@@ -300,6 +301,10 @@ def test_lantern_accepts_more_and_runs_from_a_pipeline():
     assert images.shape == (12, 3, 16, 16) and decoder.neighbours.shape == (12, 6)
     assert torch.equal(decoder.neighbours, neighbour_table(tokenizer.code_vectors(), 6))
     assert stats_["forward_passes"] <= exact_stats["forward_passes"]
+    # the official rejection reads one neighbour more than B can hold
+    official = LanternDecoder(draft, sampler, 3, k=6, delta=0.4, rejection="official")
+    assert pipe.generate(labels[:3], sampler=official, seed=0).shape == (3, 3, 16, 16)
+    assert torch.equal(official.neighbours, neighbour_table(tokenizer.code_vectors(), 7))
     with pytest.raises(ValueError, match="neighbour table"):
         target.generate_with(torch.tensor([0]), LanternDecoder(draft, sampler), seeded())
     with pytest.raises(ValueError, match="lambda"):

@@ -163,7 +163,8 @@ class LanternDecoder(SpeculativeDecoder):
         if self.rejection != "official":
             return
         width = min(self.k, table.shape[1])
-        needed = min(width + 1, table.shape[0] - 1)
+        # with no neighbour considered B is always empty, and the official code zeroes nothing
+        needed = min(width + 1, table.shape[0] - 1) if width else 0
         if table.shape[1] < needed:
             raise ValueError(
                 f"rejection='official' zeroes the k + 1 = {width + 1} nearest neighbours of a rejected draft, but the "
