@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="Autoregressive image generation with adaptive 1D tokenizers",
     packages=find_packages(include=["flexar", "flexar.*"]),
+    package_data={"flexar.tokenizers": ["weights/*.safetensors", "weights/LICENSE.lpips"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.5",
