@@ -100,9 +100,80 @@ def test_top_p_on_bfloat16_keeps_dtype():
 
 def test_temperature_divides_and_refuses_zero():
     logits = random_logits(2, 8)
-    assert torch.allclose(temperature(logits, STATE, 0.5), logits * 2)
+    assert torch.allclose(temperature(logits, STATE, 2.0), logits / 2)
+    # below 1 the logits are divided after a per-row shift: the same differences, the same softmax
+    cooled = temperature(logits, STATE, 0.5)
+    assert torch.allclose(cooled - cooled[:, :1], (logits - logits[:, :1]) * 2, atol=1e-5)
+    assert torch.allclose(cooled.softmax(-1), (logits * 2).softmax(-1), atol=1e-6)
     with pytest.raises(ValueError, match="greedy"):
         temperature(logits, STATE, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_tiny_temperature_and_huge_guidance_do_not_overflow(dtype):
+    """Settings float32 can hold are computed without overflow: the limit is the argmax, not token V - 1."""
+
+    def is_row_maximum(values, ids):  # low precisions tie; any of the tied maxima is right
+        return bool((values.gather(-1, ids.unsqueeze(-1)).squeeze(-1) == values.amax(-1)).all())
+
+    logits = random_logits(64, 32, seed=21).to(dtype)
+    generator = torch.Generator().manual_seed(0)
+    for value in (1e-30, 2e-38):
+        assert is_row_maximum(logits, Sampler(temperature=value).sample(logits, STATE, generator))
+    guided = random_logits(128, 32, seed=22).to(dtype)
+    conditional, unconditional = guided.chunk(2)
+    ids = Sampler(cfg_scale=1e30).sample(guided, STATE, generator)
+    assert is_row_maximum(conditional - unconditional, ids)
+    assert torch.isfinite(Sampler(cfg_scale=1e30).probs(guided, STATE)).all()
+    assert (ids != 31).any()
+
+
+@pytest.mark.parametrize(("settings", "message"), [({"temperature": 1e-40}, "temperature"),
+                                                   ({"temperature": 1e39}, "temperature"),
+                                                   ({"cfg_scale": 1e39}, "cfg_scale")])
+def test_settings_beyond_float32_are_refused(settings, message):
+    with pytest.raises(ValueError, match=f"{message}.*float32"):
+        Sampler(**settings)
+
+
+def test_nan_rows_are_refused_by_categorical_and_the_sampler():
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.rand(5, 16)
+    probs[3, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"categorical: 1 of 5 rows .* rows 3\b"):
+        categorical(probs, generator)
+    for bad in (float("inf"), 0.0):
+        other = torch.rand(5, 16)
+        other[1] = bad
+        with pytest.raises(ValueError, match="rows 1"):
+            categorical(other, generator)
+    logits = random_logits(4, 16)
+    logits[2] = float("nan")
+    for sampler in (Sampler(), Sampler(temperature=0.0), Sampler(top_k=4, top_p=0.9, temperature=0.5)):
+        with pytest.raises(ValueError, match="decoding step 3"):
+            sampler.sample(logits, SamplingState(step=3, num_steps=8), generator)
+    with pytest.raises(ValueError, match="no probability mass"):
+        Sampler(cfg_scale=2.0).sample(torch.cat([logits, logits]), STATE, generator)
+
+
+def test_off_cpu_the_sampler_checks_once_at_each_end_of_the_schedule(monkeypatch):
+    """Where a host synchronisation costs (an accelerator), the check stays on the device between the schedule's
+    first and last step, and then names the first step that failed."""
+    monkeypatch.setattr(Sampler, "synchronisation_is_free", staticmethod(lambda device: False))
+    generator = torch.Generator().manual_seed(0)
+    good, bad = random_logits(4, 16), random_logits(4, 16)
+    bad[1] = float("nan")
+    for sampler in (Sampler(), Sampler(temperature=0.0)):
+        sampler.sample(good, SamplingState(step=0, num_steps=5), generator)
+        sampler.sample(good, SamplingState(step=1, num_steps=5), generator)
+        sampler.sample(bad, SamplingState(step=2, num_steps=5), generator)  # recorded, not yet raised
+        sampler.sample(good, SamplingState(step=3, num_steps=5), generator)
+        with pytest.raises(ValueError, match="1 of 4 rows .* decoding step 2"):
+            sampler.sample(good, SamplingState(step=4, num_steps=5), generator)
+        # the record is cleared: the next schedule starts clean, and a failure at its first step is raised at once
+        sampler.sample(good, SamplingState(step=4, num_steps=5), generator)
+        with pytest.raises(ValueError, match="decoding step 0"):
+            sampler.sample(bad, SamplingState(step=0, num_steps=5), generator)
 
 
 def test_temperature_zero_is_argmax():

@@ -16,7 +16,15 @@ Departures from common reference code:
 - ``top_p`` computes its cumulative mass in at least float32 (float64 inputs stay
   float64) so that bf16 logits do not shift the nucleus boundary.
 - ``temperature`` refuses values ``<= 0``. Temperature 0 is greedy decoding, which the
-  sampler runs as an argmax rather than dividing by zero.
+  sampler runs as an argmax rather than dividing by zero. Below 1 it subtracts each row's
+  maximum before dividing, so that no finite logit overflows (the largest becomes 0, the
+  others at worst ``-inf``): the same softmax, top-k and top-p as ``logits / value``, and
+  the limit of a vanishing temperature is the argmax instead of NaN.
+- ``classifier_free_guidance`` above a scale of ``1e4`` computes
+  ``s * (d - max d)`` with ``d = (c - u) + u / s``, which equals LlamaGen's and VAR's
+  ``u + s * (c - u)`` up to a per-row constant (which softmax ignores) and cannot overflow;
+  up to ``1e4`` it runs their formula as written, which cannot overflow float32 or
+  bfloat16 logits smaller than ``1e34``.
 """
 
 from __future__ import annotations
@@ -87,6 +95,9 @@ def guidance_scale(scale: float, state: SamplingState, schedule: str = "constant
     return CFG_SCHEDULES[schedule](scale, state)
 
 
+_DIRECT_GUIDANCE_LIMIT = 1e4
+
+
 def classifier_free_guidance(
     logits: Tensor, state: SamplingState, scale: float, schedule: str = "constant"
 ) -> Tensor:
@@ -101,9 +112,10 @@ def classifier_free_guidance(
         schedule: a key of :data:`CFG_SCHEDULES`.
 
     Returns:
-        ``(B, ..., V)`` guided logits ``uncond + s * (cond - uncond)``. When the scale at
-        this step is exactly 1 the conditional rows come back unchanged (a copy), so no
-        rounding creeps in and ``-inf`` entries do not turn into NaN.
+        ``(B, ..., V)`` guided logits ``uncond + s * (cond - uncond)`` (above ``s = 1e4``
+        shifted by a per-row constant, see the module docstring). When the scale at this
+        step is exactly 1 the conditional rows come back unchanged (a copy), so no rounding
+        creeps in and ``-inf`` entries do not turn into NaN.
     """
     check_cfg_schedule(schedule)
     if logits.shape[0] % 2 != 0:
@@ -115,7 +127,11 @@ def classifier_free_guidance(
     step_scale = guidance_scale(scale, state, schedule)
     if step_scale == 1.0:
         return conditional.clone()
-    return unconditional + step_scale * (conditional - unconditional)
+    if step_scale <= _DIRECT_GUIDANCE_LIMIT:
+        return unconditional + step_scale * (conditional - unconditional)
+    # s * (c - u) would overflow: factor s out and shift each row to a maximum of 0 first
+    direction = (conditional - unconditional) + unconditional / step_scale
+    return step_scale * (direction - direction.amax(dim=-1, keepdim=True))
 
 
 def temperature(logits: Tensor, state: SamplingState, value: float) -> Tensor:
@@ -124,20 +140,24 @@ def temperature(logits: Tensor, state: SamplingState, value: float) -> Tensor:
     Args:
         logits: ``(..., V)``.
         state: unused; part of the processor signature.
-        value: temperature, strictly positive. Temperature 0 (greedy decoding) is not a
-            logit transform: :class:`flexar.sampling.Sampler` runs it as an argmax, and
-            this function raises rather than divide by zero.
+        value: temperature, at least float32's smallest normal number (about 1.2e-38).
+            Temperature 0 (greedy decoding) is not a logit transform:
+            :class:`flexar.sampling.Sampler` runs it as an argmax, and this function raises
+            rather than divide by zero.
 
     Returns:
-        ``(..., V)`` logits ``logits / value`` (the input itself when ``value == 1``).
+        ``(..., V)`` logits ``logits / value``, below ``value = 1`` shifted by each row's
+        maximum first so that nothing overflows (the input itself when ``value == 1``).
     """
-    if not value > 0:
+    if not value >= torch.finfo(torch.float32).tiny:
         raise ValueError(
-            f"temperature must be > 0 here, got {value}; temperature 0 is greedy "
-            "decoding and is handled by Sampler as an argmax"
+            f"temperature must be at least {torch.finfo(torch.float32).tiny:.3g} here, got {value}; "
+            "temperature 0 is greedy decoding and is handled by Sampler as an argmax"
         )
     if value == 1.0:
         return logits
+    if value < 1.0:
+        return (logits - logits.amax(dim=-1, keepdim=True)) / value
     return logits / value
 
 

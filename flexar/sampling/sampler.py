@@ -11,6 +11,17 @@ generator's step and call :meth:`Sampler.probs` / :meth:`Sampler.sample`.
 Departures from the reference code: temperature 0 means greedy decoding (argmax after
 the filters) instead of a division by zero, and a draw without an explicit generator is
 refused instead of falling back to the global random state.
+
+Rows without valid probability mass (NaN or infinite logits, which a diverged network
+produces) are refused with a ``ValueError`` instead of being drawn as token V - 1. The
+check reads the row totals that the inverse-CDF draw computes anyway. On CPU it runs at
+every call; on an accelerator :class:`Sampler` keeps it on the device and synchronises only
+at the first and the last step of a decoding schedule (``state.step == 0`` and
+``state.step == state.num_steps - 1``), naming the first step that failed, so that the
+decoding loop never waits on the host in between. Settings that float32 cannot carry
+(a temperature below its smallest normal number, a guidance scale beyond its largest) are
+refused when the sampler is built; small temperatures and large guidance scales are
+computed without overflow (see :mod:`flexar.sampling.processors`).
 """
 
 from __future__ import annotations
@@ -25,6 +36,40 @@ from flexar.sampling import processors as logit_processors
 from flexar.sampling.processors import LogitProcessor, SamplingState
 
 
+FLOAT32 = torch.finfo(torch.float32)
+
+
+def draw(probs: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The draw of :func:`categorical` without its check: ``(ids, valid)``, both (...).
+
+    ``valid`` says whether each row had positive, finite mass; rows where it is False got an
+    arbitrary id. Callers that check validity their own way (:class:`Sampler`) use this.
+    """
+    if probs.shape[-1] == 0:
+        raise ValueError("cannot draw from an empty vocabulary")
+    flat = probs.reshape(-1, probs.shape[-1])
+    cdf = flat.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    uniforms = torch.rand(flat.shape[0], 1, generator=generator, device=flat.device, dtype=cdf.dtype)
+    ids = torch.searchsorted(cdf, uniforms * total, right=True).clamp_max_(flat.shape[-1] - 1)
+    # NaN fails both comparisons; an infinite or zero total has no law to draw from
+    valid = (total > 0) & (total < float("inf"))
+    return ids.view(probs.shape[:-1]), valid.view(probs.shape[:-1])
+
+
+def refuse_invalid_rows(valid: Tensor, where: str, step: int | None = None) -> None:
+    """Raise ``ValueError`` when a row of ``valid`` (...) is False (one host synchronisation)."""
+    if bool(valid.all()):
+        return
+    bad = (~valid).reshape(-1).nonzero().flatten()
+    shown = ", ".join(str(int(row)) for row in bad[:8]) + (", ..." if bad.numel() > 8 else "")
+    at = f" at decoding step {step}" if step is not None else ""
+    raise ValueError(
+        f"{where}: {bad.numel()} of {valid.numel()} rows have no probability mass to draw from{at} (NaN, infinite "
+        f"or all-zero probabilities), rows {shown}; NaN or infinite logits mean the network's outputs are not finite"
+    )
+
+
 def categorical(probs: Tensor, generator: torch.Generator) -> Tensor:
     """One draw per row of ``probs`` (..., V), non-negative and not necessarily normalised; returns (...) long ids.
 
@@ -32,16 +77,13 @@ def categorical(probs: Tensor, generator: torch.Generator) -> Tensor:
     ``torch.multinomial(probs, 1)`` and costs a cumulative sum instead of one exponential draw per entry, which on a
     CPU is 10-20x cheaper over a vocabulary of 1024. A zero-probability id is never drawn: the uniform lies in
     [0, total), and a zero entry leaves the running sum unchanged, so the first index whose sum exceeds the uniform
-    is always one with mass. Every row must have positive, finite mass; unlike ``torch.multinomial`` this is not
-    checked, which would cost a device synchronisation per decoding step.
+    is always one with mass. A row without positive, finite mass (NaN, infinite or all zero) is refused with a
+    ``ValueError``; the check reads the row totals of the running sum and costs one host synchronisation per call
+    on an accelerator (use :func:`draw` to check another way).
     """
-    if probs.shape[-1] == 0:
-        raise ValueError("cannot draw from an empty vocabulary")
-    flat = probs.reshape(-1, probs.shape[-1])
-    cdf = flat.cumsum(dim=-1)
-    uniforms = torch.rand(flat.shape[0], 1, generator=generator, device=flat.device, dtype=cdf.dtype)
-    ids = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True).clamp_max_(flat.shape[-1] - 1)
-    return ids.view(probs.shape[:-1])
+    ids, valid = draw(probs, generator)
+    refuse_invalid_rows(valid, "categorical")
+    return ids
 
 
 class Sampler:
@@ -80,6 +122,11 @@ class Sampler:
             raise ValueError(
                 f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}"
             )
+        if 0.0 < temperature < FLOAT32.tiny or temperature > FLOAT32.max:
+            raise ValueError(
+                f"temperature {temperature!r} is outside what float32 can divide by "
+                f"([{FLOAT32.tiny:.3g}, {FLOAT32.max:.3g}]); use temperature 0 for greedy decoding"
+            )
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 keeps all), got {top_k!r}")
         if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
@@ -88,6 +135,8 @@ class Sampler:
             raise ValueError(
                 f"cfg_scale must be a finite number >= 0 (1 means no guidance), got {cfg_scale!r}"
             )
+        if cfg_scale > FLOAT32.max:
+            raise ValueError(f"cfg_scale {cfg_scale!r} exceeds the largest float32 ({FLOAT32.max:.3g})")
         logit_processors.check_cfg_schedule(cfg_schedule)
         self.temperature = float(temperature)
         self.top_k = top_k
@@ -95,6 +144,9 @@ class Sampler:
         self.cfg_scale = float(cfg_scale)
         self.cfg_schedule = cfg_schedule
         self.processors: list[LogitProcessor] = self.build_processors()
+        # on an accelerator: (first failing step, number of rows without mass then), kept on the device until a
+        # schedule's first or last step (see the module docstring)
+        self._pending_check: Tensor | None = None
 
     @property
     def uses_cfg(self) -> bool:
@@ -178,14 +230,55 @@ class Sampler:
         Returns:
             ``(B, ...)`` long token ids.
         """
+        state = SamplingState() if state is None else state
         if self.greedy:
-            return self.process(logits, state).argmax(dim=-1)
+            best, ids = self.process(logits, state).max(dim=-1)
+            # NaN propagates through max; a row of -inf has nothing to choose
+            self.check_rows(best > float("-inf"), state)
+            return ids
         if generator is None:
             raise ValueError(
                 "Sampler.sample needs an explicit torch.Generator when temperature > 0; "
                 "pass generator=torch.Generator(device).manual_seed(seed)"
             )
-        return categorical(self.probs(logits, state), generator)
+        ids, valid = draw(self.probs(logits, state), generator)
+        self.check_rows(valid, state)
+        return ids
+
+    def check_rows(self, valid: Tensor, state: SamplingState) -> None:
+        """Refuse rows without probability mass: at once on CPU; on an accelerator, recorded on the device and
+        checked (one host synchronisation) at the first and the last step of the schedule."""
+        where = type(self).__name__
+        if self.synchronisation_is_free(valid.device):
+            refuse_invalid_rows(valid, where, state.step)
+            return
+        pending = self._pending_check
+        if pending is not None and pending.device != valid.device:
+            self._pending_check = None
+            self._raise_pending(pending, where)
+            pending = None
+        failed = (~valid).sum()
+        now = torch.stack([torch.full_like(failed, state.step), failed])
+        # keep the first failing step
+        self._pending_check = now if pending is None else torch.where(pending[1] > 0, pending, now)
+        if state.step == 0 or state.step >= state.num_steps - 1:
+            pending, self._pending_check = self._pending_check, None
+            self._raise_pending(pending, where, valid.numel())
+
+    @staticmethod
+    def synchronisation_is_free(device: torch.device) -> bool:
+        """Whether reading a device value on the host costs no wait for queued work (on CPU nothing is queued)."""
+        return device.type == "cpu"
+
+    @staticmethod
+    def _raise_pending(pending: Tensor, where: str, rows: int | None = None) -> None:
+        step, failed = (int(value) for value in pending.tolist())
+        if failed:
+            of = f" of {rows}" if rows is not None else ""
+            raise ValueError(
+                f"{where}: {failed}{of} rows have no probability mass to draw from at decoding step {step} (NaN, "
+                "infinite or all-zero probabilities); NaN or infinite logits mean the network's outputs are not finite"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Constructor arguments, JSON-serialisable; ``from_dict`` rebuilds the sampler."""
