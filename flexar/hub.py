@@ -7,10 +7,13 @@ that is not safetensors is refused before anything in it is read.
 """
 from __future__ import annotations
 
+import collections.abc
 import functools
 import inspect
 import json
 import os
+import types
+import typing
 from pathlib import Path
 
 import torch
@@ -38,7 +41,11 @@ def registered(kind: type | None = None) -> dict[str, type]:
 
 
 class Configurable:
-    """Records the constructor's keyword arguments in ``self.config`` (outermost ``__init__`` only)."""
+    """Records the constructor's keyword arguments in ``self.config`` (outermost ``__init__`` only).
+
+    A class whose constructor reads something outside its saved folder (another model's folder) overrides
+    :meth:`_saved_config` to record what it read instead, so that the saved folder alone rebuilds it.
+    """
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -62,10 +69,14 @@ class Configurable:
                         config[name] = value
             init(self, *args, **kw)
             if outermost:
-                object.__setattr__(self, "config", _jsonable(config))
+                object.__setattr__(self, "config", _jsonable(self._saved_config(config)))
                 object.__setattr__(self, "_recording_config", False)
 
         cls.__init__ = recording_init
+
+    def _saved_config(self, config: dict) -> dict:
+        """The keyword arguments to record, given those the constructor was called with (after ``__init__``)."""
+        return config
 
 
 def _jsonable(value):
@@ -78,19 +89,92 @@ def _jsonable(value):
     raise TypeError(f"constructor argument {value!r} of type {type(value).__name__} cannot be saved in config.json")
 
 
-def build_from_config(config: dict, kind: type | None = None) -> nn.Module:
-    """Rebuild a registered class from ``{"class": name, "kwargs": {...}}``."""
+def _annotations(cls: type) -> dict[str, tuple[object, str]]:
+    """{argument: (type hint, its source text)} of ``cls.__init__``; arguments whose hint cannot be resolved are left
+    out (they are not checked)."""
+    init = inspect.unwrap(cls.__init__)
+    namespace = {**vars(typing), **getattr(init, "__globals__", {})}
+    hints = {}
+    for name, parameter in inspect.signature(init).parameters.items():
+        annotation = parameter.annotation
+        if annotation is inspect.Parameter.empty:
+            continue
+        text = annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
+        if isinstance(annotation, str):
+            try:  # annotation strings come from flexar's own source, never from a config file
+                annotation = eval(annotation, namespace)  # noqa: S307
+            except Exception:
+                continue
+        hints[name] = (annotation, text)
+    return hints
+
+
+def _matches(value, hint) -> bool:
+    """Whether a JSON value (None, bool, int, float, str, list, dict) fits a constructor's type hint."""
+    if hint is typing.Any or hint is inspect.Parameter.empty:
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return any(value == arg and type(value) is type(arg) for arg in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    sequence = origin if origin is not None else hint
+    if sequence in (list, tuple, typing.Sequence, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple)):  # JSON stores tuples as arrays
+            return False
+        if sequence is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+        return all(_matches(v, args[0]) for v in value) if args else True
+    if sequence is dict:
+        return isinstance(value, dict) and (not args or all(_matches(v, args[1]) for v in value.values()))
+    return True  # modules, callables and other hints that no JSON value is declared against
+
+
+def build_from_config(config: dict, kind: type | None = None, source: str | os.PathLike | None = None) -> nn.Module:
+    """Rebuild a registered class from ``{"class": name, "kwargs": {...}}``.
+
+    Every keyword argument is checked against the constructor's type annotations before the constructor runs, so a
+    hand-edited or foreign config (``null``, ``"16"`` or ``32.5`` for an int) is refused by field name. ``source``
+    (the config file) is named in every message.
+    """
+    where = str(source) if source is not None else "config"
     name = config.get("class")
     candidates = registered(kind)
     if name not in candidates:
         what = kind.__name__ if kind is not None else "model"
-        raise ValueError(f"config names class {name!r}, which is not a registered flexar {what}; known: {sorted(candidates)}")
+        raise ValueError(f"{where}: field 'class' names {name!r}, which is not a registered flexar {what}; "
+                         f"known: {sorted(candidates)}")
     cls = candidates[name]
     kwargs = config.get("kwargs", {})
-    accepted = inspect.signature(cls.__init__).parameters
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
-        raise ValueError(f"{name} does not take {unknown}; it accepts {sorted(k for k in accepted if k != 'self')}")
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{where}: field 'kwargs' must be an object of {name}'s constructor arguments, "
+                         f"got {type(kwargs).__name__}")
+    parameters = dict(list(inspect.signature(cls.__init__).parameters.items())[1:])
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    unknown = sorted(set(kwargs) - set(parameters))
+    if unknown and not open_ended:
+        raise ValueError(f"{where}: {name} does not take {unknown} (field 'kwargs'); it accepts {sorted(parameters)}")
+    missing = sorted(
+        key for key, p in parameters.items()
+        if p.default is inspect.Parameter.empty and key not in kwargs
+        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    )
+    if missing:
+        raise ValueError(f"{where}: field 'kwargs' lacks {missing}, which {name} requires")
+    hints = _annotations(cls)
+    for key, value in kwargs.items():
+        if key in hints and not _matches(value, hints[key][0]):
+            raise ValueError(f"{where}: field 'kwargs.{key}' of {name} must be {hints[key][1]}, got {json.dumps(value)}")
     return cls(**kwargs)
 
 
@@ -100,7 +184,11 @@ def _serialized(model: nn.Module, extra: dict | None = None) -> tuple[bytes, byt
 
     if type(model).__name__ not in _REGISTRY:
         raise ValueError(f"{type(model).__name__} is not registered with flexar.hub.register")
-    config = {"class": type(model).__name__, "kwargs": model.config, **(extra or {})}
+    config = {"class": type(model).__name__, "kwargs": model.config}
+    provenance = getattr(model, "provenance", None)
+    if provenance:  # what the model was trained on (a generator's tokenizer); absent for models without one
+        config["provenance"] = _jsonable(provenance)
+    config.update(extra or {})
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     return json.dumps(config, indent=2).encode(), save(_untie(state))
 
@@ -134,7 +222,7 @@ def read_config(folder: str | os.PathLike) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(config, dict) or "class" not in config:
-        raise ValueError(f"{path} has no 'class' entry: not a flexar config")
+        raise ValueError(f"{path} has no 'class' field: not a flexar config")
     return config
 
 
@@ -192,16 +280,39 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a valid safetensors file: {error}") from None
 
 
+def read_provenance(config: dict, source: str | os.PathLike) -> dict:
+    """The ``provenance`` field of a saved config (empty when absent), checked: an object whose
+    ``tokenizer_fingerprint``, when present, is a sha256 hex digest."""
+    provenance = config.get("provenance", {})
+    if not isinstance(provenance, dict):
+        raise ValueError(f"{source}: field 'provenance' must be an object, got {json.dumps(provenance)}")
+    recorded = provenance.get("tokenizer_fingerprint")
+    if recorded is not None and not (isinstance(recorded, str) and len(recorded) == 64
+                                     and all(c in "0123456789abcdef" for c in recorded)):
+        raise ValueError(f"{source}: field 'provenance.tokenizer_fingerprint' must be a sha256 hex digest, "
+                         f"got {json.dumps(recorded)}")
+    return dict(provenance)
+
+
 def load_model(folder: str | os.PathLike, kind: type | None = None) -> nn.Module:
-    """Rebuild and fill a model saved with :func:`save_model`; strict about missing or unexpected weights."""
-    model = build_from_config(read_config(folder), kind)
+    """Rebuild and fill a model saved with :func:`save_model`; strict about missing or unexpected weights.
+
+    The model comes back in eval mode (nothing trains, or restarts codes, by accident), with ``model.provenance``
+    (the config's ``provenance``, empty when absent) and ``model.fingerprint`` (:func:`fingerprint` of `folder`).
+    """
+    path = Path(folder) / CONFIG_NAME
+    config = read_config(folder)
+    provenance = read_provenance(config, path)
+    model = build_from_config(config, kind, source=path)
     state = load_weights(Path(folder) / WEIGHTS_NAME)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
             f"weights in {folder} do not match {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    return model
+    model.provenance = provenance
+    model.fingerprint = fingerprint(folder)
+    return model.eval()
 
 
 class PretrainedMixin:
