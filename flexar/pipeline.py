@@ -4,28 +4,81 @@
     images = pipe.generate([0, 1, 2], sampler=Sampler(top_k=50, cfg_scale=2.0), seed=0)  # uint8 (3, 3, H, W)
 
 Layout: folder/tokenizer/{config.json, model.safetensors}, folder/generator/{...}, folder/pipeline.json.
+
+Provenance: a generator trained on a token cache records the fingerprint of the tokenizer that wrote the cache
+(``generator.provenance["tokenizer_fingerprint"]``, see :func:`flexar.hub.fingerprint`). A pipeline refuses a
+tokenizer with another fingerprint, even one with the same vocabulary and length, whose ids mean different images:
+``check_provenance=False`` pairs them anyway. A generator that records no tokenizer (saved before flexar recorded
+provenance, or built in memory) is paired with a warning.
 """
 from __future__ import annotations
 
 import json
+import operator
 import os
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .hub import load_model
+from .hub import load_model, model_fingerprint
 
 # per-batch counts of decoding strategies that add up over the batches of one call
 SUMMED_STATS = ("draft_forward_passes", "rounds", "drafted", "accepted", "tokens_consumed")
 
 
+PIPELINE_NAME = "pipeline.json"
+
+
+def as_int(value, name: str) -> int:
+    """`value` as a Python int: ints, numpy integers and one-element integer tensors pass; bools, floats (even 2.0)
+    and strings are refused by `name`."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise ValueError(f"{name} must be an int, got the bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})") from None
+
+
+def as_labels(labels) -> torch.Tensor:
+    """Class labels as a (B,) long tensor: a sequence of ints (numpy integers too), or a 1-D integer numpy array or
+    tensor. Floats are never rounded to classes, and bools and nested (2-D) input are refused."""
+    if isinstance(labels, np.ndarray):
+        if labels.dtype.kind not in "iu":
+            raise ValueError(f"labels must be integers, got a numpy array of dtype {labels.dtype}")
+        labels = torch.from_numpy(labels.astype(np.int64))
+    if isinstance(labels, torch.Tensor):
+        if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+            raise ValueError(f"labels must be integers, got a tensor of dtype {labels.dtype}")
+        if labels.dim() != 1:
+            raise ValueError(f"labels must be one-dimensional (B,), got shape {tuple(labels.shape)}")
+        return labels.long()
+    if isinstance(labels, (str, bytes)) or not isinstance(labels, (list, tuple, range)):
+        raise ValueError(f"labels must be a sequence of ints or a (B,) integer tensor, got {type(labels).__name__}")
+    return torch.tensor([as_int(label, f"labels[{index}]") for index, label in enumerate(labels)], dtype=torch.long)
+
+
 class Pipeline:
-    def __init__(self, tokenizer, generator):
+    """A tokenizer and the generator trained on its ids.
+
+    Args:
+        tokenizer: a :class:`flexar.tokenizers.Tokenizer`.
+        generator: a :mod:`flexar.generators` model with the tokenizer's vocabulary, length and grid.
+        check_provenance: refuse a tokenizer whose fingerprint differs from the one the generator recorded
+            (default). ``False`` skips the check, for a tokenizer known to give the same ids (for example the same
+            weights saved with another config layout).
+    """
+
+    def __init__(self, tokenizer, generator, check_provenance: bool = True):
         self.tokenizer = tokenizer.eval()
         self.generator = generator.eval()
         self.check_compatible()
+        if check_provenance:
+            self.check_provenance()
 
     def check_compatible(self) -> None:
         """Refuse a generator that was trained on another tokenizer's vocabulary or token layout."""
@@ -42,26 +95,72 @@ class Pipeline:
         if problems:
             raise ValueError("tokenizer and generator do not match: " + "; ".join(problems))
 
+    def check_provenance(self) -> None:
+        """Refuse a tokenizer other than the one whose tokens the generator was trained on (by fingerprint)."""
+        recorded = (getattr(self.generator, "provenance", None) or {}).get("tokenizer_fingerprint")
+        if recorded is None:
+            warnings.warn(
+                f"{type(self.generator).__name__} records no tokenizer fingerprint (saved before flexar recorded "
+                "provenance, or not trained on a token cache): cannot check that it was trained on this tokenizer's "
+                "ids", stacklevel=3,
+            )
+            return
+        # a loaded tokenizer carries the fingerprint of its folder; an in-memory one is hashed as it would be saved
+        actual = getattr(self.tokenizer, "fingerprint", None) or model_fingerprint(self.tokenizer)
+        if actual != recorded:
+            raise ValueError(
+                f"the generator was trained on the ids of tokenizer {recorded[:12]}..., but this "
+                f"{type(self.tokenizer).__name__} is {actual[:12]}... (fingerprints of config.json + model.safetensors): "
+                "its ids mean other images. Pair the generator with the tokenizer that wrote its token cache, or pass "
+                "check_provenance=False if you know the two give the same ids"
+            )
+
     # -- persistence ---------------------------------------------------------------------------------------------------
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write folder/tokenizer, folder/generator (its config keeps the generator's provenance) and pipeline.json."""
         folder = Path(folder)
         self.tokenizer.save_pretrained(folder / "tokenizer")
         self.generator.save_pretrained(folder / "generator")
-        (folder / "pipeline.json").write_text(json.dumps({"tokenizer": "tokenizer", "generator": "generator"}, indent=2))
+        (folder / PIPELINE_NAME).write_text(json.dumps({"tokenizer": "tokenizer", "generator": "generator"}, indent=2))
         return folder
 
+    @staticmethod
+    def read_layout(folder: str | os.PathLike) -> dict[str, Path]:
+        """The sub-folders named by folder/pipeline.json, checked: {"tokenizer": Path, "generator": Path}."""
+        folder = Path(folder)
+        path = folder / PIPELINE_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} has no {PIPELINE_NAME}: not a folder written by Pipeline.save_pretrained")
+        try:
+            layout = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+        if not isinstance(layout, dict):
+            raise ValueError(f"{path} must hold an object with fields 'tokenizer' and 'generator', "
+                             f"got {type(layout).__name__}")
+        folders = {}
+        for field in ("tokenizer", "generator"):
+            if field not in layout:
+                raise ValueError(f"{path} lacks the field {field!r} (the {field} sub-folder)")
+            name = layout[field]
+            if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+                raise ValueError(f"{path}: field {field!r} must name a sub-folder of {folder}, got {json.dumps(name)}")
+            if not (folder / name).is_dir():
+                raise FileNotFoundError(f"{path}: field {field!r} names {name!r}, but {folder / name} does not exist")
+            folders[field] = folder / name
+        return folders
+
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> "Pipeline":
+    def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "cpu",
+                        check_provenance: bool = True) -> "Pipeline":
+        """Load a folder written by :meth:`save_pretrained`; ``check_provenance`` as in the constructor."""
         from .generators import Generator
         from .tokenizers import Tokenizer
 
-        folder = Path(folder)
-        if not (folder / "pipeline.json").is_file():
-            raise FileNotFoundError(f"{folder} has no pipeline.json: not a folder written by Pipeline.save_pretrained")
-        layout = json.loads((folder / "pipeline.json").read_text())
-        tokenizer = load_model(folder / layout["tokenizer"], kind=Tokenizer).to(device)
-        generator = load_model(folder / layout["generator"], kind=Generator).to(device)
-        return cls(tokenizer, generator)
+        folders = cls.read_layout(folder)
+        tokenizer = load_model(folders["tokenizer"], kind=Tokenizer).to(device)
+        generator = load_model(folders["generator"], kind=Generator).to(device)
+        return cls(tokenizer, generator, check_provenance=check_provenance)
 
     def to(self, device) -> "Pipeline":
         self.tokenizer.to(device)
@@ -89,7 +188,9 @@ class Pipeline:
         progress: bool | None = None,
         use_cache: bool = True,
     ):
-        """Sample images for `labels` (sequence of ints or a (B,) tensor).
+        """Sample images for `labels` (a sequence of ints or a (B,) integer tensor or array; see :func:`as_labels`).
+
+        ``num_tokens``, ``seed`` and ``batch_size`` (>= 1) take ints or numpy integers; anything else is refused.
 
         Returns uint8 images (B, 3, H, W) (grayscale tokenizers are repeated to 3 channels), and with
         `return_stats=True` also a dict with forward passes, tokens and seconds summed over batches, and the
@@ -100,10 +201,13 @@ class Pipeline:
         from .sampling import Sampler
         from .train.callbacks import to_uint8
 
-        labels = torch.as_tensor(labels, dtype=torch.long, device=self.device).reshape(-1)
-        self.generator.check_labels(labels)
+        labels = self.generator.check_labels(as_labels(labels).to(self.device))
         if num_tokens is not None:
-            num_tokens = self.tokenizer.check_num_tokens(num_tokens)
+            num_tokens = self.tokenizer.check_num_tokens(as_int(num_tokens, "num_tokens"))
+        seed = as_int(seed, "seed")
+        batch_size = as_int(batch_size, "batch_size")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size}")
         sampler = sampler if sampler is not None else Sampler()
         if hasattr(sampler, "prepare"):  # decoding strategies read what they need (token geometry, a draft model)
             sampler.prepare(self)

@@ -1,8 +1,11 @@
 import json
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -11,6 +14,7 @@ from flexar import Pipeline
 from flexar.data import TokenDataModule, TokenDataset, build_dataset, read_meta, write_token_cache
 from flexar.eval.classifier import DigitClassifier
 from flexar.generators import RasterAR
+from flexar.hub import fingerprint
 from flexar.sampling import BestOfN, Sampler
 from flexar.tokenizers import TiTok
 from flexar.train.cli import run
@@ -47,11 +51,9 @@ def test_token_cache_round_trip_and_shards(tmp_path):
     assert meta["num_items"] == 40 and len(meta["shards"]) == 3 and meta["vocab_size"] == 32
     cached = TokenDataset(tmp_path / "cache")
     images = torch.stack([subset[i][0] for i in range(40)])
-    assert torch.equal(cached.ids, tokenizer.encode(images).ids)
-    assert torch.equal(cached.labels, torch.tensor([int(subset[i][1]) for i in range(40)]))
-    # each rank reads only its own shards, and together they cover the cache once
-    parts = [TokenDataset(tmp_path / "cache", rank=r, world_size=2) for r in range(2)]
-    assert sum(len(p) for p in parts) == 40 and len(parts[0]) == 16 + 8
+    ids, labels, lengths = cached[list(range(40))]
+    assert len(cached) == 40 and torch.equal(ids, tokenizer.encode(images).ids)
+    assert torch.equal(labels, torch.tensor([int(subset[i][1]) for i in range(40)])) and bool((lengths == 6).all())
     with pytest.raises(FileNotFoundError, match="not a token cache"):
         TokenDataset(tmp_path)
 
@@ -74,12 +76,17 @@ def test_flexar_tokenize_and_generator_training_through_the_cli(tmp_path):
     run(["fit", "--config", str(tmp_path / "raster.yaml"), "--trainer.default_root_dir", str(tmp_path / "run")])
     generator = RasterAR.from_pretrained(tmp_path / "generator")
     assert list((tmp_path / "run").rglob("samples_epoch000.png"))
+    # the export records the tokenizer of its token cache, and a pipeline holds the generator to it
+    assert generator.provenance == {"tokenizer_fingerprint": fingerprint(tokenizer_dir)}
     pipe = Pipeline(TiTok.from_pretrained(tokenizer_dir), generator)
     assert pipe.generate([3, 4], seed=0).shape == (2, 3, 16, 16)
-    # a generator whose vocabulary does not match the cache is refused before training starts
+    with pytest.raises(ValueError, match="trained on the ids of tokenizer"):
+        Pipeline(tiny_tokenizer(), generator)
+    # a generator whose vocabulary does not match the cache is refused before training starts (without the preview
+    # callback, which refuses it too, against its tokenizer)
     with pytest.raises(ValueError, match="vocab_size: generator 64 vs token cache 32"):
         run(["fit", "--config", str(tmp_path / "raster.yaml"), "--trainer.default_root_dir", str(tmp_path / "run2"),
-             "--model.init_args.generator.init_args.vocab_size", "64"])
+             "--trainer.callbacks=[]", "--model.init_args.generator.init_args.vocab_size", "64"])
 
 
 def test_pipeline_round_trip_and_determinism(pipeline_dir):
@@ -137,3 +144,100 @@ def test_sample_and_eval_fid_scripts(pipeline_dir, tmp_path):
                           "--labels", "1", "2", "--per-label", "3", "--output", str(tmp_path / "s.png")],
                          check=True, capture_output=True, text=True)
     assert json.loads(out.stdout.strip().splitlines()[-1])["images"] == 6 and (tmp_path / "s.png").is_file()
+
+
+# -- provenance: the generator names the tokenizer whose ids it learnt -------------------------------------------------
+def paired(tmp_path, seed=0):
+    """A tokenizer saved to tmp_path/tokenizer-<seed> and a generator that records it (as training on its cache does)."""
+    torch.manual_seed(seed)
+    folder = tmp_path / f"tokenizer-{seed}"
+    tiny_tokenizer().save_pretrained(folder)
+    generator = tiny_generator()
+    generator.provenance = {"tokenizer_fingerprint": fingerprint(folder)}
+    return folder, generator
+
+
+def test_pipeline_refuses_a_tokenizer_other_than_the_generators(tmp_path):
+    folder, generator = paired(tmp_path, seed=0)
+    other, _ = paired(tmp_path, seed=1)  # same vocabulary, length and grid: only the fingerprint tells them apart
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a recorded and matching tokenizer pairs without a word
+        Pipeline(TiTok.from_pretrained(folder), generator)
+        tokenizer = TiTok.from_pretrained(folder)
+        del tokenizer.fingerprint  # an in-memory tokenizer is hashed as it would be saved
+        Pipeline(tokenizer, generator)
+    with pytest.raises(ValueError, match="trained on the ids of tokenizer .* check_provenance=False"):
+        Pipeline(TiTok.from_pretrained(other), generator)
+    Pipeline(TiTok.from_pretrained(other), generator, check_provenance=False)
+    # save_pretrained keeps the provenance, and from_pretrained checks it
+    Pipeline(TiTok.from_pretrained(folder), generator).save_pretrained(tmp_path / "pipe")
+    loaded = Pipeline.from_pretrained(tmp_path / "pipe")
+    assert loaded.generator.provenance == generator.provenance
+    shutil.rmtree(tmp_path / "pipe" / "tokenizer")
+    shutil.copytree(other, tmp_path / "pipe" / "tokenizer")
+    with pytest.raises(ValueError, match="trained on the ids of tokenizer"):
+        Pipeline.from_pretrained(tmp_path / "pipe")
+    assert Pipeline.from_pretrained(tmp_path / "pipe", check_provenance=False).generator.provenance == generator.provenance
+
+
+def test_a_generator_without_provenance_is_paired_with_a_warning(tmp_path):
+    tiny_generator().save_pretrained(tmp_path / "old")  # as folders saved before provenance was recorded
+    with pytest.warns(UserWarning, match="records no tokenizer fingerprint"):
+        Pipeline(tiny_tokenizer(), RasterAR.from_pretrained(tmp_path / "old"))
+
+
+# -- inputs refused by name, never reinterpreted -------------------------------------------------------------------------
+def test_generate_labels_must_be_integers(pipeline_dir):
+    pipe = Pipeline.from_pretrained(pipeline_dir)
+    reference = pipe.generate([1, 0, 3], seed=0)
+    for same in ([np.int64(1), np.int32(0), 3], (1, 0, 3), np.array([1, 0, 3]), torch.tensor([1, 0, 3], dtype=torch.int32),
+                 [torch.tensor(1), 0, 3]):
+        assert torch.equal(pipe.generate(same, seed=0), reference), same
+    for bad, message in (
+        ([1.7], r"labels\[0\] must be an int, got 1.7"),
+        ([-0.5], r"labels\[0\] must be an int, got -0.5"),
+        ([1, 2.0], r"labels\[1\] must be an int, got 2.0"),
+        ([True, 1], r"labels\[0\] must be an int, got the bool True"),
+        ([[0, 1], [2, 3]], r"labels\[0\] must be an int, got \[0, 1\]"),
+        (torch.tensor([[0, 1], [2, 3]]), r"one-dimensional \(B,\), got shape \(2, 2\)"),
+        (torch.tensor([1.7]), "labels must be integers, got a tensor of dtype torch.float32"),
+        (torch.tensor([True]), "labels must be integers, got a tensor of dtype torch.bool"),
+        (np.array([0.5]), "labels must be integers, got a numpy array of dtype float64"),
+        ("12", "labels must be a sequence of ints"),
+        (3, "labels must be a sequence of ints"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            pipe.generate(bad)
+
+
+def test_generate_batch_size_seed_and_num_tokens_take_ints_and_numpy_ints(pipeline_dir):
+    pipe = Pipeline.from_pretrained(pipeline_dir)
+    reference = pipe.generate([1, 2, 3], seed=5, batch_size=2, num_tokens=4)
+    assert torch.equal(pipe.generate([1, 2, 3], seed=np.int64(5), batch_size=np.int64(2), num_tokens=np.int32(4)),
+                       reference)
+    for bad, message in ((0, "batch_size must be a positive int, got 0"), (-1, "batch_size must be a positive int"),
+                         (2.5, "batch_size must be an int, got 2.5"), ("4", "batch_size must be an int"),
+                         (True, "batch_size must be an int, got the bool True")):
+        with pytest.raises(ValueError, match=message):
+            pipe.generate([1], batch_size=bad)
+    with pytest.raises(ValueError, match="seed must be an int, got 1.5"):
+        pipe.generate([1], seed=1.5)
+    with pytest.raises(ValueError, match="num_tokens must be an int, got 2.0"):
+        pipe.generate([1], num_tokens=2.0)
+
+
+def test_an_invalid_or_incomplete_pipeline_json_names_the_file_and_the_field(pipeline_dir, tmp_path):
+    for index, (content, message) in enumerate((
+        ("{not json", "is not valid JSON"),
+        ("[1, 2]", "must hold an object with fields 'tokenizer' and 'generator', got list"),
+        ('{"tokenizer": "tokenizer"}', "lacks the field 'generator'"),
+        ('{"tokenizer": "tokenizer", "generator": 5}', "field 'generator' must name a sub-folder"),
+        ('{"tokenizer": "../elsewhere", "generator": "generator"}', "field 'tokenizer' must name a sub-folder"),
+        ('{"tokenizer": "tokenizer", "generator": "gen"}', "field 'generator' names 'gen', but .* does not exist"),
+    )):
+        folder = tmp_path / f"pipe{index}"
+        shutil.copytree(pipeline_dir, folder)
+        (folder / "pipeline.json").write_text(content)
+        with pytest.raises((ValueError, FileNotFoundError), match=message) as error:
+            Pipeline.from_pretrained(folder)
+        assert str(folder / "pipeline.json") in str(error.value)
