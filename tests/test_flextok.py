@@ -270,6 +270,57 @@ def test_repa_with_a_callable_teacher(images):
         tiny_flextok().set_repa_teacher(lambda x: x)
 
 
+# -- saved folders -----------------------------------------------------------------------------------------------------
+def test_a_saved_vae_target_flextok_loads_without_its_vae_folder_from_any_directory(images, tmp_path, monkeypatch):
+    import shutil
+
+    from flexar.hub import fingerprint, model_fingerprint
+    from flexar.tokenizers import VAE
+
+    torch.manual_seed(0)
+    (tmp_path / "project").mkdir()
+    VAE(image_size=16, channels=1, latent_channels=4, block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4,
+        mid_block_attention=False).save_pretrained(tmp_path / "project" / "vae")
+    monkeypatch.chdir(tmp_path / "project")  # a relative vae_path, as the configs give it
+    tokenizer = wake(tiny_flextok(patch_size=2, target="vae", vae_path="vae"))
+    tokenizer.save_pretrained(tmp_path / "project" / "flextok")
+    saved = json.loads((tmp_path / "project" / "flextok" / "config.json").read_text())["kwargs"]
+    assert saved["vae_path"] is None and saved["vae_config"]["class"] == "VAE"
+    assert saved["vae_config"]["kwargs"] == tokenizer.vae.config
+    encoded = tokenizer.encode(images, num_tokens=4)
+    decoded = tokenizer.decode(encoded.ids, generator=seeded(1))
+
+    # another machine: the folder moved, the VAE folder gone, another working directory
+    shutil.move(tmp_path / "project" / "flextok", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "project")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    loaded = FlexTok.from_pretrained(tmp_path / "moved")
+    assert not loaded.training and not loaded.vae.training
+    assert not any(parameter.requires_grad for parameter in loaded.vae.parameters())
+    assert torch.equal(loaded.encode(images, num_tokens=4).ids, encoded.ids)
+    torch.testing.assert_close(loaded.decode(encoded.ids, generator=seeded(1)), decoded, rtol=0, atol=0)
+    # the loaded model saves the same folder again
+    assert model_fingerprint(loaded) == fingerprint(tmp_path / "moved") == loaded.fingerprint
+    with pytest.raises(ValueError, match="exactly one of vae_path"):
+        tiny_flextok(patch_size=2, target="vae", vae_path="vae", vae_config=saved["vae_config"])
+
+
+def test_a_saved_flextok_does_not_reread_its_repa_teacher(images, tmp_path, monkeypatch):
+    import shutil
+
+    torch.manual_seed(0)
+    TinyFeatureNet().save_pretrained(tmp_path / "teacher")
+    tokenizer = tiny_flextok(repa_teacher=str(tmp_path / "teacher"), repa_weight=0.5, repa_layer=1, repa_projector_dim=16)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    shutil.rmtree(tmp_path / "teacher")
+    loaded = FlexTok.from_pretrained(tmp_path / "tok")
+    assert loaded.config["repa_teacher"] is None and loaded.config["repa_teacher_dim"] == 6
+    torch.testing.assert_close(loaded.repa_projector[-1].weight, tokenizer.repa_projector[-1].weight.detach())
+    with pytest.raises(ValueError, match="no REPA teacher"):
+        loaded.training_loss(images)
+
+
 # -- construction ------------------------------------------------------------------------------------------------------
 def test_config_presets_and_bad_arguments():
     tokenizer = tiny_flextok()
@@ -285,7 +336,7 @@ def test_config_presets_and_bad_arguments():
         (dict(k_sampling="pow2", num_registers=6), "power-of-two"),
         (dict(k_sampling="exponential"), "unknown k_sampling"),
         (dict(target="dino"), "unknown target"),
-        (dict(target="vae"), "needs vae_path"),
+        (dict(target="vae"), "needs exactly one of vae_path"),
         (dict(patch_size=3), "divisible by patch_size"),
         (dict(eval_keep_k=9), "eval_keep_k"),
         (dict(null_condition_prob=1.0), "null_condition_prob"),

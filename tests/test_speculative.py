@@ -216,3 +216,44 @@ def test_eagle_head_trains_through_the_lightning_cli(target_folder, tmp_path):
     target = RasterAR.from_pretrained(target_folder).eval()
     out = target.generate_with(torch.tensor([0, 1]), decoder, seeded())
     assert isinstance(decoder.draft, EagleDraftHead) and out.ids.shape == (2, LENGTH)
+
+
+def test_a_saved_eagle_head_loads_without_its_target_folder_from_any_directory(tmp_path, monkeypatch):
+    import shutil
+
+    (tmp_path / "project").mkdir()
+    tiny(dim=16, seed=0).save_pretrained(tmp_path / "project" / "target")
+    monkeypatch.chdir(tmp_path / "project")  # a relative target, as the configs give it
+    torch.manual_seed(0)
+    head = EagleDraftHead(target="target", num_heads=2).eval()
+    head.save_pretrained(tmp_path / "project" / "head")
+    saved = json.loads((tmp_path / "project" / "head" / "config.json").read_text())["kwargs"]
+    assert saved["target"] is None and saved["target_config"]["kwargs"] == head.target.config
+    target = head.target
+    sampler = Sampler(cfg_scale=2.0)
+    expected = target.generate_with(torch.tensor([0, 1, 1]), SpeculativeDecoder(head, sampler, draft_length=2), seeded(3))
+
+    shutil.move(tmp_path / "project" / "head", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "project")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    loaded = EagleDraftHead.from_pretrained(tmp_path / "moved")
+    assert not loaded.training and not loaded.target.training
+    assert (loaded.vocab_size, loaded.max_tokens, loaded.num_classes) == (VOCAB, LENGTH, 2)
+    assert not any(parameter.requires_grad for parameter in loaded.target.parameters())
+    # drafting from the folder gives the same rounds and ids as the head it was saved from
+    decoder = SpeculativeDecoder(tmp_path / "moved", sampler, draft_length=2)
+    out = target.generate_with(torch.tensor([0, 1, 1]), decoder, seeded(3))
+    assert torch.equal(out.ids, expected.ids) and out.stats["accepted"] == expected.stats["accepted"]
+    with pytest.raises(ValueError, match="a target folder or a target_config, not both"):
+        EagleDraftHead(target=str(tmp_path / "x"), target_config=saved["target_config"])
+
+
+def test_a_draft_folder_that_holds_a_tokenizer_is_refused(tmp_path):
+    from flexar.tokenizers import TiTok
+
+    TiTok(image_size=16, channels=1, patch_size=4, num_latent_tokens=3, width=16, depth=1, num_heads=2,
+          codebook_size=VOCAB, code_dim=4).save_pretrained(tmp_path / "tokenizer")
+    decoder = SpeculativeDecoder(str(tmp_path / "tokenizer"), Sampler())
+    with pytest.raises(ValueError, match="holds a TiTok, not a generator or an EagleDraftHead"):
+        tiny().generate_with(torch.tensor([0]), decoder, seeded())

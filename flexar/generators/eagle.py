@@ -17,9 +17,10 @@ Differences from EAGLE / LANTERN:
 - a final RMSNorm on the predicted feature (EAGLE regresses the decoder layer's output directly); the target's
   features are post-norm, and the norm keeps the prediction on their scale from the first step.
 - no uniform noise on the input features during training (EAGLE adds U(-0.1, 0.1)); ``feature_noise`` restores it.
-- the frozen target is read from a folder (``target``) and is part of the saved weights, so a saved head reloads
-  only while that folder exists; at decoding time the head drafts for whichever target it is given (the pipeline's
-  generator), whose embedding and output head it uses.
+- the frozen target is read from a folder (``target``) and is part of the saved weights; the saved config records
+  the target's own config (``target_config``: class and keyword arguments) in place of the folder, so a saved head
+  reloads from its own folder on any machine. At decoding time the head drafts for whichever target it is given
+  (the pipeline's generator), whose embedding and output head it uses.
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ class EagleDraftHead(Configurable, PretrainedMixin, nn.Module):
     Args:
         target: folder of the frozen target generator (``save_pretrained``); needed for training, optional for
             decoding when ``dim`` is given.
+        target_config: the target's ``{"class", "kwargs"}`` instead of its folder, as a saved head records it (the
+            target is built untrained; its weights come from the head's own weights file).
         dim: feature width; defaults to the target's ``dim``.
         num_heads: attention heads of the draft layer.
         mlp_ratio: MLP width of the draft layer relative to ``dim``.
@@ -54,6 +57,7 @@ class EagleDraftHead(Configurable, PretrainedMixin, nn.Module):
     def __init__(
         self,
         target: str | None = None,
+        target_config: dict | None = None,
         dim: int | None = None,
         num_heads: int = 4,
         mlp_ratio: float = 4.0,
@@ -65,11 +69,17 @@ class EagleDraftHead(Configurable, PretrainedMixin, nn.Module):
     ):
         super().__init__()
         self.target = None
-        if target is not None:
-            from ..hub import load_model
+        if target is not None and target_config is not None:
+            raise ValueError(f"EagleDraftHead takes a target folder or a target_config, not both; got target={target!r}")
+        if target is not None or target_config is not None:
+            from ..hub import build_from_config, load_model
             from .base import Generator
 
-            self.target = load_model(target, kind=Generator).eval().requires_grad_(False)
+            if target is not None:
+                self.target = load_model(target, kind=Generator)
+            else:
+                self.target = build_from_config(target_config, kind=Generator, source="target_config")
+            self.target.eval().requires_grad_(False)
             dim = dim or self.target.dim
             max_length = max_length or self.target.max_tokens
         if dim is None or max_length is None:
@@ -80,6 +90,15 @@ class EagleDraftHead(Configurable, PretrainedMixin, nn.Module):
         self.layer = Transformer(dim, 1, num_heads, mlp_ratio, mlp="swiglu", norm="rms")
         self.rope = RotaryEmbedding(dim // num_heads, base=rope_base)
         self.mask = causal_mask()
+
+    def _saved_config(self, config: dict) -> dict:
+        """Record the target's config instead of the folder it was read from: the saved folder alone rebuilds the
+        head (the target's weights are part of the head's)."""
+        config = dict(config)
+        if self.target is not None:
+            config["target"] = None
+            config["target_config"] = {"class": type(self.target).__name__, "kwargs": self.target.config}
+        return config
 
     # attributes the training module checks against the token cache
     @property

@@ -38,6 +38,7 @@ Differences from the paper and the official code:
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -227,14 +228,14 @@ class SpeculativeDecoder(DecodingStrategy):
 
     name = "speculative"
 
-    def __init__(self, draft: nn.Module | str, sampler: Sampler | None = None, draft_length: int = 5) -> None:
+    def __init__(self, draft: nn.Module | str | os.PathLike, sampler: Sampler | None = None, draft_length: int = 5) -> None:
         super().__init__(sampler)
         if isinstance(draft_length, bool) or not isinstance(draft_length, int) or draft_length < 1:
             raise ValueError(f"draft_length must be an int >= 1, got {draft_length!r}")
-        if not isinstance(draft, (nn.Module, str)):
+        if not isinstance(draft, (nn.Module, str, os.PathLike)):
             raise TypeError(f"draft must be a module or a folder, got {type(draft).__name__}")
-        self.draft = draft
-        self.draft_source = draft if isinstance(draft, str) else type(draft).__name__
+        self.draft = os.fspath(draft) if isinstance(draft, os.PathLike) else draft
+        self.draft_source = self.draft if isinstance(self.draft, str) else type(draft).__name__
         self.draft_length = draft_length
 
     # -- hooks for subclasses (LANTERN) --------------------------------------------------------------------------------
@@ -251,9 +252,14 @@ class SpeculativeDecoder(DecodingStrategy):
 
     def load_draft(self, device) -> nn.Module:
         if isinstance(self.draft, str):
+            from flexar.generators import EagleDraftHead, Generator
             from flexar.hub import load_model
 
-            self.draft = load_model(self.draft).to(device).eval()
+            draft = load_model(self.draft)  # self-contained: an EAGLE head's folder holds its target too
+            if not isinstance(draft, (Generator, EagleDraftHead)):
+                raise ValueError(f"draft folder {self.draft} holds a {type(draft).__name__}, not a generator or an "
+                                 "EagleDraftHead: pass the folder of a draft model trained on the target's tokens")
+            self.draft = draft.to(device).eval()
         return self.draft
 
     def drafter_for(self, model):

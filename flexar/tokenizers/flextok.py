@@ -23,8 +23,9 @@ steps from sigma = 1 to 0 (``num_steps``, default 25), with classifier-free guid
 (every register set to the mask token) when ``guidance_scale`` != 1; ``null_condition_prob`` drops all registers of
 an image during training so that the null condition is learned. The target is either pixels (``target="pixels"``,
 tiny images) or the latents of a frozen :class:`flexar.tokenizers.VAE` loaded from ``vae_path``
-(``target="vae"``, as in the paper). An optional REPA loss aligns the decoder's patch features after block
-``repa_layer`` (through an MLP projector) with a frozen teacher's features of the clean image (negative cosine).
+(``target="vae"``, as in the paper; a saved FlexTok records the VAE's own config instead, see below). An optional
+REPA loss aligns the decoder's patch features after block ``repa_layer`` (through an MLP projector) with a frozen
+teacher's features of the clean image (negative cosine).
 
 Shapes: images (B, C, H, W) in [-1, 1]; ids (B, L <= N) long; P = (target side / patch_size) ** 2.
 
@@ -45,9 +46,11 @@ Differences from the paper and its official code:
 - ``repa_weight`` defaults to 0: the paper aligns with DINOv2-L (weight 1), which has no counterpart at CPU scale.
   The teacher is pluggable: a folder written by ``save_pretrained`` of any flexar-registered model mapping images to
   features (B, C, h, w) or (B, h * w, C), or any callable through :meth:`FlexTok.set_repa_teacher`. It is frozen
-  and kept out of the state dict.
-- the frozen VAE is a submodule: its weights are saved with the tokenizer, and ``vae_path`` must still hold a VAE
-  when the tokenizer is loaded (it rebuilds the architecture).
+  and kept out of the state dict and out of the saved config (which records ``repa_teacher_dim`` instead): a
+  loaded FlexTok decodes without its teacher, and training it further with REPA needs the teacher attached again.
+- the frozen VAE is a submodule whose weights are saved with the tokenizer. The saved config records the VAE's own
+  config (``vae_config``: class and keyword arguments) in place of ``vae_path``, so a saved folder rebuilds the
+  architecture and fills it from its own ``model.safetensors``, on any machine and from any working directory.
 - ``decode`` runs without gradients; with ``generator=None`` its noise comes from a generator seeded with 0, so
   ``decode`` and ``reconstruct`` are deterministic (pass a seeded ``torch.Generator`` for other draws).
 """
@@ -60,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..hub import load_model, register
+from ..hub import build_from_config, load_model, register
 from ..nn import Mask, Transformer
 from ..quantizers import FSQ
 from .base import Encoded, Tokenizer
@@ -168,6 +171,7 @@ class FlexTok(Tokenizer):
         eval_keep_k: int | None = None,
         target: str = "pixels",
         vae_path: str | None = None,
+        vae_config: dict | None = None,
         sigma_mean: float = 0.0,
         sigma_std: float = 1.0,
         num_steps: int = 25,
@@ -202,13 +206,19 @@ class FlexTok(Tokenizer):
         self.vae = None
         target_channels, target_size = channels, image_size
         if target == "vae":
-            if vae_path is None:
-                raise ValueError('target="vae" needs vae_path, the folder of a trained flexar VAE')
+            if (vae_path is None) == (vae_config is None):
+                raise ValueError('target="vae" needs exactly one of vae_path (the folder of a trained flexar VAE) and '
+                                 'vae_config (its {"class", "kwargs"}, as a saved FlexTok records it), got '
+                                 f"vae_path={vae_path!r}, vae_config={vae_config!r}")
             from .vae import VAE
 
-            self.vae = load_model(vae_path, kind=VAE).requires_grad_(False).eval()
+            if vae_path is not None:
+                source, self.vae = f"the VAE in {vae_path}", load_model(vae_path, kind=VAE)
+            else:  # untrained here: a saved FlexTok fills it from its own weights file
+                source, self.vae = "the VAE of vae_config", build_from_config(vae_config, kind=VAE, source="vae_config")
+            self.vae.requires_grad_(False).eval()
             if self.vae.channels != channels or image_size % self.vae.downsample:
-                raise ValueError(f"the VAE in {vae_path} takes {self.vae.channels}-channel images with sides divisible "
+                raise ValueError(f"{source} takes {self.vae.channels}-channel images with sides divisible "
                                  f"by {self.vae.downsample}; this tokenizer has {channels} channels, side {image_size}")
             target_channels, target_size = self.vae.latent_channels, image_size // self.vae.downsample
         if target_size % patch_size:
@@ -264,6 +274,18 @@ class FlexTok(Tokenizer):
                 nn.Linear(decoder_width, repa_projector_dim), nn.SiLU(), nn.Linear(repa_projector_dim, repa_projector_dim),
                 nn.SiLU(), nn.Linear(repa_projector_dim, repa_teacher_dim),
             )
+
+    def _saved_config(self, config: dict) -> dict:
+        """Record the frozen VAE's config instead of the folder it was read from, and the REPA teacher's width
+        instead of its folder (the teacher is not saved), so that the saved folder alone rebuilds this tokenizer."""
+        config = dict(config)
+        if self.vae is not None:
+            config["vae_path"] = None
+            config["vae_config"] = {"class": type(self.vae).__name__, "kwargs": self.vae.config}
+        if config.get("repa_teacher") is not None:
+            config["repa_teacher"] = None
+            config["repa_teacher_dim"] = self.repa_projector[-1].out_features
+        return config
 
     def train(self, mode: bool = True):
         super().train(mode)
