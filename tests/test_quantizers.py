@@ -191,6 +191,33 @@ def test_vq_dead_code_restart_replaces_unused_codes():
     assert vq.unused_steps.tolist() == [0] * 8
 
 
+def test_vq_restarts_codes_only_in_a_training_step_never_in_encode(tmp_path):
+    from flexar.tokenizers import TiTok
+
+    torch.manual_seed(0)
+    TiTok(image_size=16, channels=1, patch_size=4, num_latent_tokens=6, width=32, depth=1, num_heads=2,
+          codebook_size=64, code_dim=8, dead_code_threshold=1).save_pretrained(tmp_path / "tok")
+    tokenizer = TiTok.from_pretrained(tmp_path / "tok")
+    codebook = tokenizer.quantizer.embedding.weight.detach().clone()
+    images = torch.rand(8, 1, 16, 16) * 2 - 1
+    for _ in range(4):  # the quick start: encode right after loading
+        tokenizer.encode(images)
+    assert torch.equal(tokenizer.quantizer.embedding.weight, codebook)
+    # nor in training mode, when nothing records gradients (tokenizing, previews)
+    tokenizer.train()
+    with torch.no_grad():
+        tokenizer.encode(images)
+    with torch.inference_mode():
+        tokenizer.quantizer(torch.randn(48, 8))
+    assert torch.equal(tokenizer.quantizer.embedding.weight, codebook)
+    assert int(tokenizer.quantizer.steps) == 0
+    # a training step does restart the codes this batch leaves unused
+    used = tokenizer.training_loss(images)[1]["codebook_usage"]
+    assert used < 1 and int(tokenizer.quantizer.steps) == 1
+    changed = (tokenizer.quantizer.embedding.weight != codebook).any(-1)
+    assert 0 < int(changed.sum()) <= 64
+
+
 def test_vq_dead_code_restart_ignores_global_rng():
     def run(global_seed):
         torch.manual_seed(3)

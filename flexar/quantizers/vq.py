@@ -14,8 +14,11 @@ decoder sees are unit vectors; the loss is taken between the normalised vectors.
 float32 (outside autocast): in bf16, near-tied distances to a few thousand codes pick the wrong argmin.
 
 Dead-code restart (``dead_code_threshold > 0``; not in VQ-VAE, the usual remedy for codebook collapse, e.g. Jukebox
-and Zeghidour et al. 2021): in training mode a buffer counts the steps since each code was last chosen; a code
-unused for that many steps is overwritten with a random latent of the current batch. The draw uses a CPU
+and Zeghidour et al. 2021): a buffer counts the training steps since each code was last chosen; a code unused for
+that many steps is overwritten with a random latent of the current batch. A training step is a forward in training
+mode that records gradients (a tokenizer's ``training_loss`` during fitting): a lookup in eval mode (every loaded
+tokenizer) or under ``torch.no_grad`` / ``torch.inference_mode`` (tokenizing a dataset, previews, ``reconstruct``)
+never moves the codebook. The draw uses a CPU
 ``torch.Generator`` seeded from the module's step counter (a buffer, so resuming from a checkpoint repeats it),
 never the global RNG. Under ``torch.distributed`` the usage counts are summed over ranks and the replacement
 latents come from rank 0, so every replica keeps the same codebook. Optimiser state (e.g. Adam moments) of a
@@ -43,7 +46,8 @@ class VQ(nn.Module):
         dim: D, size of each code vector.
         beta: weight of the commitment term.
         l2_norm: normalise latents and codes before the lookup (cosine similarity), as in ViT-VQGAN and TiTok.
-        dead_code_threshold: restart a code after this many training steps without use; 0 disables restarts.
+        dead_code_threshold: restart a code after this many training steps (training-mode forwards that record
+            gradients) without use; 0 disables restarts.
     """
 
     def __init__(
@@ -136,7 +140,8 @@ class VQ(nn.Module):
         logs = codebook_stats(ids, self.codebook_size)
         logs["codebook_loss"] = codebook_loss.detach()
         logs["commitment_loss"] = commitment_loss.detach()
-        if self.training and self.dead_code_threshold > 0:
+        # only a step that trains counts usage and restarts codes: a gradient-free lookup (encode) is not one
+        if self.training and self.dead_code_threshold > 0 and torch.is_grad_enabled():
             self._restart_dead_codes(ids, z)
         return QuantizerOutput(codes=codes.to(z.dtype), ids=ids, loss=loss, logs=logs)
 
