@@ -11,14 +11,19 @@
         --tokenizer-config configs/tokenizers/titok_mnist.yaml --generator-config configs/generators/raster_mnist.yaml \
         --classifier-config configs/eval/classifier_mnist.yaml
 
-Each stage writes its result under --output and is skipped on a re-run when its result already exists
-(delete the stage's folder to redo it).
+Each stage writes its result under --output and records in --output/stages.json what it was made from: its
+recipe (config file and overrides) and the fingerprints of the results it read. On a re-run a stage is reused
+when its result exists and was made from the same inputs; otherwise it is redone, and so is every stage that reads
+its result (delete the tokenizer folder, or change --tokenizer-args, and the token caches and the generator are
+redone with it; the FID classifier reads only the dataset and is kept).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,24 +31,91 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+STAGES_NAME = "stages.json"
 
 
 def log(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
-def train(config: Path, run_dir: Path, export_dir: Path, extra: list[str]) -> float:
-    """Run `flexar-train fit` unless export_dir already holds a model; returns seconds spent."""
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def model_id(folder: Path) -> str:
+    """Fingerprint of a saved model folder (config.json + model.safetensors)."""
+    from flexar.hub import fingerprint
+
+    return fingerprint(folder)
+
+
+def cache_id(folder: Path) -> str:
+    """Identity of a token cache: the hash of its meta.json, which names its tokenizer, dataset and shard counts."""
+    return sha256_file(folder / "meta.json")
+
+
+class Stages:
+    """OUTPUT/stages.json: for each stage, the inputs it was made from and the identity of what it wrote.
+
+    A stage is current when its result exists, its recorded inputs equal today's and its result is still the one it
+    wrote (not replaced by hand). The record is written only once the stage has finished, so a stage killed half
+    way is redone.
+    """
+
+    def __init__(self, output: Path):
+        self.path = output / STAGES_NAME
+        self.records = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def stale_reason(self, name: str, inputs: dict, result: Path, identify) -> str | None:
+        """None when stage `name` can be reused, else why it must be redone. `result` is the file whose presence
+        marks the stage done; `identify()` hashes what the stage wrote."""
+        if not result.exists():
+            return "no result yet"
+        record = self.records.get(name)
+        if record is None:
+            return "no record of what it was made from"
+        changed = sorted(key for key in {*inputs, *record["inputs"]} if inputs.get(key) != record["inputs"].get(key))
+        if changed:
+            return "its inputs changed: " + ", ".join(changed)
+        try:
+            if identify() != record["result"]:
+                return "its result was replaced since it was made"
+        except (FileNotFoundError, OSError):
+            return "its result is incomplete"
+        return None
+
+    def record(self, name: str, inputs: dict, result: str) -> None:
+        self.records[name] = {"inputs": inputs, "result": result}
+        self.path.write_text(json.dumps(self.records, indent=2))
+
+
+def recipe(config: Path, extra: list[str]) -> dict:
+    """A training stage's own inputs: the config file's content and the command-line overrides."""
+    return {"config": sha256_file(config), "overrides": extra}
+
+
+def train(stages: Stages, name: str, config: Path, run_dir: Path, export_dir: Path, extra: list[str],
+          inputs: dict) -> float:
+    """Run `flexar-train fit` unless export_dir holds a model made from the same `inputs`; returns seconds spent.
+
+    A stale export is replaced (``overwrite_export``) only when the new run exports: until then the old model stays.
+    """
     from flexar.train.cli import run
 
-    if (export_dir / "config.json").is_file():
+    inputs = {**recipe(config, extra), **inputs}
+    reason = stages.stale_reason(name, inputs, export_dir / "config.json", lambda: model_id(export_dir))
+    if reason is None:
         log(f"reusing {export_dir}")
         return 0.0
     start = time.perf_counter()
     args = ["fit", "--config", str(config), "--trainer.default_root_dir", str(run_dir),
             "--model.init_args.export_dir", str(export_dir), *extra]
+    if export_dir.exists() and any(export_dir.iterdir()):
+        log(f"redoing {export_dir}: {reason}")
+        args += ["--model.init_args.overwrite_export", "true"]
     log("flexar-train " + " ".join(args))
     run(args)
+    stages.record(name, inputs, model_id(export_dir))
     return time.perf_counter() - start
 
 
@@ -51,7 +123,7 @@ def data_overrides(dataset: str, root: str | None) -> list[str]:
     return ["--data.init_args.dataset", dataset] + (["--data.init_args.root", root] if root else [])
 
 
-def tokenizer_stage(args) -> dict:
+def tokenizer_stage(args, stages: Stages) -> dict:
     from flexar.data import build_dataset
     from flexar.eval import reconstruction_metrics
     from flexar.hub import load_model
@@ -59,8 +131,9 @@ def tokenizer_stage(args) -> dict:
 
     output = args.output
     extra = data_overrides(args.dataset, args.root) + shlex.split(args.tokenizer_args)
-    seconds = train(args.tokenizer_config, output / "runs" / "tokenizer", output / "tokenizer", extra)
-    tokenizer = load_model(output / "tokenizer").eval()
+    seconds = train(stages, "tokenizer", args.tokenizer_config, output / "runs" / "tokenizer", output / "tokenizer",
+                    extra, inputs={})
+    tokenizer = load_model(output / "tokenizer")
     test = build_dataset(args.dataset, "test", image_size=tokenizer.image_size, channels=tokenizer.channels, root=args.root)
     metrics = reconstruction_metrics(tokenizer, test)
     metrics["train_seconds"] = round(seconds, 1)
@@ -73,24 +146,32 @@ def tokenizer_stage(args) -> dict:
     return metrics
 
 
-def tokens_stage(args) -> None:
+def tokens_stage(args, stages: Stages) -> None:
     from flexar.data import build_dataset, dataset_info, write_token_cache
     from flexar.hub import load_model
 
-    tokenizer = load_model(args.output / "tokenizer").eval()
+    tokenizer = load_model(args.output / "tokenizer")
     for split in ("train", "test"):
         folder = args.output / "tokens" / split
-        if (folder / "meta.json").is_file():
+        name = f"tokens/{split}"
+        inputs = {"tokenizer": tokenizer.fingerprint, "dataset": args.dataset, "root": args.root}
+        reason = stages.stale_reason(name, inputs, folder / "meta.json", lambda: cache_id(folder))
+        if reason is None:
             log(f"reusing {folder}")
             continue
+        if folder.exists():
+            # a cache is derived data: the old one (another tokenizer's ids) must not survive in part
+            log(f"redoing {folder}: {reason}")
+            shutil.rmtree(folder)
         dataset = build_dataset(args.dataset, split, image_size=tokenizer.image_size, channels=tokenizer.channels,
                                 root=args.root)
         description = {"dataset": args.dataset, "split": split, "num_classes": dataset_info(args.dataset)["num_classes"]}
         write_token_cache(tokenizer, dataset, folder, description=description, progress=False)
+        stages.record(name, inputs, cache_id(folder))
         log(f"cached {len(dataset)} {split} token sequences in {folder}")
 
 
-def generator_stage(args) -> float:
+def generator_stage(args, stages: Stages) -> float:
     output = args.output
     overrides = [
         "--data.init_args.train", str(output / "tokens" / "train"),
@@ -100,16 +181,21 @@ def generator_stage(args) -> float:
         "--trainer.callbacks.tokenizer", str(output / "tokenizer"),
         "--trainer.callbacks.every_n_epochs", "5",
     ]
-    return train(args.generator_config, output / "runs" / "generator", output / "generator",
-                 overrides + shlex.split(args.generator_args))
+    # the generator reads both token caches and previews through the tokenizer
+    inputs = {"tokens/train": cache_id(output / "tokens" / "train"), "tokens/test": cache_id(output / "tokens" / "test"),
+              "tokenizer": model_id(output / "tokenizer")}
+    return train(stages, "generator", args.generator_config, output / "runs" / "generator", output / "generator",
+                 overrides + shlex.split(args.generator_args), inputs)
 
 
-def classifier_stage(args) -> float:
+def classifier_stage(args, stages: Stages) -> float:
     extra = data_overrides(args.dataset, args.root) + shlex.split(args.classifier_args)
-    return train(args.classifier_config, args.output / "runs" / "classifier", args.output / "classifier", extra)
+    return train(stages, "classifier", args.classifier_config, args.output / "runs" / "classifier",
+                 args.output / "classifier", extra, inputs={})
 
 
 def sample_stage(args) -> dict:
+    """Always run: it is cheap, and its numbers must come from the models as they are now."""
     from torchvision.utils import save_image
 
     from flexar import Pipeline
@@ -118,6 +204,7 @@ def sample_stage(args) -> dict:
     from flexar.sampling import Sampler
 
     output = args.output
+    # refuses a generator trained on another tokenizer's ids (its recorded provenance)
     pipe = Pipeline(load_model(output / "tokenizer"), load_model(output / "generator"))
     pipe.save_pretrained(output / "pipeline")
     sampler = Sampler(temperature=args.temperature, top_k=args.top_k, cfg_scale=args.cfg_scale)
@@ -158,13 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--cfg-scale", type=float, default=2.0)
     args = parser.parse_args(argv)
+    args.output = args.output.resolve()  # the same folder, however it is spelt, gives the same recorded recipes
     args.output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     start = time.perf_counter()
-    recon = tokenizer_stage(args)
-    tokens_stage(args)
-    generator_stage(args)
-    classifier_stage(args)
+    stages = Stages(args.output)
+    recon = tokenizer_stage(args, stages)
+    tokens_stage(args, stages)
+    generator_stage(args, stages)
+    classifier_stage(args, stages)
     fid = sample_stage(args)
     rows = {
         "dataset": args.dataset,
