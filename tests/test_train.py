@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -55,3 +56,196 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
     values = [warmup_cosine(s, 10, 100, 0.1) for s in range(10, 101)]
     assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+# ----------------------------------------------------------------------------- shared tiny generator runs
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+
+from flexar.data import TokenDataModule, build_dataset, write_token_cache
+from flexar.generators import RasterAR
+from flexar.tokenizers import FlexTok
+from flexar.train import GeneratorModule, SampleGrid, TokenizerModule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_titok(seed=0):
+    torch.manual_seed(seed)
+    return TiTok(image_size=16, channels=1, patch_size=4, num_latent_tokens=6, width=32, depth=1, num_heads=2,
+                 codebook_size=32, code_dim=8).eval()
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    """A saved tiny tokenizer and train / test token caches written from its folder (meta.json names it)."""
+    root = tmp_path_factory.mktemp("caches")
+    tiny_titok().save_pretrained(root / "tokenizer")
+    tokenizer = TiTok.from_pretrained(root / "tokenizer")
+    for split in ("train", "test"):
+        dataset = torch.utils.data.Subset(build_dataset("digits", split, image_size=16, channels=1), range(48))
+        write_token_cache(tokenizer, dataset, root / split, progress=False, description={"num_classes": 10},
+                          tokenizer_folder=root / "tokenizer")
+    # the same caches as written from an in-memory tokenizer: meta.json knows no folder
+    write_token_cache(tokenizer, torch.utils.data.Subset(build_dataset("digits", "train", image_size=16, channels=1),
+                                                         range(16)),
+                      root / "anonymous", progress=False, description={"num_classes": 10})
+    return root
+
+
+def tiny_generator_run(tmp_path, caches, callbacks=(), train="train", max_epochs=1, **module_args):
+    torch.manual_seed(0)
+    generator = RasterAR(vocab_size=32, max_tokens=6, num_classes=10, dim=32, depth=1, num_heads=2)
+    module = GeneratorModule(generator, warmup_steps=1, export_dir=str(tmp_path / "generator"), **module_args)
+    trainer = L.Trainer(max_epochs=max_epochs, limit_train_batches=3, limit_val_batches=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=list(callbacks), accelerator="cpu")
+    data = TokenDataModule(str(caches / train), str(caches / "test"), batch_size=16)
+    trainer.fit(module, data)
+    return module, trainer
+
+
+# ----------------------------------------------------------------------------- non-finite training
+
+
+def test_non_finite_loss_fails_the_cli_run_and_exports_nothing(tmp_path):
+    config = tiny_config(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "flexar.train.cli", "fit", "--config", str(config),
+                             "--model.init_args.lr", "1e30"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode != 0
+    assert re.search(r"FloatingPointError: training loss is (nan|inf) at step \d+ \(epoch 0, batch \d+\)", result.stderr)
+    assert "saved" not in result.stdout and not (tmp_path / "export").exists()
+
+
+def test_non_finite_generator_loss_stops_before_export(tmp_path, caches):
+    with pytest.raises(FloatingPointError, match=r"training loss is (nan|inf) at step \d+.*lr=1e\+30"):
+        tiny_generator_run(tmp_path, caches, lr=1e30, max_grad_norm=None)
+    assert not (tmp_path / "generator").exists()
+
+
+# ----------------------------------------------------------------------------- export folders
+
+
+def test_existing_export_is_refused_before_training_unless_overwrite(tmp_path):
+    config = tiny_config(tmp_path)
+    run(["fit", "--config", str(config)])
+    export = tmp_path / "export"
+    before = (export / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match=r"export.*already holds.*model\.safetensors.*overwrite_export true"):
+        run(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path / "again")])
+    assert not list((tmp_path / "again").rglob("*.ckpt")), "refused before training, not after"
+    assert (export / "model.safetensors").stat().st_mtime_ns == before
+    run(["fit", "--config", str(config), "--model.init_args.overwrite_export", "true"])
+    assert (export / "model.safetensors").stat().st_mtime_ns != before
+
+
+def test_existing_generator_and_classifier_exports_are_refused(tmp_path, caches):
+    (tmp_path / "generator").mkdir()
+    (tmp_path / "generator" / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="overwrite_export"):
+        tiny_generator_run(tmp_path, caches)
+    assert not list(tmp_path.rglob("*.ckpt"))
+    tiny_generator_run(tmp_path, caches, overwrite_export=True)
+    assert RasterAR.from_pretrained(tmp_path / "generator").max_tokens == 6
+
+    classifier = tmp_path / "classifier"
+    classifier.mkdir()
+    (classifier / "notes.txt").write_text("someone's files")
+    arguments = ["fit", "--config", str(ROOT / "configs" / "eval" / "classifier_digits.yaml"),
+                 "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger", "false",
+                 "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "1",
+                 "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+                 "--model.init_args.image_size", "16", "--model.init_args.width", "8", "--data.init_args.image_size", "16",
+                 "--model.init_args.export_dir", str(classifier)]
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        run(arguments)
+    run(arguments + ["--trainer.default_root_dir", str(tmp_path / "run2"), "--model.init_args.overwrite_export", "true"])
+    assert (classifier / "config.json").is_file()
+
+
+# ----------------------------------------------------------------------------- optimisation recipe
+
+
+def test_weight_decay_follows_the_dimension_rule():
+    """nanoGPT / LlamaGen: decay every tensor with dim >= 2 (Linear layers named *embed* included), none below."""
+    tokenizer = FlexTok(image_size=16, channels=1, patch_size=4, num_registers=4, width=32, depth=1, num_heads=2)
+    module = TokenizerModule(tokenizer, weight_decay=0.1)
+    decayed, kept = (set(map(id, group["params"])) for group in module.parameter_groups())
+    assert [group["weight_decay"] for group in module.parameter_groups()] == [0.1, 0.0]
+    names = dict(tokenizer.named_parameters())
+    for name, parameter in names.items():
+        assert (id(parameter) in decayed) == (parameter.dim() >= 2), name
+        assert (id(parameter) in kept) == (parameter.dim() < 2), name
+    for name in ("patch_embed.weight", "time_embed.0.weight", "time_embed.2.weight", "noised_embed.weight"):
+        assert id(names[name]) in decayed, name
+    generator = RasterAR(vocab_size=32, max_tokens=6, num_classes=10, dim=32, depth=1, num_heads=2)
+    decayed, _ = (set(map(id, group["params"])) for group in GeneratorModule(generator).parameter_groups())
+    embeddings = [p for n, p in generator.named_parameters() if p.dim() >= 2 and "emb" in n]
+    assert embeddings and all(id(p) in decayed for p in embeddings)
+
+
+class GradientNorms(L.Callback):
+    """The global gradient norm the optimiser stepped with (gradients are cleared only before the next step)."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        grads = [p.grad for p in pl_module.generator.parameters() if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+
+def test_generator_gradients_are_clipped_at_one_by_default(tmp_path, caches):
+    # a loss scale that puts the raw gradient norm well above 1
+    unclipped, clipped, trainer_clipped = GradientNorms(), GradientNorms(), GradientNorms()
+    tiny_generator_run(tmp_path / "a", caches, [unclipped], max_grad_norm=None)
+    assert min(unclipped.norms) > 1.0, "the test needs gradients above the clipping norm"
+    module, _ = tiny_generator_run(tmp_path / "b", caches, [clipped])
+    assert module.max_grad_norm == 1.0
+    assert max(clipped.norms) == pytest.approx(1.0, rel=1e-4)
+    # Trainer(gradient_clip_val=...) takes precedence
+    torch.manual_seed(0)
+    generator = RasterAR(vocab_size=32, max_tokens=6, num_classes=10, dim=32, depth=1, num_heads=2)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path / "c", callbacks=[trainer_clipped],
+                        gradient_clip_val=0.5, accelerator="cpu")
+    trainer.fit(GeneratorModule(generator, export_dir=str(tmp_path / "c" / "generator")),
+                TokenDataModule(str(caches / "train"), batch_size=16))
+    assert max(trainer_clipped.norms) == pytest.approx(0.5, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- SampleGrid
+
+
+def test_sample_grid_takes_its_tokenizer_from_the_token_cache(tmp_path, caches):
+    tiny_generator_run(tmp_path, caches, [SampleGrid(per_class=1, every_n_epochs=1)])
+    assert list(tmp_path.rglob("samples_epoch000.png"))
+
+
+@pytest.mark.parametrize("case", ["other tokenizer", "missing folder", "cache without folder"])
+def test_sample_grid_checks_its_tokenizer_when_fitting_starts(tmp_path, caches, case):
+    """Refused at fit start, before any training (its first preview would only come at epoch 5)."""
+    if case == "other tokenizer":
+        # same sizes, other weights: its ids mean other images
+        tiny_titok(seed=1).save_pretrained(tmp_path / "other")
+        callback, train, error, message = SampleGrid(str(tmp_path / "other"), every_n_epochs=5), "train", ValueError, "fingerprint"
+    elif case == "missing folder":
+        callback, train, error, message = SampleGrid(str(tmp_path / "nowhere"), every_n_epochs=5), "train", FileNotFoundError, "no config.json"
+    else:
+        callback, train, error, message = SampleGrid(every_n_epochs=5), "anonymous", ValueError, "records no tokenizer folder"
+    with pytest.raises(error, match=message):
+        tiny_generator_run(tmp_path, caches, [callback], train=train)
+    assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "generator").exists()
+
+
+def test_no_shipped_generator_config_names_a_preview_tokenizer():
+    """Previews decode through the tokenizer that wrote the cache, never through another run's folder."""
+    for path in sorted((ROOT / "configs" / "generators").glob("*.yaml")):
+        config = yaml.safe_load(path.read_text())
+        for callback in config.get("trainer", {}).get("callbacks") or []:
+            if callback["class_path"].endswith("SampleGrid"):
+                assert "tokenizer" not in (callback.get("init_args") or {}), path.name

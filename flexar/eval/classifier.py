@@ -30,6 +30,8 @@ from torch_fidelity import register_feature_extractor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+from flexar.train.modules import check_finite_loss, refuse_existing_export
+
 CLASSIFIER_EXTRACTOR = "flexar-classifier"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -170,6 +172,10 @@ class ClassifierModule(lightning.LightningModule):
         lr, weight_decay: AdamW settings.
         export_dir: where ``save_pretrained`` writes the classifier when fitting ends; None means
             ``<trainer.log_dir>/classifier``.
+        overwrite_export: replace an export folder that already holds files; without it such a folder is refused
+            when fitting starts.
+
+    A non-finite training loss stops the run with an error naming the step, and nothing is exported.
     """
 
     def __init__(
@@ -182,6 +188,7 @@ class ClassifierModule(lightning.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         export_dir: str | None = None,
+        overwrite_export: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -195,6 +202,8 @@ class ClassifierModule(lightning.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.export_dir = export_dir
+        self.overwrite_export = overwrite_export
+        self._export_folder: str | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.classifier(images)
@@ -202,6 +211,7 @@ class ClassifierModule(lightning.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_index: int) -> torch.Tensor:
         images, labels = batch
         loss = F.cross_entropy(self.classifier(images), labels)
+        check_finite_loss(self, loss, batch_index)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -215,9 +225,16 @@ class ClassifierModule(lightning.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.classifier.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
+    def export_folder(self) -> str:
+        # trainer.log_dir broadcasts from rank zero, so every rank must ask for it
+        return self.export_dir if self.export_dir is not None else os.path.join(self.trainer.log_dir, "classifier")
+
+    def on_fit_start(self) -> None:
+        self._export_folder = self.export_folder()
+        refuse_existing_export(self, Path(self._export_folder), self.overwrite_export)
+
     def on_fit_end(self) -> None:
-        # trainer.log_dir broadcasts from rank zero, so every rank must ask for it before rank zero writes.
-        folder = self.export_dir if self.export_dir is not None else os.path.join(self.trainer.log_dir, "classifier")
+        folder = self._export_folder if self._export_folder is not None else self.export_folder()
         if self.trainer.is_global_zero:
             self.classifier.save_pretrained(folder)
 

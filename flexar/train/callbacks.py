@@ -1,6 +1,12 @@
-"""Rank-zero callbacks that write image grids during training (previews only; evaluation is in scripts/)."""
+"""Rank-zero callbacks that write image grids during training (previews only; evaluation is in scripts/).
+
+Both find their output folder (``<trainer.log_dir>/images``) on every rank when the stage starts: ``trainer.log_dir``
+broadcasts from rank zero, so asking for it on rank zero alone would leave the other ranks of a multi-process run
+waiting.
+"""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -21,6 +27,10 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
     return path
 
 
+def _images_folder(trainer) -> Path:
+    return Path(trainer.log_dir or trainer.default_root_dir) / "images"
+
+
 class ReconstructionGrid(L.Callback):
     """After each `every_n_epochs` validation, save originals next to reconstructions at each `num_tokens`.
 
@@ -33,6 +43,10 @@ class ReconstructionGrid(L.Callback):
         self.num_tokens = num_tokens
         self.every_n_epochs = every_n_epochs
         self._images = None
+        self._folder: Path | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._folder = _images_folder(trainer)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if batch_idx == 0 and trainer.is_global_zero:
@@ -48,32 +62,107 @@ class ReconstructionGrid(L.Callback):
         with torch.no_grad():
             for count in self.num_tokens or [None]:
                 rows.append(tokenizer.reconstruct(self._images, count))
-        root = Path(trainer.log_dir or trainer.default_root_dir)
-        save_grid(torch.cat(rows), root / "images" / f"reconstructions_epoch{trainer.current_epoch:03d}.png", nrow=len(self._images))
+        folder = self._folder or _images_folder(trainer)
+        save_grid(torch.cat(rows), folder / f"reconstructions_epoch{trainer.current_epoch:03d}.png", nrow=len(self._images))
 
 
 class SampleGrid(L.Callback):
     """Every `every_n_epochs`, sample `per_class` images for each of `num_classes` labels and save a grid.
 
-    `tokenizer` is the folder of the tokenizer whose ids the generator models (loaded lazily on rank zero).
+    `tokenizer` is the folder of the tokenizer whose ids the generator models; None (the default) takes the folder
+    that the training token cache's meta.json records (``tokenizer.path``, written by ``flexar-tokenize``). Either
+    way the folder is checked when fitting starts, before any training: it must hold a saved tokenizer whose
+    fingerprint (:func:`flexar.hub.fingerprint`) equals the one the cache was written with, and whose vocabulary and
+    length match the generator's. Rank zero loads it and tells the other ranks whether the check passed, so every
+    rank stops together.
     """
 
-    def __init__(self, tokenizer: str, per_class: int = 4, num_classes: int = 10, every_n_epochs: int = 1,
+    def __init__(self, tokenizer: str | None = None, per_class: int = 4, num_classes: int = 10, every_n_epochs: int = 1,
                  cfg_scale: float = 1.0, temperature: float = 1.0, seed: int = 0):
         super().__init__()
         self.tokenizer_path = tokenizer
         self.per_class, self.num_classes, self.every_n_epochs = per_class, num_classes, every_n_epochs
         self.cfg_scale, self.temperature, self.seed = cfg_scale, temperature, seed
         self._tokenizer = None
+        self._folder: Path | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._folder = _images_folder(trainer)
+        if stage != "fit":
+            return
+        problem, error = None, None
+        if trainer.is_global_zero:
+            try:
+                self._tokenizer = self.load_checked_tokenizer(trainer, pl_module)
+            except Exception as caught:  # broadcast first, so that no rank is left waiting
+                problem, error = str(caught), caught
+        problem = trainer.strategy.broadcast(problem)
+        if error is not None:
+            raise error
+        if problem is not None:
+            raise ValueError(problem)
+
+    def tokenizer_folder(self, trainer) -> tuple[Path, str | None, str]:
+        """(folder, fingerprint recorded by the token cache or None, where the cache's meta.json is)."""
+        datamodule = trainer.datamodule
+        meta = getattr(datamodule, "meta", None)
+        cache = f"{getattr(datamodule, 'train_path', 'the training token cache')}/meta.json"
+        recorded = meta.get("tokenizer") if isinstance(meta, dict) else None
+        recorded = recorded if isinstance(recorded, dict) else {}
+        if self.tokenizer_path is not None:
+            return Path(self.tokenizer_path), recorded.get("fingerprint"), cache
+        if not isinstance(meta, dict):
+            raise ValueError(
+                f"SampleGrid(tokenizer=None) takes the tokenizer folder from the training token cache's meta.json, "
+                f"but the datamodule ({type(datamodule).__name__}) has no token cache; pass tokenizer=FOLDER"
+            )
+        if not recorded.get("path"):
+            raise ValueError(
+                f"SampleGrid(tokenizer=None): {cache} records no tokenizer folder (field 'tokenizer.path' is "
+                f"{recorded.get('path', 'absent')!r}: the cache was written from an in-memory tokenizer, or by an "
+                "older flexar-tokenize); pass tokenizer=FOLDER, or re-run flexar-tokenize --tokenizer FOLDER"
+            )
+        return Path(recorded["path"]), recorded.get("fingerprint"), cache
+
+    def load_checked_tokenizer(self, trainer, pl_module):
+        """Load the tokenizer folder after checking it against the token cache and the generator."""
+        from flexar.hub import fingerprint, load_model
+
+        folder, expected, cache = self.tokenizer_folder(trainer)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"SampleGrid: tokenizer folder {folder} holds no saved tokenizer (no config.json); pass the folder "
+                f"the token cache was written with{'' if self.tokenizer_path is None else ' as tokenizer=FOLDER'}"
+            )
+        actual = fingerprint(folder)
+        if expected is None:
+            warnings.warn(
+                f"SampleGrid: {cache} records no tokenizer fingerprint, so tokenizer {folder} cannot be checked "
+                "against the tokenizer that wrote the cache; re-run flexar-tokenize to record it",
+                stacklevel=2,
+            )
+        elif actual != expected:
+            raise ValueError(
+                f"SampleGrid: tokenizer {folder} (fingerprint {actual[:12]}) is not the tokenizer that wrote {cache} "
+                f"(field 'tokenizer.fingerprint' {expected[:12]}); its decodes of the generator's ids would be wrong. "
+                "Pass the folder the cache was written with, or re-tokenize with this tokenizer"
+            )
+        tokenizer = load_model(folder).eval()
+        generator = pl_module.averaged_network() if hasattr(pl_module, "averaged_network") else None
+        for name, theirs in (("codebook_size", "vocab_size"), ("max_tokens", "max_tokens")):
+            ours, wanted = getattr(tokenizer, name, None), getattr(generator, theirs, None)
+            if ours is not None and wanted is not None and ours != wanted:
+                raise ValueError(f"SampleGrid: tokenizer {folder} has {name} {ours}, the generator {theirs} {wanted}")
+        return tokenizer
 
     def on_validation_epoch_end(self, trainer, pl_module):
         if not trainer.is_global_zero or trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        from flexar.hub import load_model
         from flexar.sampling import Sampler
 
         if self._tokenizer is None:
-            self._tokenizer = load_model(self.tokenizer_path).eval()
+            # a validation run outside fit: the same checks, now
+            self._tokenizer = self.load_checked_tokenizer(trainer, pl_module)
         tokenizer = self._tokenizer.to(pl_module.device)
         generator_model = pl_module.averaged_network()
         labels = torch.arange(self.num_classes, device=pl_module.device).repeat_interleave(self.per_class)
@@ -85,5 +174,5 @@ class SampleGrid(L.Callback):
         generator_model.train(was_training)
         with torch.no_grad():
             images = tokenizer.decode(out.ids)
-        root = Path(trainer.log_dir or trainer.default_root_dir)
-        save_grid(images, root / "images" / f"samples_epoch{trainer.current_epoch:03d}.png", nrow=self.per_class * 2)
+        folder = self._folder or _images_folder(trainer)
+        save_grid(images, folder / f"samples_epoch{trainer.current_epoch:03d}.png", nrow=self.per_class * 2)

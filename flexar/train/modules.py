@@ -1,5 +1,18 @@
 """Thin LightningModules: the model is built from the config and passed in; the module owns the optimiser, the
 learning-rate schedule, EMA, logging and the final export. The objective lives in the model's ``training_loss``.
+
+Recipe, as in nanoGPT and LlamaGen (Sun et al., 2024, "Autoregressive Model Beats Diffusion: Llama for Scalable
+Image Generation"): AdamW with weight decay on every parameter of two or more dimensions (linear and convolution
+weights, embedding tables, learned tokens such as TiTok's ``latent_tokens`` or a mask token) and none on parameters of
+fewer (norm scales, biases); linear warmup then cosine decay; for generators, gradients clipped to norm 1.0 (LlamaGen's
+``max_grad_norm``). Departure: TiTok's official training (1d-tokenizer) also exempts embeddings, latent and mask
+tokens from decay by name; flexar keeps the one dimension rule for every model, tokenizers included, so that a
+Linear called ``patch_embed`` or ``time_embed`` is decayed like any other Linear.
+
+Safety: a non-finite training loss stops the run at once with a ``FloatingPointError`` that names the step and the
+loss, before the optimiser applies it, and nothing is exported (checking costs one device synchronisation per step,
+as LlamaGen's ``loss.item()`` per step and Lightning's progress bar already do). An export folder that already holds
+files is refused when fitting starts, before any training, unless ``overwrite_export=True``.
 """
 from __future__ import annotations
 
@@ -10,6 +23,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -22,6 +36,45 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def refuse_existing_export(module: L.LightningModule, path: Path, overwrite: bool) -> None:
+    """Raise ``FileExistsError`` on every rank when `path` already holds files and `overwrite` is False.
+
+    Rank zero looks and broadcasts what it found, so that no rank trains on while another one stops.
+    """
+    found = None
+    if module.trainer.is_global_zero and not overwrite and path.exists():
+        found = sorted(entry.name for entry in path.iterdir()) if path.is_dir() else [path.name]
+    found = module.trainer.strategy.broadcast(found)
+    if found:
+        listed = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise FileExistsError(
+            f"export folder {os.fspath(path)} already holds {listed}; refusing to overwrite it. Choose another "
+            "folder with --model.init_args.export_dir, or replace it with --model.init_args.overwrite_export true"
+        )
+
+
+def check_finite_loss(module: L.LightningModule, loss: torch.Tensor, batch_idx: int, name: str = "training loss") -> None:
+    """Raise ``FloatingPointError`` naming the step and the loss when `loss` is NaN or infinite on any rank.
+
+    One device synchronisation (and, with several processes, one all-gather of a scalar) per call; every rank raises
+    together, so none is left waiting in a collective.
+    """
+    values = loss.detach().float()
+    if module.trainer.world_size > 1:
+        values = module.all_gather(values)
+    if bool(torch.isfinite(values).all()):
+        return
+    per_rank = values.reshape(-1).tolist()
+    value = next(v for v in per_rank if not math.isfinite(v))
+    where = f" (per rank: {', '.join(f'{v:g}' for v in per_rank)})" if len(per_rank) > 1 else ""
+    lr = getattr(module, "lr", None)
+    advice = f"lower the learning rate (lr={lr:g})" if lr is not None else "lower the learning rate"
+    raise FloatingPointError(
+        f"{name} is {value:g}{where} at step {module.global_step} (epoch {module.current_epoch}, batch {batch_idx}); "
+        f"training stops and nothing is exported: {advice} or check the data"
+    )
 
 
 class _ModelModule(L.LightningModule):
@@ -38,6 +91,7 @@ class _ModelModule(L.LightningModule):
         min_lr_ratio: float,
         ema_decay: float | None,
         export_dir: str | None,
+        overwrite_export: bool = False,
     ):
         super().__init__()
         if lr <= 0:
@@ -48,6 +102,8 @@ class _ModelModule(L.LightningModule):
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
         self.ema_decay = ema_decay
         self.export_dir = export_dir
+        self.overwrite_export = overwrite_export
+        self._export_folder: Path | None = None
 
     @property
     def network(self) -> nn.Module:
@@ -63,18 +119,19 @@ class _ModelModule(L.LightningModule):
         """The EMA weights when EMA is on, else the trained weights."""
         return self.ema.module if self.ema is not None else self.network
 
-    def configure_optimizers(self):
+    def parameter_groups(self) -> list[dict]:
+        """AdamW groups of the trained parameters: decayed (two or more dimensions), then not decayed."""
         decay, no_decay = [], []
-        for name, parameter in self.network.named_parameters():
+        for parameter in self.network.parameters():
             if not parameter.requires_grad:
                 continue
-            # norms, biases, embeddings and learned tokens are not weight-decayed (GPT-2 / nanoGPT convention)
-            (decay if parameter.dim() >= 2 and "embed" not in name and "token" not in name else no_decay).append(parameter)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.lr,
-            betas=self.betas,
-        )
+            # nanoGPT / LlamaGen: every matrix (and higher) is decayed, embedding tables and learned tokens included;
+            # norm scales and biases (fewer than two dimensions) are not
+            (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+        return [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.lr, betas=self.betas)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.schedule(optimizer), "interval": "step"}}
 
     def schedule(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
@@ -101,14 +158,21 @@ class _ModelModule(L.LightningModule):
             self.log(f"{prefix}_loss", logs["loss"].float(), prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=batch_size)
 
     def export_path(self) -> Path:
+        """``export_dir``, else ``<trainer.log_dir>/pretrained``; every rank must call it (log_dir broadcasts)."""
         if self.export_dir is not None:
             return Path(self.export_dir)
         root = self.trainer.log_dir or self.trainer.default_root_dir
         return Path(root) / "pretrained"
 
+    def on_fit_start(self) -> None:
+        # refused before any training, not after it
+        self._export_folder = self.export_path()
+        refuse_existing_export(self, self._export_folder, self.overwrite_export)
+
     def on_fit_end(self) -> None:
+        path = self._export_folder if self._export_folder is not None else self.export_path()
         if self.trainer.is_global_zero:
-            path = self.averaged_network().save_pretrained(self.export_path())
+            path = self.averaged_network().save_pretrained(path)
             print(f"saved {type(self.network).__name__} to {os.fspath(path)}")
 
 
@@ -138,10 +202,11 @@ class TokenizerModule(_ModelModule):
         min_lr_ratio: float = 0.1,
         ema_decay: float | None = None,
         export_dir: str | None = None,
+        overwrite_export: bool = False,
         loss: ReconstructionLoss | None = None,
         discriminator_lr: float | None = None,
     ):
-        super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, ema_decay, export_dir)
+        super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, ema_decay, export_dir, overwrite_export)
         self.tokenizer = tokenizer
         self.loss = loss
         if loss is not None:
@@ -169,20 +234,23 @@ class TokenizerModule(_ModelModule):
         step = int(self.tokenizer_steps)
         if self.loss is None:
             loss, logs = self.tokenizer.training_loss(images)
+            check_finite_loss(self, loss, batch_idx)
         elif not self.adversarial:
             loss, logs = self.tokenizer.training_loss(images, criterion=self.loss, step=step)
+            check_finite_loss(self, loss, batch_idx)
         else:
-            loss, logs = self.adversarial_step(images, step)
+            loss, logs = self.adversarial_step(images, step, batch_idx)
         self.tokenizer_steps += 1
         self.log_metrics("train", logs, images.shape[0])
         return loss
 
-    def adversarial_step(self, images, step: int):
+    def adversarial_step(self, images, step: int, batch_idx: int = 0):
         tokenizer_optimizer, discriminator_optimizer = self.optimizers()
         tokenizer_schedule, discriminator_schedule = self.lr_schedulers()
         # the discriminator is frozen while the tokenizer steps (no gradient wasted on it)
         self.toggle_optimizer(tokenizer_optimizer)
         loss, logs = self.tokenizer.training_loss(images, criterion=self.loss, step=step)
+        check_finite_loss(self, loss, batch_idx)
         tokenizer_optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         tokenizer_optimizer.step()
@@ -191,6 +259,7 @@ class TokenizerModule(_ModelModule):
         if self.loss.adversarial_active(step):
             self.toggle_optimizer(discriminator_optimizer)
             discriminator_loss, discriminator_logs = self.loss.discriminator_loss(images, self.loss.last_reconstruction, step)
+            check_finite_loss(self, discriminator_loss, batch_idx, name="discriminator loss")
             discriminator_optimizer.zero_grad(set_to_none=True)
             self.manual_backward(discriminator_loss)
             discriminator_optimizer.step()
@@ -208,7 +277,11 @@ class TokenizerModule(_ModelModule):
 
 
 class GeneratorModule(_ModelModule):
-    """Trains a :mod:`flexar.generators` model on (ids, labels, lengths) batches from a token cache."""
+    """Trains a :mod:`flexar.generators` model on (ids, labels, lengths) batches from a token cache.
+
+    ``max_grad_norm`` clips the global gradient norm before every optimiser step (LlamaGen's default 1.0; None turns
+    clipping off). A ``trainer.gradient_clip_val`` given to the Trainer takes precedence over it.
+    """
 
     model_attribute = "generator"
 
@@ -222,16 +295,32 @@ class GeneratorModule(_ModelModule):
         min_lr_ratio: float = 0.1,
         ema_decay: float | None = None,
         export_dir: str | None = None,
+        overwrite_export: bool = False,
+        max_grad_norm: float | None = 1.0,
     ):
-        super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, ema_decay, export_dir)
+        super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, ema_decay, export_dir, overwrite_export)
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive or None (no clipping), got {max_grad_norm}")
+        self.max_grad_norm = max_grad_norm
         self.generator = generator
         self.setup_ema()
 
     def training_step(self, batch, batch_idx):
         ids, labels, lengths = batch
         loss, logs = self.generator.training_loss(ids, labels, lengths)
+        check_finite_loss(self, loss, batch_idx)
         self.log_metrics("train", logs, ids.shape[0])
         return loss
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if gradient_clip_val is None and self.max_grad_norm is not None:
+            wrapped = self.trainer.strategy.model
+            if isinstance(self.trainer.strategy, FSDPStrategy) and callable(getattr(wrapped, "clip_grad_norm_", None)):
+                # FSDP: the root module computes the norm over every shard (Lightning's FSDP precision refuses to)
+                wrapped.clip_grad_norm_(self.max_grad_norm)
+                return
+            gradient_clip_val, gradient_clip_algorithm = self.max_grad_norm, "norm"
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
 
     def validation_step(self, batch, batch_idx):
         ids, labels, lengths = batch
