@@ -4,14 +4,178 @@
 
 Configs map one-to-one onto constructors through ``class_path`` / ``init_args``; the config.yaml that LightningCLI
 writes into the run folder rebuilds the run.
+
+Keys are never guessed: a misspelt key, in a YAML file or on the command line, at any depth of ``init_args``, is
+refused with the closest valid keys of the object it was meant for, and abbreviated options (argparse's
+``allow_abbrev``, which would read ``--trainer.max_step`` as ``--trainer.max_steps``) are refused the same way.
 """
 from __future__ import annotations
 
+import argparse
+import difflib
 import os
+import re
+import sys
 import warnings
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import ActionConfigFile
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+# jsonargparse's messages for a key that no argument takes; the nested ones come from the parser of the class named
+# by the enclosing ``class_path``
+_OPTION_NOT_ACCEPTED = re.compile(r"Option '(?P<key>[^']+)' is not accepted(?: before subcommand .*)?")
+_SUBCOMMAND_REFUSES = re.compile(r"Subcommand '(?P<subcommand>[^']+)' does not accept option '(?P<key>[^']+)'")
+_GROUP_REFUSES = re.compile(r"Group '(?P<group>[^']+)' does not accept option '(?P<key>[^']+)'")
+_UNRECOGNIZED = "unrecognized arguments: "
+_CLASS_PATH = re.compile(r"Problem with given class_path '(?P<class_path>[^']+)':")
+_PARSER_KEY = re.compile(r'Parser key "(?P<key>[^"]+)"')
+_HINT = "  closest valid keys: "
+_NO_CLOSE_HINT = "  no close match; valid keys: "
+
+
+def closest(key: str, valid: list[str], count: int = 3) -> list[str]:
+    """The entries of `valid` nearest to `key` (difflib's ratio), best first; empty when none is close."""
+    return difflib.get_close_matches(key, valid, n=count, cutoff=0.6)
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" -"))
+
+
+class FlexarArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser with abbreviations off and the closest valid keys named in every unknown-key error.
+
+    jsonargparse checks the ``init_args`` of each ``class_path`` with a parser built for that class, whose own
+    :meth:`error` sees the unknown key first: there the closest keys of that class are appended to the message.
+    The top-level parser then reports each unknown key by its full path (``model.init_args.tokenizer.init_args.X``)
+    with those suggestions, instead of the usage text and the nested union errors.
+    """
+
+    def __init__(self, *args, allow_abbrev: bool = False, **kwargs) -> None:
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
+
+    def valid_keys(self) -> list[str]:
+        """Every key this parser takes (``trainer.max_epochs``, ``lr``, ...), without help and config options."""
+        keys = []
+        for action in self._actions:
+            if isinstance(action, (argparse._HelpAction, ActionConfigFile)) or action.dest in (None, argparse.SUPPRESS):
+                continue
+            keys.append(action.dest)
+        return keys
+
+    def option_strings(self) -> list[str]:
+        """The long option strings of :meth:`valid_keys` (``--trainer.max_epochs``, ...)."""
+        keys = set(self.valid_keys())
+        return [string for action in self._actions if action.dest in keys for string in action.option_strings
+                if string.startswith("--")]
+
+    def with_closest_keys(self, message: str, ex: Exception | None) -> str:
+        """`message` with a line naming the closest valid keys, when it refuses an unknown key."""
+        if message.startswith(_UNRECOGNIZED):
+            valid = self.option_strings()
+            lines = [message]
+            for argument in message[len(_UNRECOGNIZED):].split():
+                if not argument.startswith("--"):
+                    continue
+                name = argument.split("=", 1)[0]
+                lines.append(_hint_line(name, valid))
+            return "\n".join(lines)
+        match = _SUBCOMMAND_REFUSES.fullmatch(message)
+        if match:
+            parser = getattr(ex, "subcommand_parser", None)
+            valid = parser.valid_keys() if isinstance(parser, FlexarArgumentParser) else []
+            return message + "\n" + _hint_line(match["key"], valid)
+        match = _GROUP_REFUSES.fullmatch(message)
+        if match:
+            prefix = match["group"] + "."
+            valid = [key[len(prefix):] for key in self.valid_keys() if key.startswith(prefix)]
+            return message + "\n" + _hint_line(match["key"], valid)
+        match = _OPTION_NOT_ACCEPTED.fullmatch(message)
+        if match:
+            return message + "\n" + _hint_line(match["key"], self.valid_keys())
+        return message
+
+    def error(self, message: str, ex: Exception | None = None):
+        message = self.with_closest_keys(message, ex)
+        if not self.exit_on_error:
+            # a nested parser (one class's init_args): the enclosing parser reports the error
+            super().error(message, ex)
+        report = unknown_key_report(message)
+        if report is None:
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {report}\ntip: `{prog} --help` lists every option\n")
+        self.exit(2)
+
+
+def _hint_line(key: str, valid: list[str]) -> str:
+    """``closest valid keys: ...`` for an unknown `key` (an option string ``--a.b`` or a bare key ``a.b``)."""
+    # ``--trainer.callbacks+`` (append) and ``--model.help`` (class help) are ways to write a key, not keys
+    valid = [entry for entry in valid if not entry.endswith(("+", ".help"))]
+    matches = closest(key, valid)
+    if not matches and "." in key:
+        # a misspelt group (``--modl.init_args.lr``): the nearest group, with the rest as given
+        head, rest = key.split(".", 1)
+        heads = sorted({entry.split(".", 1)[0] for entry in valid})
+        matches = [f"{match}.{rest}" for match in closest(head, heads)]
+    if matches:
+        abbreviated = key.startswith("--") and any(match.startswith(key) for match in matches)
+        return _HINT + ", ".join(matches) + (" (options are never abbreviated)" if abbreviated else "")
+    if len(valid) > 30:
+        valid = sorted({entry.split(".", 1)[0] for entry in valid})
+    return _NO_CLOSE_HINT + (", ".join(sorted(valid)) if valid else "none")
+
+
+def unknown_key_report(message: str) -> str | None:
+    """One line per unknown key in a (possibly nested) jsonargparse message, with its full path and the closest
+    valid keys; None when the message refuses no unknown key."""
+    lines = message.splitlines()
+    reports = []
+    for index, line in enumerate(lines):
+        stripped = line.strip(" -")
+        if stripped.startswith(_UNRECOGNIZED):
+            hints = [hint for hint in lines[index + 1:] if hint.startswith(_HINT) or hint.startswith(_NO_CLOSE_HINT)]
+            names = [argument for argument in stripped[len(_UNRECOGNIZED):].split() if argument.startswith("--")]
+            if not names:
+                return None
+            for name, hint in zip(names, hints):
+                reports.append(f"unknown option {name.split('=', 1)[0]}; {hint.strip()}")
+            continue
+        match = _SUBCOMMAND_REFUSES.fullmatch(stripped) or _GROUP_REFUSES.fullmatch(stripped)
+        match = match or _OPTION_NOT_ACCEPTED.fullmatch(stripped)
+        if not match:
+            continue
+        hint = lines[index + 1].strip() if index + 1 < len(lines) else ""
+        if not (hint.startswith(_HINT.strip()) or hint.startswith(_NO_CLOSE_HINT.strip())):
+            continue
+        path, owner = _key_path(lines, index, match)
+        reports.append(f"unknown key {path}{f' ({owner} has no such argument)' if owner else ''}; {hint}")
+    return "\n       ".join(reports) if reports else None
+
+
+def _key_path(lines: list[str], index: int, match: re.Match) -> tuple[str, str | None]:
+    """Full dotted path of the key refused on `lines[index]`, from the enclosing ``Parser key`` and ``class_path``
+    lines (each indented less than what it encloses), and the class that refused it."""
+    parts = [match["key"]]
+    if "group" in match.re.groupindex:
+        parts.insert(0, match["group"])
+    owner = None
+    depth = _indent(lines[index])
+    for line in reversed(lines[:index]):
+        if _indent(line) >= depth:
+            continue
+        depth = _indent(line)
+        class_path = _CLASS_PATH.search(line)
+        if class_path:
+            owner = owner or class_path["class_path"]
+            parts.insert(0, "init_args")
+            continue
+        parser_key = _PARSER_KEY.search(line)
+        if parser_key:
+            parts.insert(0, parser_key["key"])
+    return ".".join(parts), owner
 
 
 class FlexarCLI(LightningCLI):
@@ -34,6 +198,7 @@ def run(args: list[str] | None = None) -> FlexarCLI:
         subclass_mode_data=True,
         args=args,
         auto_configure_optimizers=False,
+        parser_class=FlexarArgumentParser,
     )
 
 
