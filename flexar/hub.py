@@ -86,6 +86,11 @@ def _jsonable(value):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    # numpy scalars (a size read from an array, a count from np.arange) are saved as the Python numbers they hold
+    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        item = value.item()
+        if isinstance(item, (bool, int, float)):
+            return item
     raise TypeError(f"constructor argument {value!r} of type {type(value).__name__} cannot be saved in config.json")
 
 

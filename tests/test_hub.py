@@ -3,6 +3,7 @@ import inspect
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from flexar.generators import RasterAR
@@ -93,3 +94,11 @@ def test_every_registered_default_fits_its_annotation():
             if parameter.default is not inspect.Parameter.empty and key in hints:
                 assert _matches(parameter.default, hints[key][0]), (name, key, parameter.default, hints[key][1])
 
+
+
+def test_numpy_integers_are_saved_as_ints(tmp_path):
+    tokenizer = TiTok(image_size=np.int64(16), channels=1, patch_size=np.int32(4), num_latent_tokens=6, width=32,
+                      depth=1, num_heads=2, codebook_size=np.int64(32), code_dim=8, commitment=np.float32(0.5))
+    assert type(tokenizer.config["image_size"]) is int and type(tokenizer.config["commitment"]) is float
+    tokenizer.save_pretrained(tmp_path / "tok")
+    assert load_model(tmp_path / "tok").config == tokenizer.config
