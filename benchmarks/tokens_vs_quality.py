@@ -23,7 +23,8 @@ k tokens say about the image. The summary says, for each flexible tokenizer, whe
 k <= N/4 (the claim of One-D-Piece, FlexTok and ReTok) in MSE, in mean-decode MSE and in rFID, where at each k and
 for each metric truncated TiTok counts with the better of its two fair decodes (``cut``, ``mean``); the same bar
 against the ``pad`` decode is kept beside it (``beats_titok_pad_decode_...``) to show what the unfair baseline
-changed. The plot ``benchmarks/results/tokens_vs_quality.png`` draws the curves, TiTok's three decodes among them.
+changed. The plot ``tokens_vs_quality.png``, written beside the JSON record (``runs/benchmarks/``, or
+``benchmarks/results/`` with ``--record``), draws the curves, TiTok's three decodes among them.
 
 The tokenizers train one after the other from the same global random stream, so a change to one tokenizer's recipe
 changes the batches and draws of the ones trained after it.
@@ -73,7 +74,7 @@ GFID_SAMPLER = dict(temperature=1.0, cfg_scale=2.0)
 # TiTok's decodes of truncated sequences: the pad embedding, and the two fair ones the bar compares with
 TITOK_FILLS = ("pad", "cut", "mean")
 FAIR_FILLS = ("cut", "mean")
-PLOT = REPO_ROOT / "benchmarks" / "results" / "tokens_vs_quality.png"
+PLOT_NAME = "tokens_vs_quality.png"
 
 
 def token_counts(maximum: int) -> list[int]:
@@ -252,7 +253,7 @@ def plot(rows: list[dict], generation: list[dict], path: Path, title: str, sampl
     return path
 
 
-def run(quick: bool, device: str) -> dict:
+def run(quick: bool, device: str, output_dir: Path | None = None) -> dict:
     from flexar.data import build_dataset
     from flexar.eval import compute_metrics
 
@@ -307,10 +308,11 @@ def run(quick: bool, device: str) -> dict:
             gfid = compute_metrics(samples, originals, extractor=f"classifier:{classifier}", kid=False, device=device)["fid"]
             rfid = next(r["rfid"] for r in rows if r["tokenizer"] == chosen and r["num_tokens"] == k)
             generation.append({"tokenizer": chosen, "num_tokens": k, "gfid": gfid, "rfid": rfid})
-        plot_path = plot(rows, generation, (scratch / "tokens_vs_quality.png") if quick else PLOT,
+        plot_folder = scratch if quick or output_dir is None else Path(output_dir)
+        plot_path = plot(rows, generation, plot_folder / PLOT_NAME,
                          f"{size['dataset']}, {size['steps']} steps of {size['batch_size']} images each, N = {size['num_tokens']}",
                          {name: size["posterior_samples"] for name, t in tokenizers.items() if decodes_by_sampling(t)})
-        if quick:
+        if plot_folder is scratch:
             plot_path = None  # lives in the scratch folder only
 
     small = [k for k in counts if k <= size["num_tokens"] // 4]

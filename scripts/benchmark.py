@@ -1,22 +1,28 @@
 #!/usr/bin/env python
 """Run one benchmark and record its numbers with the machine they came from.
 
-    python scripts/benchmark.py attention            # table on stdout, writes benchmarks/results/attention.json
-    python scripts/benchmark.py kv_cache --json      # one JSON line on stdout
+    python scripts/benchmark.py attention            # table on stdout, writes runs/benchmarks/attention.json
+    python scripts/benchmark.py kv_cache --json      # one JSON line on stdout (and runs/benchmarks/kv_cache.json)
+    python scripts/benchmark.py attention --record   # writes the tracked benchmarks/results/attention.json
     python scripts/benchmark.py attention --quick    # tiny sizes, writes nothing unless --output is given
 
 Benchmarks are the modules listed in ``benchmarks.BENCHMARKS``; each ``run(quick, device)`` returns its config,
-summary and rows, to which this script adds the benchmark name and the machine description.
+summary and rows, to which this script adds the benchmark name and the machine description. A benchmark whose run
+also takes ``output_dir`` writes its files (plots) there: the folder of the JSON record. The numbers that the README
+quotes live under ``benchmarks/results/``, which only ``--record`` writes; a plain run never overwrites them.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+DEFAULT_OUTPUT = REPO_ROOT / "runs" / "benchmarks"
 # benchmarks/ sits beside flexar/ and is not part of the installed package
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -29,8 +35,24 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     parser.add_argument("--quick", action="store_true", help="tiny sizes for smoke tests; nothing is written by default")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--output", type=Path, default=None, help="default: benchmarks/results/NAME.json")
+    parser.add_argument("--record", action="store_true",
+                        help="write the tracked benchmarks/results/NAME.json (and its plots) instead of runs/benchmarks/")
+    parser.add_argument("--output", type=Path, default=None, help="default: runs/benchmarks/NAME.json")
     return parser, parser.parse_args(argv)
+
+
+def output_path(name: str, quick: bool, record: bool, output: Path | None) -> Path | None:
+    """Where the JSON record goes: `output`, else runs/benchmarks/NAME.json for a full run, benchmarks/results/ with
+    `record`, nothing for a quick run. Raises ValueError for a combination that would record meaningless numbers."""
+    if record and quick:
+        raise ValueError("--record keeps full runs only: a --quick run's numbers mean nothing")
+    if record and output is not None:
+        raise ValueError("--record writes benchmarks/results/NAME.json; give either --record or --output")
+    if output is not None:
+        return output
+    if quick:
+        return None
+    return (RESULTS if record else DEFAULT_OUTPUT) / f"{name}.json"
 
 
 def _format(value) -> str:
@@ -70,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     parser, args = parse_args(argv)
     if args.name not in BENCHMARKS:
         parser.error(f"unknown benchmark {args.name!r}; known benchmarks: {', '.join(sorted(BENCHMARKS))}")
+    try:
+        output = output_path(args.name, args.quick, args.record, args.output)
+    except ValueError as error:
+        parser.error(str(error))
 
     # torch loads only once the name is known, so that a mistyped name fails at once
     import torch
@@ -82,13 +108,15 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = machine_info(device)
     start = time.perf_counter()
-    results = load(args.name).run(quick=args.quick, device=device)
+    benchmark = load(args.name)
+    extra = {}
+    if "output_dir" in inspect.signature(benchmark.run).parameters:
+        # a quick run's files go to a temporary folder inside the benchmark
+        extra["output_dir"] = output.parent if output is not None else None
+    results = benchmark.run(quick=args.quick, device=device, **extra)
     wall_seconds = time.perf_counter() - start
     record = {"benchmark": args.name, "quick": args.quick, "machine": machine, "wall_seconds": wall_seconds, **results}
 
-    output = args.output
-    if output is None and not args.quick:
-        output = REPO_ROOT / "benchmarks" / "results" / f"{args.name}.json"
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(record, indent=2) + "\n")

@@ -19,9 +19,15 @@ def run_benchmark(*arguments: str) -> subprocess.CompletedProcess:
     )
 
 
+def tracked_results() -> dict:
+    return {path.name: path.stat().st_mtime_ns for path in (REPO_ROOT / "benchmarks" / "results").iterdir()}
+
+
 def quick_record(name: str) -> dict:
+    before = tracked_results()
     result = run_benchmark(name, "--quick", "--json", "--device", "cpu")
     assert result.returncode == 0, result.stderr
+    assert tracked_results() == before, "a test run must leave benchmarks/results/ alone"
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1, result.stdout
     record = json.loads(lines[0])
@@ -124,3 +130,29 @@ def test_tokens_vs_quality_quick():
     assert all(positive(row["mse"]) and positive(row["mse_mean_decode"]) and positive(row["rfid"]) for row in tokenizer_rows)
     assert {row["num_tokens"] for row in tokenizer_rows} == set(config["num_tokens_evaluated"])
     assert set(summary["gfid_by_k"]) == {str(k) for k in config["num_tokens_evaluated"]}
+
+
+def load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_full_runs_write_under_runs_and_record_only_when_asked(tmp_path):
+    script = load_script()
+    assert script.output_path("nar", quick=False, record=False, output=None) == REPO_ROOT / "runs" / "benchmarks" / "nar.json"
+    assert script.output_path("nar", quick=False, record=True, output=None) == REPO_ROOT / "benchmarks" / "results" / "nar.json"
+    assert script.output_path("nar", quick=True, record=False, output=None) is None
+    assert script.output_path("nar", quick=True, record=False, output=tmp_path / "a.json") == tmp_path / "a.json"
+    for quick, output in ((True, None), (False, tmp_path / "a.json")):
+        try:
+            script.output_path("nar", quick=quick, record=True, output=output)
+        except ValueError as error:
+            assert "--record" in str(error)
+        else:
+            raise AssertionError("refused combination accepted")
+    result = run_benchmark("attention", "--quick", "--record")
+    assert result.returncode != 0 and "--record keeps full runs only" in result.stderr
