@@ -164,10 +164,12 @@ class MultiScaleResidualVQ(nn.Module):
 
     def contribution(self, index: int, ids: Tensor) -> Tensor:
         """z_s = phi_s(upsample(codebook[ids])): scale `index`'s term of f_hat, (B, side_s ** 2) -> (B, D, h, w)."""
-        z = self.code_map(ids, self.scales[index])
-        if self.scales[index] != self.side:
-            z = F.interpolate(z, size=(self.side, self.side), mode="bicubic")
-        return self.phis[self.phi_of_scale[index]](z)
+        # outside autocast, as the tokenizer computes f_hat: generators read the same pyramid under bf16 training
+        with torch.autocast(device_type=ids.device.type, enabled=False):
+            z = self.code_map(ids, self.scales[index])
+            if self.scales[index] != self.side:
+                z = F.interpolate(z, size=(self.side, self.side), mode="bicubic")
+            return self.phis[self.phi_of_scale[index]](z)
 
     def downsample(self, f: Tensor, side: int) -> Tensor:
         return f if side == f.shape[-1] else F.interpolate(f, size=(side, side), mode="area")
