@@ -1,5 +1,6 @@
 """Shared interface checks: every tokenizer family subclasses TokenizerContract, every generator family
 GeneratorContract, each with a tiny instance."""
+import copy
 import json
 
 import numpy as np
@@ -66,6 +67,8 @@ class TokenizerContract:
                 tokenizer.encode(bad)
         with pytest.raises(ValueError, match=r"float64.*images\.to\(torch\.float32\)"):
             tokenizer.encode(images.double())
+        # never cast silently, but a float64 tokenizer takes float64 images
+        assert copy.deepcopy(tokenizer).double().encode(images.double()).ids.shape[0] == images.shape[0]
         # floats in [0, 255] or [0, 1] are not silently encoded (they used to give all-zero ids)
         for scaled in ((images + 1) * 127.5, images * 3):
             with pytest.raises(ValueError, match=r"must lie in \[-1, 1\].*\[0, 1\].*\[0, 255\]"):
