@@ -12,7 +12,7 @@ with a message, never reinterpreted:
 - images must be finite, in [-1, 1] (up to ``RANGE_TOLERANCE``, the overshoot of a bicubic or antialiased resize),
   and float32 / float16 / bfloat16. float64 is refused rather than cast, unless the tokenizer itself is float64: a
   silent cast would hide that the caller's pipeline runs at another precision than the tokenizer's weights.
-- ``num_tokens`` is None or an integer (Python or numpy, not bool) in [1, ``max_tokens``].
+- ``num_tokens`` is None or an integer (Python, numpy or a 0-d integer tensor; not bool) in [1, ``max_tokens``].
 - ``lengths`` is None or an integer tensor of shape (B,) with 1 <= lengths <= L, the number of ids given.
 
 Every family's ``decode`` returns images clamped to [-1, 1]: the decoders end in unconstrained linear layers (or an
