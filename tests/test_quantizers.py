@@ -203,8 +203,9 @@ def test_vq_restarts_codes_only_in_a_training_step_never_in_encode(tmp_path):
     for _ in range(4):  # the quick start: encode right after loading
         tokenizer.encode(images)
     assert torch.equal(tokenizer.quantizer.embedding.weight, codebook)
-    # nor in training mode, when nothing records gradients (tokenizing, previews)
+    # nor in training mode, with or without gradients recorded (tokenizing, previews): encode never restarts
     tokenizer.train()
+    tokenizer.encode(images)
     with torch.no_grad():
         tokenizer.encode(images)
     with torch.inference_mode():

@@ -18,7 +18,9 @@ with a message, never reinterpreted:
 Every family's ``decode`` returns images clamped to [-1, 1]: the decoders end in unconstrained linear layers (or an
 ODE integration), so a few pixels overshoot the documented range. The clamp is applied once, here: the ``decode``
 that a subclass defines is wrapped when the class is created (:meth:`Tokenizer.__init_subclass__`). Training
-objectives use the families' unclamped ``decode_codes``, so the clamp never cuts a gradient.
+objectives use the families' unclamped ``decode_codes``, so the clamp never cuts a gradient. Likewise every
+``encode`` runs without gradients (ids are discrete), so a quantiser's training-only updates, such as a VQ's dead-code
+restarts, happen in ``training_loss`` alone and never because a model left in training mode encoded a batch.
 """
 from __future__ import annotations
 
@@ -56,6 +58,22 @@ def _clamped_decode(decode):
     return decode_in_range
 
 
+def _gradient_free_encode(encode):
+    """Wrap a family's ``encode`` in ``torch.no_grad``: ids are discrete, and a quantiser's training-only updates
+    (a VQ's dead-code restarts) must run in ``training_loss`` alone, never because a model in training mode encoded
+    a batch."""
+    if getattr(encode, "gradient_free", False):
+        return encode
+
+    @functools.wraps(encode)
+    def encode_without_gradient(self, *args, **kwargs):
+        with torch.no_grad():
+            return encode(self, *args, **kwargs)
+
+    encode_without_gradient.gradient_free = True
+    return encode_without_gradient
+
+
 def as_count(value) -> int | None:
     """``value`` as a Python int if it is an integer (int, numpy integer, integer 0-d tensor; not bool), else None."""
     if isinstance(value, bool) or (isinstance(value, Tensor) and (value.dim() or value.is_floating_point())):
@@ -77,6 +95,8 @@ class Tokenizer(Configurable, PretrainedMixin, nn.Module):
         super().__init_subclass__(**kwargs)
         if "decode" in cls.__dict__:
             cls.decode = _clamped_decode(cls.__dict__["decode"])
+        if "encode" in cls.__dict__:
+            cls.encode = _gradient_free_encode(cls.__dict__["encode"])
 
     def check_images(self, images: Tensor) -> None:
         """Refuse images that are not (B, C, H, W) float in [-1, 1]; see the module docstring."""
