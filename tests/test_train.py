@@ -249,3 +249,42 @@ def test_no_shipped_generator_config_names_a_preview_tokenizer():
         for callback in config.get("trainer", {}).get("callbacks") or []:
             if callback["class_path"].endswith("SampleGrid"):
                 assert "tokenizer" not in (callback.get("init_args") or {}), path.name
+
+
+DDP_RUN = """
+import sys
+import lightning as L
+import torch
+from flexar.data import TokenDataModule
+from flexar.generators import RasterAR
+from flexar.train import GeneratorModule, ReconstructionGrid, SampleGrid
+
+caches, root = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+generator = RasterAR(vocab_size=32, max_tokens=6, num_classes=10, dim=32, depth=1, num_heads=2)
+trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, strategy="ddp", devices=2, accelerator="cpu",
+                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+                    callbacks=[SampleGrid(per_class=1)])
+trainer.fit(GeneratorModule(generator, warmup_steps=1), TokenDataModule(caches + "/train", caches + "/test", batch_size=8))
+"""
+
+
+def test_sample_grid_and_default_export_under_two_process_ddp(tmp_path, caches):
+    """The callback and the export ask for trainer.log_dir (a broadcast) on every rank: no rank is left waiting."""
+    import os
+    import signal
+
+    # Lightning starts the second rank by re-running the script, so it must be a file
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_RUN)
+    process = subprocess.Popen([sys.executable, str(script), str(caches), str(tmp_path)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        raise AssertionError("the two-process run hung:\n" + output[-3000:])
+    assert process.returncode == 0, output[-3000:]
+    assert list(tmp_path.rglob("samples_epoch000.png"))
+    assert RasterAR.from_pretrained(next(tmp_path.rglob("pretrained"))).max_tokens == 6
