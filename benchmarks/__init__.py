@@ -24,6 +24,7 @@ BENCHMARKS = {
     "scalingar": "benchmarks.scalingar",
     "token_shuffle": "benchmarks.token_shuffle",
     "entropy": "benchmarks.entropy",
+    "mvar": "benchmarks.mvar",
 }
 
 
