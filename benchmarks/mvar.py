@@ -1,8 +1,9 @@
 """MVAR against VAR: peak memory of a training step and of generation, and generation speed.
 
 Both models have the same width, depth and heads (VAR-d16 / MVAR-d16: width 1024, 16 blocks, 16 heads; with
-``FLEXAR_MVAR_SIZE=narrow``, for a CPU, 4 blocks of width 256) on the paper's 256 px layout: 10 scales 1, 2, 3, 4, 5, 6, 8, 10, 13, 16 (680 tokens), 4096 codes of 32 dims, 1000
-classes, MVAR's 7 x 7 neighbourhoods on the 13 x 13 and 16 x 16 maps. Weights and the tokenizer's pyramid are random
+``FLEXAR_MVAR_SIZE=narrow``, for a CPU, 4 blocks of width 256) on the paper's 256 px layout: 10 scales 1, 2, 3, 4, 5,
+6, 8, 10, 13, 16 (680 tokens), 4096 codes of 32 dims, 1000 classes, MVAR's 7 x 7 neighbourhoods on the 13 x 13 and
+16 x 16 maps. Weights and the tokenizer's pyramid are random
 (memory and speed do not depend on them); ids and labels are random.
 
 Every measurement runs in a fresh Python process (``python -m benchmarks.mvar TASK``), so that no allocator cache,
@@ -27,8 +28,7 @@ FlexAttention is off), so MVAR's neighbourhoods save memory (smaller sequences) 
 Memory is ``torch.cuda.max_memory_allocated`` on CUDA. On CPU it is the process's peak resident set size
 (``ru_maxrss``), the baseline its size before the first step or generation (no warm-up: a warm-up would already
 set the peak), which counts the optimiser state and allocator slack: a rough figure; the saved-activation ratio is
-the CPU's exact one. The FID comparison of the issue (VAR and MVAR trained on
-MNIST with one budget) is not part of this benchmark.
+the CPU's exact one. Sample quality (FID of VAR and MVAR trained on MNIST with one budget) is not measured here.
 """
 from __future__ import annotations
 
@@ -98,7 +98,8 @@ def build(family: str, sizes: dict, device: torch.device):
     from flexar.tokenizers import MultiScaleResidualVQ
 
     torch.manual_seed(0)
-    kwargs = {key: sizes[key] for key in ("vocab_size", "code_dim", "scales", "num_classes", "depth", "dim", "num_heads")}
+    names = ("vocab_size", "code_dim", "scales", "num_classes", "depth", "dim", "num_heads")
+    kwargs = {key: sizes[key] for key in names}
     if family == "mvar":
         model = MVAR(**kwargs, kernel_size=sizes["kernel_size"], refine_step=sizes["refine_step"],
                      joint_steps=sizes["joint_steps"])
@@ -191,7 +192,8 @@ def worker(task: dict) -> dict:
 
 
 def run_in_fresh_process(task: dict) -> dict:
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    paths = [str(REPO_ROOT), os.environ.get("PYTHONPATH")]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
     result = subprocess.run([sys.executable, "-m", "benchmarks.mvar", json.dumps(task)], cwd=REPO_ROOT,
                             env=environment, capture_output=True, text=True)
     if result.returncode != 0:
@@ -221,7 +223,8 @@ def run(quick: bool, device: str) -> dict:
             "static_mib": record["static_bytes"] / 2**20,
             "above_static_mib": (record["peak_bytes"] - record["static_bytes"]) / 2**20,
             **({"seconds": record["seconds"], "forward_passes": record["forward_passes"]} if mode == "generate" else
-               {"saved_mib": record["saved_bytes"] / 2**20, "steps": record["steps"], "saved_mib_per_part": record["parts"]}),
+               {"saved_mib": record["saved_bytes"] / 2**20, "steps": record["steps"],
+                "saved_mib_per_part": record["parts"]}),
         })
     train_var, train_mvar = results["train", "var"], results["train", "mvar"]
     generate_var, generate_mvar = results["generate", "var"], results["generate", "mvar"]

@@ -11,7 +11,7 @@ from flexar.sampling import Sampler
 from flexar.tokenizers import MultiScaleVQ
 from flexar.tokenizers.multiscale import VAR_SCALES
 
-from common import GeneratorContract, random_ids, seeded
+from common import GeneratorContract, seeded
 from test_var import RecordingSampler, mixing, pyramid_ids, tiny_tokenizer, tiny_var, train_generator_through_the_cli
 
 
@@ -57,7 +57,8 @@ def test_neighbourhoods_are_nattens_windows_of_exactly_k_squared_keys(side, kern
     for row in range(side):
         for col in range(side):
             query = 5 + row * side + col
-            keys = {5 + r * side + c for r in natten_window(row, side, kernel) for c in natten_window(col, side, kernel)}
+            rows, cols = natten_window(row, side, kernel), natten_window(col, side, kernel)
+            keys = {5 + r * side + c for r in rows for c in cols}
             assert set(allowed[query].nonzero().flatten().tolist()) == keys and len(keys) == kernel * kernel
 
 
@@ -92,7 +93,8 @@ def test_a_token_outside_a_querys_window_never_changes_its_output():
             out = model.forward_scale(scale, perturbed, class_embedding)
             for query in range(side * side):
                 row, col = divmod(query, side)
-                inside = key // side in natten_window(row, side, kernel) and key % side in natten_window(col, side, kernel)
+                inside = key // side in natten_window(row, side, kernel)
+                inside = inside and key % side in natten_window(col, side, kernel)
                 unchanged = torch.equal(out[:, query], reference[:, query])
                 assert unchanged != inside, (query, key)
 
@@ -176,6 +178,12 @@ def test_training_cycle_and_fixed_per_token_weight():
         full = model.eval().training_loss(ids, labels)[0]
     torch.testing.assert_close(full, per_token.mean(), atol=1e-5, rtol=1e-5)
     assert int(model.train_steps) == 2 * period
+    # every trainable parameter is in every step's graph (DistributedDataParallel reduces a fixed set)
+    model.train()
+    for _ in range(period):
+        model.zero_grad(set_to_none=True)
+        model.training_loss(ids, labels)[0].backward()
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     whole = mixing(tiny_mvar(tokenizer=tokenizer, class_dropout=0.0, init_std=0.3, cycle=False)).train()
     assert int(whole.training_loss(ids, labels)[1]["trained_tokens"]) == 30 and int(whole.train_steps) == 0
 
@@ -213,8 +221,8 @@ def test_pipeline_with_the_multiscale_tokenizer(tmp_path):
     images, stats = pipe.generate([1, 2], sampler=Sampler(cfg_scale=2.0), seed=0, return_stats=True)
     assert images.shape == (2, 3, 16, 16) and stats["forward_passes"] == 4
     pipe.save_pretrained(tmp_path / "pipe")
-    assert torch.equal(Pipeline.from_pretrained(tmp_path / "pipe").generate([1, 2], sampler=Sampler(cfg_scale=2.0), seed=0),
-                       images)
+    again = Pipeline.from_pretrained(tmp_path / "pipe").generate([1, 2], sampler=Sampler(cfg_scale=2.0), seed=0)
+    assert torch.equal(again, images)
 
 
 def test_training_through_the_cli(tmp_path):

@@ -126,7 +126,8 @@ def test_cosine_attention_with_a_learnable_per_head_scale():
         layer.log_scale.copy_(torch.tensor([math.log(2.0), 10.0]))  # the second head is clamped at 100
     x = torch.randn(1, 5, 16)
     q, k, v = layer.qkv(x).view(1, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
-    scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2) * torch.tensor([2.0, 100.0]).view(1, 2, 1, 1)
+    cosines = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2)
+    scores = cosines * torch.tensor([2.0, 100.0]).view(1, 2, 1, 1)
     expected = layer.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(1, 5, 16))
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
     assert all(isinstance(block.attn, CosineAttention) for block in tiny_var().transformer.blocks)
@@ -215,7 +216,8 @@ def test_training_needs_the_tokenizers_pyramid(tmp_path):
     tokenizer.save_pretrained(tmp_path / "tok")
     model = VAR.from_preset("var-tiny", tokenizer=str(tmp_path / "tok"))
     assert torch.equal(model.quantizer.embedding.weight, tokenizer.quantizer.embedding.weight)
-    assert model.config["tokenizer"] is None and model.provenance == {"tokenizer_fingerprint": fingerprint(tmp_path / "tok")}
+    assert model.config["tokenizer"] is None
+    assert model.provenance == {"tokenizer_fingerprint": fingerprint(tmp_path / "tok")}
     model.train().training_loss(ids, labels)
     # ids from another tokenizer's token cache are refused
     model.provenance = {"tokenizer_fingerprint": "0" * 64}
@@ -247,7 +249,8 @@ def test_pipeline_with_the_multiscale_tokenizer(tmp_path):
     coarse = pipe.generate([1, 2, 3], num_tokens=5, seed=0)
     assert coarse.shape == (3, 3, 16, 16)
     pipe.save_pretrained(tmp_path / "pipe")
-    again = Pipeline.from_pretrained(tmp_path / "pipe").generate([1, 2, 3], sampler=Sampler(cfg_scale=2.0, top_k=8), seed=0)
+    sampler = Sampler(cfg_scale=2.0, top_k=8)
+    again = Pipeline.from_pretrained(tmp_path / "pipe").generate([1, 2, 3], sampler=sampler, seed=0)
     assert torch.equal(images, again)
     # the same vocabulary and length (1 + 4 + 25 = 30 tokens) in other scales is refused
     with pytest.raises(ValueError, match=r"generator grid \[1, 2, 5\] != tokenizer grid \[1, 2, 3, 4\]"):
@@ -264,8 +267,8 @@ def train_generator_through_the_cli(tmp_path, family: str):
     tokenizer.save_pretrained(tmp_path / "tokenizer")
     for split in ("train", "test"):
         dataset = torch.utils.data.Subset(build_dataset("digits", split, image_size=16, channels=1), range(64))
-        write_token_cache(tokenizer, dataset, tmp_path / "tokens" / split, progress=False, description={"num_classes": 10},
-                          tokenizer_folder=tmp_path / "tokenizer")
+        write_token_cache(tokenizer, dataset, tmp_path / "tokens" / split, progress=False,
+                          description={"num_classes": 10}, tokenizer_folder=tmp_path / "tokenizer")
     config = yaml.safe_load((ROOT / "configs" / "generators" / f"{family}_digits.yaml").read_text())
     config["trainer"].update(max_epochs=1, limit_train_batches=3, limit_val_batches=1, enable_progress_bar=False,
                              log_every_n_steps=1)

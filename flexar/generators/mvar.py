@@ -60,7 +60,8 @@ def neighbourhood_mask(scales: list[int], kernel_size: int, refine_step: int, de
 
     def allowed(q: Tensor, kv: Tensor) -> Tensor:
         top, left = window_start(rows[q], sides[q]), window_start(cols[q], sides[q])
-        inside = (rows[kv] >= top) & (rows[kv] < top + kernel_size) & (cols[kv] >= left) & (cols[kv] < left + kernel_size)
+        inside = (rows[kv] >= top) & (rows[kv] < top + kernel_size)
+        inside = inside & (cols[kv] >= left) & (cols[kv] < left + kernel_size)
         return (levels[q] == levels[kv]) & (~refined[q] | inside)
 
     return Mask(allowed, name=f"scale_markov_k{kernel_size}")
@@ -136,7 +137,8 @@ class MVAR(VAR):
         if index < self.refine_step:
             return None
         side = self.grid[index]
-        return self.cached_mask(("scale", index), lambda device: neighbourhood_mask([side], self.kernel_size, 0, device))
+        return self.cached_mask(("scale", index),
+                                lambda device: neighbourhood_mask([side], self.kernel_size, 0, device))
 
     def forward_scale(self, index: int, x: Tensor, class_embedding: Tensor) -> Tensor:
         """One scale alone: inputs (B, side ** 2, dim) of map `index` -> logits (B, side ** 2, vocab_size)."""
@@ -168,6 +170,10 @@ class MVAR(VAR):
         else:
             logits = self.network(x, class_embedding, self.mask)
         loss, accuracy = self.token_loss(logits, ids[:, start:end])
+        if first > 0:
+            # scale 1's start position is not in this step's graph: a zero term keeps every parameter in it, so that
+            # DistributedDataParallel (find_unused_parameters=False, Lightning's default) reduces the same set
+            loss = loss + 0.0 * self.pos_start.sum()
         logs = {"loss": loss.detach(), "accuracy": accuracy, "perplexity": loss.detach().exp(),
                 "first_scale": ids.new_tensor(first).float(), "trained_tokens": ids.new_tensor(end - start).float()}
         return loss, logs

@@ -221,14 +221,15 @@ class VAR(Generator):
 
     def load_quantizer(self, quantizer: MultiScaleResidualVQ, fingerprint: str | None = None) -> None:
         """Copy a :class:`MultiScaleResidualVQ` (same codebook size, code dim, scales and phi layout)."""
-        ours = self.quantizer
-        theirs = (quantizer.codebook_size, quantizer.dim, quantizer.scales, len(quantizer.phis), quantizer.phi_of_scale)
-        if theirs != (ours.codebook_size, ours.dim, ours.scales, len(ours.phis), ours.phi_of_scale):
+        def layout(pyramid: MultiScaleResidualVQ) -> tuple:
+            return pyramid.codebook_size, pyramid.dim, pyramid.scales, len(pyramid.phis), pyramid.phi_of_scale
+
+        if layout(quantizer) != layout(self.quantizer):
             raise ValueError(
-                f"tokenizer pyramid (codebook_size, code_dim, scales, phi layers, phi of each scale) = {theirs} does "
-                f"not match this {type(self).__name__}'s {(ours.codebook_size, ours.dim, ours.scales, len(ours.phis), ours.phi_of_scale)}"
+                f"tokenizer pyramid (codebook_size, code_dim, scales, phi layers, phi of each scale) = "
+                f"{layout(quantizer)} does not match this {type(self).__name__}'s {layout(self.quantizer)}"
             )
-        ours.load_state_dict(quantizer.state_dict())
+        self.quantizer.load_state_dict(quantizer.state_dict())
         self.quantizer_loaded.fill_(True)
         self.tokenizer_fingerprint = fingerprint
         if fingerprint is not None:
@@ -242,8 +243,8 @@ class VAR(Generator):
                              "saved MultiScaleVQ) or call load_tokenizer(tokenizer) before training")
         recorded = (getattr(self, "provenance", None) or {}).get("tokenizer_fingerprint")
         if recorded and self.tokenizer_fingerprint and recorded != self.tokenizer_fingerprint:
-            raise ValueError(f"{name} copied the pyramid of tokenizer {self.tokenizer_fingerprint[:12]}..., but its ids "
-                             f"come from tokenizer {recorded[:12]}...: pass the folder that wrote the token cache")
+            raise ValueError(f"{name} copied the pyramid of tokenizer {self.tokenizer_fingerprint[:12]}..., but its "
+                             f"ids come from tokenizer {recorded[:12]}...: pass the folder that wrote the token cache")
 
     # -- sizes and ids -------------------------------------------------------------------------------------------------
     def split_ids(self, ids: Tensor) -> list[Tensor]:
@@ -293,7 +294,8 @@ class VAR(Generator):
     def scale_input(self, index: int, pyramid: Tensor) -> Tensor:
         """Scale `index` (>= 1) input (B, side ** 2, dim) from its pyramid map (B, side ** 2, code_dim)."""
         piece = self.scale_range(index)
-        return self.word_embed(pyramid.to(self.word_embed.weight.dtype)) + self.pos_embed[piece] + self.level_embed(self.levels[piece])
+        tokens = self.word_embed(pyramid.to(self.word_embed.weight.dtype))
+        return tokens + self.pos_embed[piece] + self.level_embed(self.levels[piece])
 
     def sequence_input(self, ids: Tensor, class_embedding: Tensor, start: int = 0, end: int | None = None) -> Tensor:
         """Teacher-forcing input (B, end - start, dim) of positions [start, end) (default all) of whole pyramids
@@ -363,7 +365,8 @@ class VAR(Generator):
         """Sample the token maps coarse to fine, one forward pass per scale, up to `num_tokens` (a scale boundary;
         default all). labels (B,) -> ids (B, num_tokens) and stats."""
         sampler = ramped_sampler(sampler, self.cfg_schedule)
-        labels, count, generator, timer, conditions, copies = self.begin_generation(labels, sampler, generator, num_tokens)
+        start = self.begin_generation(labels, sampler, generator, num_tokens)
+        labels, count, generator, timer, conditions, copies = start
         batch, num_scales = labels.shape[0], self.boundaries.index(count) + 1
         class_embedding = self.class_embed(conditions)
         state = self.new_decoding_state(conditions.shape[0], count, use_cache)

@@ -79,7 +79,8 @@ def check_scales(scales, name: str = "scales") -> list[int]:
     """`scales` as a list of at least two strictly increasing positive ints (the sides of the token maps)."""
     sides = [int(side) for side in scales]
     if len(sides) < 2 or sides[0] < 1 or any(b <= a for a, b in zip(sides, sides[1:])) or sides != list(scales):
-        raise ValueError(f"{name} must be at least two strictly increasing positive ints (map sides), got {list(scales)}")
+        raise ValueError(f"{name} must be at least two strictly increasing positive ints (map sides), "
+                         f"got {list(scales)}")
     return sides
 
 
