@@ -394,3 +394,12 @@ def test_reconstruction_error_non_increasing_in_k(trained):
     errors = [((samples[k] - images) ** 2).mean().item() for k in sorted(samples)]
     assert all(later <= earlier + 2e-3 for earlier, later in zip(errors, errors[1:])), errors
     assert errors[-1] < errors[0], errors
+
+
+def test_timestep_max_period_switch_changes_the_time_features():
+    from flexar.tokenizers.flextok import timestep_embedding
+
+    sigma = torch.tensor([0.3])
+    assert not torch.allclose(timestep_embedding(sigma, 16, 256.0), timestep_embedding(sigma, 16, 10000.0))
+    tokenizer = tiny_flextok(timestep_max_period=256.0)
+    assert tokenizer.config["timestep_max_period"] == 256.0 and tokenizer.timestep_max_period == 256.0

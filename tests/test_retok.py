@@ -165,3 +165,16 @@ def test_config_presets_and_registry(tmp_path):
     assert RETOK_PRESETS["retok-s"]["num_latent_tokens"] == 256 and RETOK_PRESETS["retok-s"]["redundant_tokens"] == 224
     with pytest.raises(ValueError, match="unknown ReTok preset"):
         retok_from_preset("retok-xxl")
+
+
+def test_tied_padding_tokens_share_the_tail_queries_content():
+    torch.manual_seed(0)
+    tied = ReTok(image_size=16, channels=1, patch_size=4, num_latent_tokens=8, width=32, depth=1, num_heads=2,
+                 codebook_size=64, code_dim=8, redundant_tokens=4, tie_padding_tokens=True)
+    assert tied.padding_tokens is None and "padding_tokens" not in tied.state_dict()
+    assert torch.equal(tied.padding_content(), tied.latent_tokens[4:])
+    tied.latent_tokens.data[4:] += 1.0  # moving the tail queries moves the redundant ones with them
+    assert torch.equal(tied.padding_content(), tied.latent_tokens[4:])
+    untied = ReTok(image_size=16, channels=1, patch_size=4, num_latent_tokens=8, width=32, depth=1, num_heads=2,
+                   codebook_size=64, code_dim=8, redundant_tokens=4)
+    assert untied.padding_tokens is not None and untied.padding_content() is untied.padding_tokens

@@ -26,6 +26,40 @@ class TestTiTokFSQ(TokenizerContract):
         return tiny_titok(quantizer="fsq", fsq_levels=[5, 4, 4])
 
 
+class TestTiTokOfficialLayout(TokenizerContract):
+    def make_tokenizer(self):
+        return tiny_titok(class_token=True, ln_pre=True, conv_out=True)
+
+
+def test_official_layout_class_token_placement_does_not_change_the_encoder():
+    # the official ViT prepends its class token; with full attention and learned positions appending it is the same
+    torch.manual_seed(0)
+    tokenizer = tiny_titok(class_token=True, ln_pre=True).eval()
+    images = torch.rand(2, 1, 16, 16) * 2 - 1
+    from flexar.tokenizers.titok import patchify
+
+    patches = tokenizer.patch_embed(patchify(images, 4)) + tokenizer.patch_pos
+    cls = tokenizer.encoder_class_token.expand(2, 1, -1)
+    first = torch.cat([cls, patches, tokenizer.latent_tokens.expand(2, -1, -1)], dim=1)
+    hidden = tokenizer.encoder(tokenizer.encoder_ln_pre(first))
+    expected = tokenizer.to_code(hidden[:, 1 + tokenizer.num_patches :])
+    torch.testing.assert_close(tokenizer.encode_latents(images), expected, atol=1e-5, rtol=1e-5)
+    # the class token takes part: without it the latents differ
+    tokenizer.encoder_class_token.data.zero_()
+    assert not torch.allclose(tokenizer.encode_latents(images), expected, atol=1e-4)
+
+
+def test_official_layout_switches_build_their_layers_and_cut_keeps_the_class_token():
+    plain, official = tiny_titok(), tiny_titok(class_token=True, ln_pre=True, conv_out=True)
+    assert plain.encoder_class_token is None and isinstance(plain.conv_out, torch.nn.Identity)
+    assert isinstance(official.conv_out, torch.nn.Conv2d) and isinstance(official.decoder_ln_pre, torch.nn.LayerNorm)
+    ids = torch.randint(0, 64, (2, 8))
+    lengths = torch.tensor([3, 8])
+    official.eval()
+    assert official.decode(ids, lengths, fill="cut").shape == (2, 1, 16, 16)
+    torch.testing.assert_close(official.decode(ids, None, fill="cut"), official.decode(ids, None, fill="pad"))
+
+
 def test_fixed_length_and_truncation():
     tokenizer = tiny_titok().eval()
     images = torch.rand(3, 1, 16, 16) * 2 - 1

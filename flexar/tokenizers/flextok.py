@@ -59,6 +59,11 @@ Differences from the paper and its official code:
 - the frozen VAE is a submodule whose weights are saved with the tokenizer. The saved config records the VAE's own
   config (``vae_config``: class and keyword arguments) in place of ``vae_path``, so a saved folder rebuilds the
   architecture and fills it from its own ``model.safetensors``, on any machine and from any working directory.
+- the noise level enters the decoder as DiT's sinusoidal features of 1000 * sigma with ``max_period`` 10000; the
+  official FlexTok uses ``max_period`` 256. ``timestep_max_period=256`` restores it.
+- with ``target="vae"`` the flow runs on the VAE's standardised latents: :class:`flexar.tokenizers.VAE` subtracts
+  a shift and multiplies by 1 / std, both running estimates over its training posteriors, so the latents have about
+  unit variance; the official FlexTok applies the fixed scaling and shift factors stored with its released VAE.
 - ``decode`` runs without gradients; with ``generator=None`` its noise comes from a generator seeded with 0, so
   ``decode`` and ``reconstruct`` are deterministic (pass a seeded ``torch.Generator`` for other draws).
 """
@@ -192,6 +197,7 @@ class FlexTok(Tokenizer):
         repa_layer: int | None = None,
         repa_projector_dim: int = 2048,
         attention_backend: str = "auto",
+        timestep_max_period: float = 10000.0,
     ):
         super().__init__()
         if k_sampling not in K_SAMPLING:
@@ -209,6 +215,7 @@ class FlexTok(Tokenizer):
         self.k_sampling, self.eval_keep_k, self.target = k_sampling, eval_keep_k, target
         self.sigma_mean, self.sigma_std = sigma_mean, sigma_std
         self.num_steps, self.guidance_scale = num_steps, guidance_scale
+        self.timestep_max_period = timestep_max_period
         self.null_condition_prob, self.separate_modulation = null_condition_prob, separate_modulation
 
         self.vae = None
@@ -348,7 +355,7 @@ class FlexTok(Tokenizer):
 
     def condition(self, sigma: Tensor) -> Tensor:
         """(B,) noise levels -> AdaLN condition (B, dim), or (B, P + N, 2 * dim + 2) with separate modulation."""
-        time = self.time_embed(timestep_embedding(sigma, self.decoder_width))
+        time = self.time_embed(timestep_embedding(sigma, self.decoder_width, self.timestep_max_period))
         if not self.separate_modulation:
             return time
         is_register = (torch.arange(self.num_patches + self.max_tokens, device=sigma.device) >= self.num_patches)

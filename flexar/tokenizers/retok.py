@@ -30,6 +30,15 @@ Differences from the paper and its official code:
   The projector's hidden width is 4x the decoder width (REPA: 2048).
 - the notes do not fix whether k is drawn per batch or per image: one k per batch by default, as One-D-Piece
   (``dropout_per_sample`` switches).
+- for a drawn k > N the decoder reads the first N tokens only: the M redundant queries' outputs are never decoded
+  (they act on the encoder's attention alone), where the official decoder also reads them.
+- the redundant queries' content is its own parameter (``padding_tokens``), initialised as a copy of the tail
+  queries and then trained apart from them; the official queries share the tail queries' content and differ only in
+  their position embeddings. ``tie_padding_tokens=True`` shares it.
+- the HSR weight is indexed by the drawn k in 1..N + M, so draws k > N, which decode the same N tokens, still get
+  smaller weights than k = N.
+- the shipped configs use a fixed GAN weight (``adaptive_weight: false``), as the official training does; VQGAN's
+  adaptive weight is one switch away in :class:`flexar.tokenizers.losses.ReconstructionLoss`.
 - single-stage training as flexar's TiTok; the paper's losses (L2 1.0, LPIPS 1.0, PatchGAN hinge 0.5) come from
   :class:`flexar.tokenizers.losses.ReconstructionLoss` passed to the training module.
 """
@@ -42,7 +51,7 @@ from torch import Tensor, nn
 from ..hub import register
 from .losses import VGG_LAYOUTS, VGGFeatures
 from .onedpiece import sample_kept_counts
-from .titok import TITOK_PRESETS, TiTok, patchify, unpatchify
+from .titok import TITOK_PRESETS, TiTok
 
 RETOK_PRESETS = {
     # ReTok's N = 256 with M = 224 redundant queries, on TiTok's ViT sizes
@@ -119,6 +128,7 @@ class ReTok(TiTok):
         semantic_weight: float = 0.5,
         semantic_layer: int = 3,
         semantic_decay: str = "linear",
+        tie_padding_tokens: bool = False,
     ):
         super().__init__(
             image_size=image_size, channels=channels, patch_size=patch_size, num_latent_tokens=num_latent_tokens,
@@ -139,8 +149,9 @@ class ReTok(TiTok):
         self.teacher_spec, self.teacher_dim = teacher, teacher_dim
         self.semantic_weight, self.semantic_layer, self.semantic_decay = semantic_weight, semantic_layer, semantic_decay
         # redundant queries start as copies of the tail queries; their own position embeddings tell them apart
+        self.tie_padding_tokens = tie_padding_tokens
         tail = self.latent_tokens.detach()[num_latent_tokens - redundant_tokens :]
-        self.padding_tokens = nn.Parameter(tail.clone())
+        self.padding_tokens = None if tie_padding_tokens else nn.Parameter(tail.clone())
         self.padding_pos = nn.Parameter(torch.randn(redundant_tokens, width) * 0.02)
         self.projector = None
         if teacher is not None:
@@ -159,10 +170,15 @@ class ReTok(TiTok):
     def encode_latents(self, images: Tensor) -> Tensor:
         """(B, C, H, W) -> the first N continuous latent tokens (B, N, code_dim); the encoder runs all N + M queries."""
         self.check_images(images)
-        patches = self.patch_embed(patchify(images, self.patch_size)) + self.patch_pos
-        queries = torch.cat([self.latent_tokens, self.padding_tokens + self.padding_pos], dim=0)
-        hidden = self.encoder(torch.cat([patches, queries.expand(images.shape[0], -1, -1)], dim=1))
+        queries = torch.cat([self.latent_tokens, self.padding_content() + self.padding_pos], dim=0)
+        hidden = self.encoder_hidden(images, queries)
         return self.to_code(hidden[:, self.num_patches : self.num_patches + self.max_tokens])
+
+    def padding_content(self) -> Tensor:
+        """(M, width) content of the redundant queries: their own, or the tail queries' when tied."""
+        if self.padding_tokens is not None:
+            return self.padding_tokens
+        return self.latent_tokens[self.max_tokens - self.redundant_tokens :]
 
     # -- nested dropout ------------------------------------------------------------------------------------------------
     def sample_lengths(self, batch_size: int, device) -> Tensor | None:
@@ -218,8 +234,7 @@ class ReTok(TiTok):
             hidden = block(hidden)
             if index == self.semantic_layer:
                 features = hidden[:, : self.num_patches]
-        out = self.decoder.final_norm(hidden)[:, : self.num_patches]
-        recon = unpatchify(self.to_pixels(out), self.patch_size, self.image_size)
+        recon = self.to_image(self.decoder.final_norm(hidden)[:, : self.num_patches])
         loss, logs = self.reconstruction_objective(images, recon, quantized, criterion, step)
         if self.projector is not None and self.semantic_weight > 0:
             alignment = self.semantic_alignment(features, images)

@@ -26,6 +26,13 @@ Differences from the paper and its official code:
     The means are not saved with the model (fit them again after loading).
 
   At k = N the three are the same decode.
+- the official ViTs prepend a learned class token to both the encoder and the decoder sequence, apply a LayerNorm
+  (``ln_pre``) to each sequence before its transformer, and the pixel decoder ends in a 3x3 convolution over the
+  image (``conv_out``); flexar's defaults have none of the three (the class token's output is never read, and at
+  digit scale the extra layers change nothing measurable). ``class_token=True``, ``ln_pre=True`` and
+  ``conv_out=True`` restore each. With full attention and learned positions the sequence order does not matter, so
+  the class token is appended after the other tokens rather than prepended, which keeps every slice of the sequence
+  where the subclasses read it.
 """
 from __future__ import annotations
 
@@ -95,6 +102,9 @@ class TiTok(Tokenizer):
         dead_code_threshold: int = 0,
         reconstruction_loss: str = "l2",
         attention_backend: str = "auto",
+        class_token: bool = False,
+        ln_pre: bool = False,
+        conv_out: bool = False,
     ):
         super().__init__()
         if image_size % patch_size:
@@ -131,6 +141,13 @@ class TiTok(Tokenizer):
         decoder_heads = max(1, num_heads * decoder_width // width)
         self.decoder = Transformer(decoder_width, decoder_depth, decoder_heads, mlp=mlp, norm=norm, backend=attention_backend)
         self.to_pixels = nn.Linear(decoder_width, patch_dim)
+
+        # the official layout's extras (see the module docstring), each off by default
+        self.encoder_class_token = nn.Parameter(torch.randn(width) * 0.02) if class_token else None
+        self.decoder_class_token = nn.Parameter(torch.randn(decoder_width) * 0.02) if class_token else None
+        self.encoder_ln_pre = nn.LayerNorm(width, eps=1e-6) if ln_pre else nn.Identity()
+        self.decoder_ln_pre = nn.LayerNorm(decoder_width, eps=1e-6) if ln_pre else nn.Identity()
+        self.conv_out = nn.Conv2d(channels, channels, 3, padding=1) if conv_out else nn.Identity()
         # (K, code_dim) per-position mean code of a training set for fill="mean"; set by fit_mean_fill, not saved
         self.register_buffer("mean_fill_codes", None, persistent=False)
 
@@ -138,10 +155,24 @@ class TiTok(Tokenizer):
     def encode_latents(self, images: Tensor) -> Tensor:
         """(B, C, H, W) -> continuous latent tokens before quantisation (B, K, code_dim)."""
         self.check_images(images)
+        hidden = self.encoder_hidden(images, self.latent_tokens)
+        return self.to_code(hidden[:, self.num_patches : self.num_patches + self.max_tokens])
+
+    def encoder_hidden(self, images: Tensor, queries: Tensor) -> Tensor:
+        """images (B, C, H, W), latent queries (Q, width) -> encoder outputs (B, N + Q [+ 1], width) over
+        [patches; queries] (and the class token last, when ``class_token``)."""
         patches = self.patch_embed(patchify(images, self.patch_size)) + self.patch_pos
-        latents = self.latent_tokens.expand(images.shape[0], -1, -1)
-        hidden = self.encoder(torch.cat([patches, latents], dim=1))
-        return self.to_code(hidden[:, self.num_patches :])
+        sequence = torch.cat([patches, queries.expand(images.shape[0], -1, -1)], dim=1)
+        sequence = self.with_class_token(sequence, self.encoder_class_token)
+        return self.encoder(self.encoder_ln_pre(sequence))
+
+    @staticmethod
+    def with_class_token(sequence: Tensor, token: Tensor | None) -> Tensor:
+        return sequence if token is None else torch.cat([sequence, token.expand(sequence.shape[0], 1, -1)], dim=1)
+
+    def to_image(self, patch_features: Tensor) -> Tensor:
+        """Decoder outputs at the mask tokens (B, N, width) -> images (B, C, H, W)."""
+        return self.conv_out(unpatchify(self.to_pixels(patch_features), self.patch_size, self.image_size))
 
     def encode(self, images: Tensor, num_tokens: int | None = None) -> Encoded:
         keep = self.check_num_tokens(num_tokens)
@@ -166,7 +197,8 @@ class TiTok(Tokenizer):
             hidden = torch.where(self.kept_positions(lengths)[..., None], hidden, filler)
         hidden = hidden + self.latent_pos
         masks = (self.mask_token + self.mask_pos).expand(batch, -1, -1)
-        return torch.cat([masks, hidden], dim=1)
+        sequence = self.with_class_token(torch.cat([masks, hidden], dim=1), self.decoder_class_token)
+        return self.decoder_ln_pre(sequence)
 
     def kept_positions(self, lengths: Tensor) -> Tensor:
         """(B,) kept counts -> (B, K) bool, True at the latent positions a decode reads."""
@@ -184,9 +216,12 @@ class TiTok(Tokenizer):
             if bool((kept < self.max_tokens).any()):
                 # keys: every mask token, and the kept latents only; (B, 1, 1, N + K) broadcasts over heads and queries
                 every_mask = torch.ones(codes.shape[0], self.num_patches, dtype=torch.bool, device=codes.device)
-                mask = torch.cat([every_mask, self.kept_positions(kept)], dim=1)[:, None, None, :]
+                parts = [every_mask, self.kept_positions(kept)]
+                if self.decoder_class_token is not None:
+                    parts.append(every_mask[:, :1])
+                mask = torch.cat(parts, dim=1)[:, None, None, :]
         out = self.decoder(self.decoder_input(codes, lengths, fill), mask=mask)[:, : self.num_patches]
-        return unpatchify(self.to_pixels(out), self.patch_size, self.image_size)
+        return self.to_image(out)
 
     def decode(self, ids: Tensor, lengths: Tensor | None = None, fill: str = "pad") -> Tensor:
         """ids (B, L <= K), lengths (B,) -> images (B, C, H, W); ``fill`` as in :meth:`decode_codes`."""
@@ -238,7 +273,8 @@ class TiTok(Tokenizer):
             pixel_loss = mse if self.reconstruction_loss == "l2" else F.l1_loss(recon, images)
             criterion_logs = {"reconstruction": pixel_loss.detach()}
         else:
-            pixel_loss, criterion_logs = criterion(images, recon, step=step, last_layer=self.to_pixels.weight)
+            last_layer = self.conv_out.weight if isinstance(self.conv_out, nn.Conv2d) else self.to_pixels.weight
+            pixel_loss, criterion_logs = criterion(images, recon, step=step, last_layer=last_layer)
         loss = pixel_loss + quantized.loss
         logs = {
             "loss": loss.detach(),
