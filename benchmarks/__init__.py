@@ -6,12 +6,15 @@ Each benchmark is a module ``benchmarks/<name>.py`` with ``run(quick: bool, devi
 - ``summary``: the headline numbers, every speed-up a ratio against its baseline from the same run;
 - ``rows``: one flat dict per measured case, printed as a table.
 
-``quick`` means tiny sizes for smoke tests. A new benchmark is its module plus one line in :data:`BENCHMARKS`.
+``quick`` means tiny sizes for smoke tests. A new benchmark is its module, one line in :data:`BENCHMARKS` and one
+in :data:`ABOUT` (what it measures and how long it runs: ``scripts/benchmark.py --list`` prints it, and
+``benchmarks/README.md`` holds the same table, checked by the tests).
 """
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import NamedTuple
 
 BENCHMARKS = {
     "attention": "benchmarks.attention",
@@ -25,6 +28,68 @@ BENCHMARKS = {
     "token_shuffle": "benchmarks.token_shuffle",
     "entropy": "benchmarks.entropy",
     "mvar": "benchmarks.mvar",
+}
+
+
+class About(NamedTuple):
+    """What a benchmark measures and how long it runs on the reference machine: 2 CPU cores (AMD EPYC) shared with
+    other jobs, so every duration is a load-dependent guide, not a promise."""
+
+    measures: str  # one line
+    # a full run: the wall_seconds of its record in benchmarks/results/NAME.json; None until it is recorded
+    full_seconds: float | None
+    # a --quick run: wall time of `OMP_NUM_THREADS=1 python scripts/benchmark.py NAME --quick --json --device cpu`,
+    # start-up and imports included
+    quick_seconds: float
+    needs: str = ""  # what a full run needs first, and any one-time work it does before the recorded duration
+    environment: str = ""  # variables the full run's command sets
+    files: tuple[str, ...] = ()  # files written beside the JSON record
+
+
+# the digits models of speculative, scalingar and entropy: every model from scratch, or only the two drafts on the
+# demo's tokenizer and generator; estimated from 25 steps of each training loop, one thread, load average 5
+_DIGITS_MODELS = ("the digits models, trained by the first run into runs/bench_digits (~4 h 40 min; ~40 min on the "
+                  "demo pipeline with FLEXAR_BENCH_PIPELINE) and reused after")
+
+ABOUT = {
+    "attention": About(
+        "attention backends (SDPA, FlexAttention eager and compiled, xformers on CUDA) against `math`: speed-up and "
+        "max difference, no / causal / block-causal mask",
+        full_seconds=92, quick_seconds=11),
+    "kv_cache": About(
+        "KV-cache decoding against recomputing the prefix at every step: tokens/s, identical tokens",
+        full_seconds=670, quick_seconds=6),
+    "nar": About(
+        "NAR (h + w - 1 passes) against raster decoding (h * w passes) on the same network: images/s, forward passes",
+        full_seconds=107, quick_seconds=12),
+    "npp": About(
+        "NPP and NAR against raster training on MNIST: seconds per epoch, and FID after the same epochs",
+        full_seconds=2645, quick_seconds=17, needs="MNIST under FLEXAR_DATA", environment="FLEXAR_DATA=DIR"),
+    "generate": About(
+        "a saved pipeline's generator with and without the KV cache: images/s, forward passes",
+        full_seconds=30, quick_seconds=12,
+        needs="runs/demo/pipeline (`make demo`, ~5 min) or FLEXAR_PIPELINE=FOLDER"),
+    "tokens_vs_quality": About(
+        "reconstruction (MSE, PSNR, rFID) against the kept tokens k for truncated TiTok, One-D-Piece, FlexTok and "
+        "ReTok; gFID of a raster generator stopped at k tokens",
+        full_seconds=6543, quick_seconds=47, needs="MNIST under FLEXAR_DATA", environment="FLEXAR_DATA=DIR",
+        files=("tokens_vs_quality.png",)),
+    "speculative": About(
+        "exact speculative decoding and LANTERN against plain decoding: latency at batch 1, acceptance, FID",
+        full_seconds=315, quick_seconds=32, needs=_DIGITS_MODELS),
+    "scalingar": About(
+        "ScalingAR against best-of-N at equal N: tokens consumed, FID over seeds",
+        full_seconds=285, quick_seconds=35, needs=_DIGITS_MODELS),
+    "token_shuffle": About(
+        "Token-Shuffle (s = 2) against raster decoding with the same transformer: sequence length, images/s",
+        full_seconds=1973, quick_seconds=20),
+    "entropy": About(
+        "entropy-aware temperature and top-k against a fixed temperature at equal settings: FID",
+        full_seconds=152, quick_seconds=24, needs=_DIGITS_MODELS),
+    "mvar": About(
+        "MVAR against VAR with the same width and depth: peak memory of a training step and of generation, "
+        "generation speed, each in a fresh process",
+        full_seconds=None, quick_seconds=53, needs="full sizes are for a GPU; FLEXAR_MVAR_SIZE=narrow for a CPU"),
 }
 
 

@@ -22,7 +22,7 @@ import torch
 
 from flexar.nn import attention, block_causal_mask, causal_mask, set_flex_compile, xformers_available
 
-from .common import compare, synchronize
+from .common import compare, progress, synchronize
 
 SIZES = {
     "cpu": dict(batch=4, heads=8, head_dim=64, lengths=(256, 1024), dtype=torch.float32),
@@ -78,12 +78,16 @@ def run(quick: bool, device: str) -> dict:
     variants, skipped = backends(device, quick)
     generator = torch.Generator().manual_seed(0)
     rows = []
+    # one step per (length, mask) case: its first calls (compilation included) and its timed rounds
+    cases = len(sizes["lengths"]) * len(masks(sizes["lengths"][0], device))
+    bar = progress(description="attention", total=cases, unit="case")
     try:
         for length in sizes["lengths"]:
             q, k, v = (
                 torch.randn(batch, heads, length, head_dim, generator=generator).to(device, dtype) for _ in range(3)
             )
             for mask_name, mask in masks(length, device).items():
+                bar.set_postfix_str(f"L={length} {mask_name}")
                 reference = attention(q, k, v, mask, backend="math").float()
                 first_call, difference = {}, {}
                 for name, call in variants.items():
@@ -116,7 +120,9 @@ def run(quick: bool, device: str) -> dict:
                             "first_call_seconds": first_call[name],
                         }
                     )
+                bar.update()
     finally:
+        bar.close()
         set_flex_compile(False)
     speedups: dict[str, dict[str, float]] = {}
     for row in rows:

@@ -1,26 +1,105 @@
-"""Timing and machine description shared by every benchmark.
+"""Timing, progress, bar verdicts and machine description shared by every benchmark.
 
 Speed claims are ratios measured in one run: :func:`compare` times several callables in interleaved rounds (the order
 rotates every round) so that load from other processes hits every variant alike, and :meth:`Comparison.speedup` takes
 the median over rounds of the per-round ratio. Times are ``time.perf_counter`` seconds per call, with
 ``torch.cuda.synchronize`` around each sample on CUDA.
+
+Every loop of a full run that lasts more than a few seconds (training steps, timing rounds, sampling batches) draws a
+:func:`progress` bar on stderr, so that stdout keeps only the report (a single JSON line with ``--json``).
+
+A summary's bar verdicts are its keys that start with ``meets_`` or ``beats_``; :func:`without_verdicts` removes them
+from a ``--quick`` run, whose tiny sizes say nothing about any bar.
 """
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+VERDICT_PREFIXES = ("meets_", "beats_")
+
+
+def progress(iterable: Iterable | None = None, description: str = "", total: int | None = None, unit: str = "it"):
+    """A tqdm bar on stderr over `iterable`, or (`iterable` None) a bar of `total` steps advanced by ``update(n)``.
+
+    On a terminal the bar redraws at most twice a second; written to a file or a pipe (the log of a long run) it is
+    redrawn at most every 30 seconds, so that a log of an hour-long run stays short. Use it as a context manager (or
+    call ``close()``) when it is advanced by hand.
+    """
+    from tqdm import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(iterable, desc=description, total=total, unit=unit, file=sys.stderr, dynamic_ncols=interactive,
+                mininterval=0.5 if interactive else 30.0)
+
+
+def lightning_progress(description: str):
+    """A Lightning callback that draws a :func:`progress` bar over the optimiser steps of ``trainer.fit``.
+
+    Lightning's own bar writes to stdout, which must keep only the benchmark's report; this one goes to stderr. The
+    same callback is ``benchmarks.common.StepProgress`` for a LightningCLI run (``--trainer.callbacks+=`` followed by
+    ``{"class_path": "benchmarks.common.StepProgress", "init_args": {"description": NAME}}``, as JSON so that a colon
+    in NAME stays text).
+    """
+    return _step_progress_class()(description)
+
+
+@functools.cache
+def _step_progress_class() -> type:
+    import lightning as L
+
+    class StepProgress(L.Callback):
+        def __init__(self, description: str = "training"):
+            self.description = description
+            self.bar = None
+
+        def on_train_start(self, trainer, module):
+            self.bar = progress(description=self.description, total=trainer.estimated_stepping_batches, unit="step")
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_index):
+            # global_step counts optimiser steps, the unit of the total, whatever the gradient accumulation
+            self.bar.update(trainer.global_step - self.bar.n)
+
+        def on_train_end(self, trainer, module):
+            self.bar.close()
+
+    StepProgress.__module__, StepProgress.__qualname__ = __name__, "StepProgress"
+    return StepProgress
+
+
+def __getattr__(name: str):
+    # StepProgress subclasses lightning.Callback: it is built on first use, so that the benchmarks that never train
+    # through Lightning do not pay for importing it
+    if name == "StepProgress":
+        return _step_progress_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def is_verdict(key: object) -> bool:
+    """Whether a summary key is a bar verdict (``meets_target``, ``beats_truncated_titok_...``)."""
+    return isinstance(key, str) and key.startswith(VERDICT_PREFIXES)
+
+
+def without_verdicts(value):
+    """`value` (nested dicts and lists, as a benchmark returns them) without any bar-verdict key at any depth."""
+    if isinstance(value, dict):
+        return {key: without_verdicts(item) for key, item in value.items() if not is_verdict(key)}
+    if isinstance(value, list):
+        return [without_verdicts(item) for item in value]
+    return value
 
 
 def synchronize(device: str | torch.device) -> None:
@@ -76,28 +155,47 @@ def compare(
     warmup: int = 1,
     repeats: int = 5,
     min_sample_seconds: float = 0.0,
+    description: str | None = None,
 ) -> Comparison:
     """Time every callable `repeats` times in interleaved rounds, after `warmup` untimed calls of each.
 
     A sample repeats a call until it lasts about `min_sample_seconds` (so that fast calls rise above timer and
     scheduler noise); the call count per sample is fixed from the last warmup call, which needs warmup >= 1.
+    With a `description`, a :func:`progress` bar counts the warmup calls and samples, naming the callable that runs
+    (it is drawn between samples, never inside one).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if min_sample_seconds > 0 and warmup < 1:
         raise ValueError("min_sample_seconds needs at least one warmup call to size the samples")
     names = list(functions)
+    bar = None
+    if description is not None:
+        bar = progress(description=description, total=len(names) * (warmup + repeats), unit="sample")
+
+    def step(name: str, number: int) -> float:
+        if bar is not None:
+            bar.set_postfix_str(name)
+        seconds = time_calls(functions[name], device, number)
+        if bar is not None:
+            bar.update()
+        return seconds
+
     numbers = {}
-    for name in names:
-        elapsed = 0.0
-        for _ in range(warmup):
-            elapsed = time_calls(functions[name], device)
-        numbers[name] = max(1, math.ceil(min_sample_seconds / elapsed)) if min_sample_seconds > 0 else 1
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            samples[name].append(time_calls(functions[name], device, numbers[name]))
+    try:
+        for name in names:
+            elapsed = 0.0
+            for _ in range(warmup):
+                elapsed = step(name, 1)
+            numbers[name] = max(1, math.ceil(min_sample_seconds / elapsed)) if min_sample_seconds > 0 else 1
+        samples: dict[str, list[float]] = {name: [] for name in names}
+        for round_index in range(repeats):
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                samples[name].append(step(name, numbers[name]))
+    finally:
+        if bar is not None:
+            bar.close()
     return Comparison({name: Timing(samples[name], numbers[name]) for name in names})
 
 
@@ -107,9 +205,10 @@ def measure(
     warmup: int = 1,
     repeats: int = 5,
     min_sample_seconds: float = 0.0,
+    description: str | None = None,
 ) -> Timing:
     """Timing of a single callable (see :func:`compare`)."""
-    return compare({"function": function}, device, warmup, repeats, min_sample_seconds).timings["function"]
+    return compare({"function": function}, device, warmup, repeats, min_sample_seconds, description).timings["function"]
 
 
 def cpu_name() -> str:

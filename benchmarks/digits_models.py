@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .common import REPO_ROOT
+from .common import REPO_ROOT, progress
 
 SIZES = {
     "quick": dict(image_size=16, tokens=8, codebook=32, tokenizer_steps=20, generator_steps=20, draft_steps=10,
@@ -50,7 +50,8 @@ class DigitModels:
         return Pipeline(self.tokenizer, self.target)
 
 
-def _loop(model, loss_fn, steps: int, lr: float, batches) -> None:
+def _loop(model, loss_fn, steps: int, lr: float, batches, description: str = "training") -> None:
+    """`steps` AdamW steps of `loss_fn(*next(batches))` with warmup + cosine and clipping at 1.0, with a progress bar."""
     from flexar.train.modules import warmup_cosine
 
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
@@ -58,7 +59,7 @@ def _loop(model, loss_fn, steps: int, lr: float, batches) -> None:
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, steps, 0.1))
     model.train()
-    for step in range(steps):
+    for step in progress(range(steps), description, unit="step"):
         loss = loss_fn(*next(batches))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -132,7 +133,7 @@ def load_or_train(quick: bool, device: str) -> DigitModels:
                               width=64 if quick else 128, depth=1 if quick else 4, num_heads=4,
                               codebook_size=sizes["codebook"], code_dim=8, dead_code_threshold=0 if quick else 20).to(device)
             _loop(tokenizer, lambda x: tokenizer.training_loss(x)[0], sizes["tokenizer_steps"], 2e-3,
-                  _batches((images,), sizes["batch"], 0))
+                  _batches((images,), sizes["batch"], 0), "digits models: tokenizer")
             tokenizer.save_pretrained(folder / "tokenizer")
         tokenizer = load_model(folder / "tokenizer").to(device).eval()
         target_folder = folder / "generator"
@@ -143,7 +144,8 @@ def load_or_train(quick: bool, device: str) -> DigitModels:
             torch.manual_seed(1)
             model = RasterAR(vocab_size=tokenizer.codebook_size, max_tokens=tokenizer.max_tokens, num_classes=10,
                              class_dropout=0.1, **size).to(device)
-            _loop(model, lambda x, y: model.training_loss(x, y)[0], steps, 1e-3, _batches((ids, labels), sizes["batch"], 1))
+            _loop(model, lambda x, y: model.training_loss(x, y)[0], steps, 1e-3,
+                  _batches((ids, labels), sizes["batch"], 1), f"digits models: {name}")
             model.save_pretrained(folder / name)
         return load_model(folder / name).to(device).eval()
 
@@ -154,7 +156,7 @@ def load_or_train(quick: bool, device: str) -> DigitModels:
         torch.manual_seed(2)
         eagle = EagleDraftHead(target=str(target_folder), num_heads=4).to(device)
         _loop(eagle, lambda x, y: eagle.training_loss(x, y)[0], sizes["draft_steps"], 1e-3,
-              _batches((ids, labels), sizes["batch"], 2))
+              _batches((ids, labels), sizes["batch"], 2), "digits models: eagle")
         eagle.save_pretrained(folder / "eagle")
     eagle = load_model(folder / "eagle").to(device).eval()
 
@@ -163,7 +165,7 @@ def load_or_train(quick: bool, device: str) -> DigitModels:
         torch.manual_seed(3)
         model = DigitClassifier(in_channels=1, image_size=tokenizer.image_size, width=16 if quick else 32).to(device)
         _loop(model, lambda x, y: torch.nn.functional.cross_entropy(model(x), y), sizes["classifier_steps"], 2e-3,
-              _batches((images, labels), sizes["batch"], 3))
+              _batches((images, labels), sizes["batch"], 3), "digits models: FID classifier")
         model.save_pretrained(classifier)
     return DigitModels(tokenizer, target, draft, eagle, classifier, folder, time.perf_counter() - start)
 

@@ -14,6 +14,7 @@ import torch
 
 from flexar.sampling import EntropySampler, Sampler
 
+from .common import progress
 from .digits_models import fid, load_or_train
 
 SETTINGS = {
@@ -29,8 +30,12 @@ def run(quick: bool, device: str) -> dict:
     pipe = models.pipeline
     labels = torch.arange(settings["images"]) % 10
     rows = []
+    # one step per (guidance scale, temperature): its calibration and its four rules
+    bar = progress(description="entropy", total=len(settings["cfg_scales"]) * len(settings["temperatures"]),
+                   unit="setting")
     for cfg_scale in settings["cfg_scales"]:
         for temperature in settings["temperatures"]:
+            bar.set_postfix_str(f"cfg {cfg_scale} T {temperature}")
             common = dict(temperature=temperature, top_k=settings["top_k"], cfg_scale=cfg_scale)
             ratio = _mean_factor(pipe, EntropySampler(**dict(common, temperature=1.0)), labels[: settings["calibration_images"]], settings)
             samplers = {
@@ -49,6 +54,8 @@ def run(quick: bool, device: str) -> dict:
                 rows.append({"cfg_scale": cfg_scale, "temperature": temperature, "rule": name, "t0": sampler.temperature,
                              "fid": fid(samples, models, device), "seconds": seconds,
                              "mean_applied_temperature": applied})
+            bar.update()
+    bar.close()
     summary = {}
     for row in rows:
         if row["rule"] != "fixed":

@@ -46,7 +46,7 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
         return call
 
     comparison = compare({"cached": generate(True), "recompute": generate(False)}, device=device,
-                         warmup=1, repeats=2 if quick else 5)
+                         warmup=1, repeats=2 if quick else 5, description="generate: cached vs recompute")
     rows = []
     for name, cached in (("cached", True), ("recompute", False)):
         seconds = comparison.seconds(name)

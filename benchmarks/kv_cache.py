@@ -99,6 +99,7 @@ def run(quick: bool, device: str) -> dict:
         device,
         warmup=0,
         repeats=repeats,
+        description="kv_cache: cached vs recompute",
     )
     (cached_ids, cached_logits), (recompute_ids, recompute_logits) = outputs["cached"], outputs["recompute"]
     tokens_match = torch.equal(cached_ids, recompute_ids)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from flexar.generators import NAR, RasterAR
 from flexar.sampling import Sampler
 
-from .common import compare, time_calls
+from .common import compare, progress, time_calls
 
 SIZES = {
     "full": dict(dim=256, depth=6, num_heads=8, vocab_size=1024, num_classes=10, batch=8, grids=[8, 16, 32]),
@@ -108,7 +108,7 @@ def run(quick: bool, device: str) -> dict:
     rows, speedups, by_width, by_precision = [], {}, {}, {}
     cases = [(sizes, side, torch.float32) for side in grids] + [(narrow, target_side, torch.float32),
                                                                  (sizes, target_side, torch.bfloat16)]
-    for model_sizes, side, dtype in cases:
+    for model_sizes, side, dtype in progress(cases, "nar vs raster", unit="case"):
         width = f"dim{model_sizes['dim']}_depth{model_sizes['depth']}"
         raster, nar = build_pair(side, model_sizes, device)
         raster, nar = raster.to(dtype), nar.to(dtype)

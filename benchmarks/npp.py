@@ -39,7 +39,7 @@ from flexar.sampling import Sampler
 from flexar.tokenizers import VQGAN2D
 from flexar.train import warmup_cosine
 
-from .common import synchronize
+from .common import progress, synchronize
 
 # full: sized to finish in about half an hour on two shared CPU cores (the first 15000 MNIST training images, the
 # whole test split as FID reference); quick: seconds, on the embedded digits
@@ -73,16 +73,20 @@ def batches(count: int, batch_size: int, seed: int):
     return [order[i : i + batch_size] for i in range(0, count - batch_size + 1, batch_size)] or [order]
 
 
-def fit(model, loss_of, data: tuple[torch.Tensor, ...], epochs: int, batch_size: int, lr: float, device: str):
+def fit(model, loss_of, data: tuple[torch.Tensor, ...], epochs: int, batch_size: int, lr: float, device: str,
+        description: str = "training"):
     """A plain AdamW loop: `loss_of(model, *batch)` -> loss, over `epochs` epochs of `data` (tensors on CPU)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     model.train()
-    for epoch in range(epochs):
-        for index in batches(data[0].shape[0], batch_size, epoch):
-            loss = loss_of(model, *(tensor[index].to(device) for tensor in data))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    steps_per_epoch = len(batches(data[0].shape[0], batch_size, 0))
+    with progress(description=description, total=epochs * steps_per_epoch, unit="step") as bar:
+        for epoch in range(epochs):
+            for index in batches(data[0].shape[0], batch_size, epoch):
+                loss = loss_of(model, *(tensor[index].to(device) for tensor in data))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                bar.update()
     return model.eval()
 
 
@@ -109,7 +113,8 @@ class GeneratorRun:
         self.losses: list[float] = []
         self.patch_sizes: list[int] = []
 
-    def train_epoch(self, epoch: int, ids: torch.Tensor, labels: torch.Tensor, device: str) -> None:
+    def train_epoch(self, epoch: int, ids: torch.Tensor, labels: torch.Tensor, device: str, bar=None) -> None:
+        """One epoch, timed; `bar` (a :func:`benchmarks.common.progress` bar), when given, advances by one per step."""
         model = self.model.train()
         hook = getattr(model, "on_epoch_start", None)
         if callable(hook):
@@ -125,6 +130,8 @@ class GeneratorRun:
             self.optimizer.step()
             self.schedule.step()
             total, count = total + loss.detach(), count + 1
+            if bar is not None:  # inside the timed epoch: a counter increment and, now and then, a redraw
+                bar.update()
         synchronize(device)
         self.epoch_seconds.append(time.perf_counter() - start)
         self.losses.append(float(total) / count)
@@ -145,7 +152,7 @@ def run(quick: bool, device: str) -> dict:
     tokenizer = VQGAN2D.from_preset(sizes["tokenizer_preset"], image_size=sizes["image_size"], channels=1,
                                     width=sizes["tokenizer_width"], dead_code_threshold=50).to(device)
     fit(tokenizer, lambda m, x, y: m.training_loss(x)[0], (train_images, train_labels), sizes["tokenizer_epochs"],
-        sizes["batch_size"], 1e-3, device)
+        sizes["batch_size"], 1e-3, device, "npp: tokenizer")
     train_ids, test_ids = encode(tokenizer, train_images, device), encode(tokenizer, test_images, device)
     with torch.no_grad():
         recon = torch.cat([tokenizer.decode(ids.to(device)).cpu() for ids in test_ids.split(512)])
@@ -155,7 +162,7 @@ def run(quick: bool, device: str) -> dict:
     # 2. FID feature extractor
     classifier = DigitClassifier(in_channels=1, num_classes=10, image_size=sizes["image_size"]).to(device)
     fit(classifier, lambda m, x, y: F.cross_entropy(m(x), y), (train_images, train_labels), sizes["classifier_epochs"],
-        sizes["batch_size"], 3e-3, device)
+        sizes["batch_size"], 3e-3, device, "npp: FID classifier")
     with torch.no_grad():
         predictions = torch.cat([classifier(x.to(device)).argmax(-1).cpu() for x in test_images.split(512)])
     classifier.cpu().save_pretrained(work / "classifier")
@@ -177,24 +184,31 @@ def run(quick: bool, device: str) -> dict:
     if not with_nar:
         del runs["nar"]
     order = list(runs)
-    for epoch in range(sizes["epochs"]):
-        for name in order[epoch % len(order) :] + order[: epoch % len(order)]:
-            runs[name].train_epoch(epoch, train_ids, train_labels, device)
+    with progress(description="npp: generators", total=sizes["epochs"] * len(runs) * steps_per_epoch,
+                  unit="step") as bar:
+        for epoch in range(sizes["epochs"]):
+            for name in order[epoch % len(order) :] + order[: epoch % len(order)]:
+                bar.set_postfix_str(f"{name} epoch {epoch + 1}/{sizes['epochs']}")
+                runs[name].train_epoch(epoch, train_ids, train_labels, device, bar)
 
     # 4. samples and FID against the test split
     sampler = Sampler(**SAMPLER)
     reference = ((test_images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     labels = torch.arange(sizes["num_samples"]) % 10
     rows, fids = [], {}
+    chunks = labels.split(250)
+    bar = progress(description="npp: sampling", total=len(runs) * len(chunks), unit="batch")
     for name, record in runs.items():
         model = record.model.eval()
         generator = torch.Generator(device).manual_seed(0)
         images, passes = [], 0
+        bar.set_postfix_str(name)
         with torch.no_grad():
-            for chunk in labels.split(250):
+            for chunk in chunks:
                 out = model.generate(chunk.to(device), sampler, generator)
                 passes = out.stats["forward_passes"]
                 images.append(tokenizer.decode(out.ids).cpu())
+                bar.update()
         samples = ((torch.cat(images).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         metrics = compute_metrics(samples, reference, extractor=f"classifier:{work / 'classifier'}", device=device)
         fids[name] = metrics["fid"]
@@ -209,6 +223,7 @@ def run(quick: bool, device: str) -> dict:
             "kid": metrics["kid_mean"],
             "forward_passes_per_image_batch": passes,
         })
+    bar.close()
     by = {row["family"]: row for row in rows}
     time_ratio = by["npp"]["train_seconds"] / by["raster"]["train_seconds"]
     per_epoch_ratios = [n / r for n, r in zip(runs["npp"].epoch_seconds, runs["raster"].epoch_seconds)]

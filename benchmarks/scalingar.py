@@ -29,6 +29,7 @@ import torch
 
 from flexar.sampling import BestOfN, Sampler, ScalingAR
 
+from .common import progress
 from .digits_models import fid, load_or_train
 
 SETTINGS = {
@@ -48,10 +49,16 @@ POLICIES = {
 TARGET_TOKEN_SAVING = 0.40
 
 
-def evaluate(name: str, strategy, seeds: list[int], models, labels: torch.Tensor, batch_size: int, device: str) -> dict:
-    """Mean FID (and its spread) and tokens consumed per seed, for one decoding strategy."""
+def evaluate(name: str, strategy, seeds: list[int], models, labels: torch.Tensor, batch_size: int, device: str,
+             bar=None) -> dict:
+    """Mean FID (and its spread) and tokens consumed per seed, for one decoding strategy.
+
+    `bar` (a :func:`benchmarks.common.progress` bar) advances by one per seed.
+    """
     fids, consumed, seconds = [], 0, 0.0
     for seed in seeds:
+        if bar is not None:
+            bar.set_postfix_str(f"{name} seed {seed}")
         start = time.perf_counter()
         samples = []
         for chunk in labels.split(batch_size):
@@ -63,6 +70,8 @@ def evaluate(name: str, strategy, seeds: list[int], models, labels: torch.Tensor
             samples.append(((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
         seconds += time.perf_counter() - start
         fids.append(fid(torch.cat(samples), models, device))
+        if bar is not None:
+            bar.update()
     return {"method": name, "seeds": list(seeds), "tokens_consumed": consumed / len(seeds),
             "tokens_per_image": consumed / len(seeds) / len(labels), "seconds": seconds / len(seeds),
             "fid": statistics.mean(fids), "fid_std_over_seeds": statistics.stdev(fids) if len(fids) > 1 else 0.0,
@@ -78,8 +87,12 @@ def run(quick: bool, device: str) -> dict:
     methods.update({name: ScalingAR(sampler, count, **policy) for name, policy in POLICIES.items()})
     labels = torch.arange(settings["images"]) % 10
 
+    # one step per (method, seed): every method on the selection seeds, then two on the confirmation seeds
+    runs = len(methods) * len(settings["selection_seeds"]) + 2 * len(settings["confirmation_seeds"])
+    bar = progress(description="scalingar", total=runs, unit="run")
+
     def measure(name: str, seeds: list[int], phase: str) -> dict:
-        row = evaluate(name, methods[name], seeds, models, labels, settings["batch_size"], device)
+        row = evaluate(name, methods[name], seeds, models, labels, settings["batch_size"], device, bar)
         return {**row, "phase": phase, "trajectories": 1 if name == "plain" else count}
 
     selection = [measure(name, settings["selection_seeds"], "selection") for name in methods]
@@ -90,6 +103,7 @@ def run(quick: bool, device: str) -> dict:
     chosen = min(eligible, key=lambda row: row["fid"])["method"] if eligible else "scalingar"
 
     confirmation = [measure(name, settings["confirmation_seeds"], "confirmation") for name in ("best_of_n", chosen)]
+    bar.close()
     confirmed_baseline, confirmed = confirmation
     for row in confirmation:
         row["token_saving_vs_best_of_n"] = 1 - row["tokens_consumed"] / confirmed_baseline["tokens_consumed"]

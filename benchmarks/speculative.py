@@ -26,7 +26,7 @@ import torch
 
 from flexar.sampling import LanternDecoder, Sampler, SpeculativeDecoder, neighbour_table
 
-from .common import compare
+from .common import compare, progress
 from .digits_models import fid, load_or_train
 
 SETTINGS = {
@@ -68,10 +68,10 @@ def run(quick: bool, device: str) -> dict:
         return call
 
     comparison = compare({name: timed(name, strategy) for name, (strategy, _) in methods.items()}, device,
-                         warmup=1, repeats=settings["repeats"])
+                         warmup=1, repeats=settings["repeats"], description="speculative: latency at batch 1")
     fid_labels = torch.arange(settings["fid_images"]) % 10
     rows = []
-    for name, (strategy, grid) in methods.items():
+    for name, (strategy, grid) in progress(methods.items(), "speculative: FID and acceptance", len(methods), "method"):
         samples, quality_stats = pipe.generate(fid_labels, sampler=strategy, seed=1, batch_size=50, return_stats=True,
                                                progress=False)
         decode = stats[name]

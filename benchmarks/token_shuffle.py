@@ -45,7 +45,7 @@ def run(quick: bool, device: str) -> dict:
     losses = {}
     for name, model in models.items():
         _loop(model, lambda x, y, model=model: model.training_loss(x, y)[0], sizes["train_steps"], 1e-3,
-              _batches((ids, labels), 32, 0))
+              _batches((ids, labels), 32, 0), f"token_shuffle: train {name}")
         with torch.no_grad():
             losses[name] = float(model.training_loss(ids[:256], labels[:256])[0])
 
@@ -58,7 +58,8 @@ def run(quick: bool, device: str) -> dict:
             stats[name] = models[name].generate(batch_labels, sampler, torch.Generator(device).manual_seed(0)).stats
         return call
 
-    comparison = compare({name: generate(name) for name in models}, device, warmup=1, repeats=sizes["repeats"])
+    comparison = compare({name: generate(name) for name in models}, device, warmup=1, repeats=sizes["repeats"],
+                         description="token_shuffle: decoding")
     lengths = {"raster": side * side + 1, "token_shuffle": models["token_shuffle"].num_windows + 1}
     rows = [
         {

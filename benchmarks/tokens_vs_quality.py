@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import math
 import sys
 import tempfile
@@ -54,7 +55,7 @@ from pathlib import Path
 
 import torch
 
-from .common import REPO_ROOT
+from .common import REPO_ROOT, lightning_progress, progress
 
 SIZES = {
     "full": dict(dataset="mnist", image_size=32, patch_size=4, num_tokens=32, width=64, depth=4, num_heads=4,
@@ -113,7 +114,7 @@ def build_tokenizers(size: dict) -> tuple[dict, dict]:
     return built, skipped
 
 
-def train_tokenizer(tokenizer, size: dict, device: str, folder: Path, lr: float):
+def train_tokenizer(tokenizer, size: dict, device: str, folder: Path, lr: float, description: str = "tokenizer"):
     import lightning as L
 
     from flexar.data import ImageDataModule
@@ -125,6 +126,7 @@ def train_tokenizer(tokenizer, size: dict, device: str, folder: Path, lr: float)
         max_steps=size["steps"], accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1,
         precision="32-true", logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, default_root_dir=str(folder),
+        callbacks=[lightning_progress(description)],
     )  # fmt: skip
     started = time.perf_counter()
     trainer.fit(module, data)
@@ -138,6 +140,8 @@ def train_classifier(size: dict, device: str, folder: Path) -> Path:
     run([
         "fit", "--config", str(REPO_ROOT / "configs" / "eval" / "classifier_digits.yaml"),
         "--trainer.default_root_dir", str(folder), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+        "--trainer.callbacks+=" + json.dumps({"class_path": "benchmarks.common.StepProgress",
+                                              "init_args": {"description": "tokens_vs_quality: FID classifier"}}),
         "--trainer.max_epochs", str(size["classifier_epochs"]), "--trainer.accelerator", "gpu" if device.startswith("cuda") else "cpu",
         "--model.init_args.image_size", str(size["image_size"]), "--model.init_args.export_dir", str(export),
         "--data.init_args.dataset", size["dataset"], "--data.init_args.image_size", str(size["image_size"]),
@@ -182,7 +186,7 @@ def train_generator(tokenizer, images: torch.Tensor, labels: torch.Tensor, size:
     shuffle = torch.Generator().manual_seed(0)
     model.train()
     started = time.perf_counter()
-    for _ in range(steps):
+    for _ in progress(range(steps), "tokens_vs_quality: generator", unit="step"):
         index = torch.randint(0, ids.shape[0], (size["generator_batch"],), generator=shuffle)
         loss, _ = model.training_loss(ids[index].to(device), labels[index].to(device))
         optimizer.zero_grad(set_to_none=True)
@@ -273,7 +277,8 @@ def run(quick: bool, device: str, output_dir: Path | None = None) -> dict:
         rows, train_seconds = [], {}
         for name, tokenizer in tokenizers.items():
             lr = size["flextok_lr"] if name == "flextok" else size["lr"]
-            tokenizer, train_seconds[name] = train_tokenizer(tokenizer, size, device, scratch / name, lr)
+            tokenizer, train_seconds[name] = train_tokenizer(tokenizer, size, device, scratch / name, lr,
+                                                             f"tokens_vs_quality: train {name}")
             tokenizers[name] = tokenizer
             fills = [None]
             if name == "titok":
@@ -281,7 +286,7 @@ def run(quick: bool, device: str, output_dir: Path | None = None) -> dict:
                     fill_ids = [tokenizer.encode(chunk.to(device)).ids for chunk in train_images[: size["mean_fill_images"]].split(500)]
                 tokenizer.fit_mean_fill(torch.cat(fill_ids))
                 fills = list(TITOK_FILLS)
-            for k in counts:
+            for k in progress(counts, f"tokens_vs_quality: evaluate {name}"):
                 for fill in fills:
                     recon = reconstruct(tokenizer, originals, k, device, fill=fill)
                     mse = torch.mean((recon - originals) ** 2).item()
@@ -303,7 +308,7 @@ def run(quick: bool, device: str, output_dir: Path | None = None) -> dict:
         train_images, train_labels = train_images[: size["generator_train_images"]], train_labels[: size["generator_train_images"]]
         generator, generator_seconds, generator_loss = train_generator(tokenizers[chosen], train_images, train_labels.long(), size, device)
         generation = []
-        for k in counts:
+        for k in progress(counts, "tokens_vs_quality: gFID"):
             samples = sample_at(generator, tokenizers[chosen], k, size["gfid_samples"], device)
             gfid = compute_metrics(samples, originals, extractor=f"classifier:{classifier}", kid=False, device=device)["fid"]
             rfid = next(r["rfid"] for r in rows if r["tokenizer"] == chosen and r["num_tokens"] == k)
