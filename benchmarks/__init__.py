@@ -89,7 +89,7 @@ ABOUT = {
     "mvar": About(
         "MVAR against VAR with the same width and depth: peak memory of a training step and of generation, "
         "generation speed, each in a fresh process",
-        full_seconds=None, quick_seconds=53, needs="full sizes are for a GPU; FLEXAR_MVAR_SIZE=narrow for a CPU"),
+        full_seconds=None, quick_seconds=53, needs="a GPU for the full sizes, or FLEXAR_MVAR_SIZE=narrow on a CPU"),
 }
 
 
