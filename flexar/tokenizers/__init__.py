@@ -8,6 +8,8 @@ from .onedpiece import ONEDPIECE_PRESETS, OneDPiece, onedpiece_from_preset
 from .retok import RETOK_PRESETS, ReTok, retok_from_preset
 from .vqgan2d import VQGAN2D, VQGAN2D_PRESETS
 from .multiscale import MULTISCALE_PRESETS, MultiScaleResidualVQ, MultiScaleVQ
+from .alit import ALIT, ALIT_PRESETS
+from .karl import KARL, KARL_PRESETS
 
 TOKENIZERS = {**TITOK_PRESETS, **FLEXTOK_PRESETS, **VQGAN2D_PRESETS, **ONEDPIECE_PRESETS, **RETOK_PRESETS, **MULTISCALE_PRESETS}
 
