@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .hub import load_model, model_fingerprint
+from .sampling.streams import ImageStreams
 
 # per-batch counts of decoding strategies that add up over the batches of one call
 SUMMED_STATS = ("draft_forward_passes", "rounds", "drafted", "accepted", "tokens_consumed")
@@ -196,7 +197,10 @@ class Pipeline:
         `return_stats=True` also a dict with forward passes, tokens and seconds summed over batches, and the
         strategy's counts in ``SUMMED_STATS`` (draft passes, rounds, drafted and accepted tokens, tokens consumed)
         where it reports them.
-        The same seed gives the same images: one torch.Generator drives every draw, batch after batch.
+        The same seed gives the same images whatever ``batch_size``: image i draws from its own random stream, keyed
+        by (seed, i) (:class:`flexar.sampling.streams.ImageStreams`), in the generator and in a sampling decoder.
+        This holds for every sampler and strategy whose rows advance in lockstep; speculative decoding and LANTERN
+        advance a batch by its shortest accepted run, so their images still depend on the batch composition.
         """
         from .sampling import Sampler
         from .train.callbacks import to_uint8
@@ -211,20 +215,27 @@ class Pipeline:
         sampler = sampler if sampler is not None else Sampler()
         if hasattr(sampler, "prepare"):  # decoding strategies read what they need (token geometry, a draft model)
             sampler.prepare(self)
-        rng = torch.Generator(device=self.device).manual_seed(seed)
         chunks = labels.split(batch_size)
         show = progress if progress is not None else len(chunks) > 1
         stats = {"forward_passes": 0, "tokens": 0, "seconds": 0.0, "decode_seconds": 0.0}
         images = []
+        first = 0
         for chunk in tqdm(chunks, desc="generate", disable=not show):
-            out = self.generator.generate_with(chunk, sampler, generator=rng, num_tokens=num_tokens, use_cache=use_cache)
+            indices = torch.arange(first, first + chunk.shape[0])
+            first += chunk.shape[0]
+            streams = ImageStreams(seed, indices, self.device)
+            out = self.generator.generate_with(chunk, sampler, generator=streams, num_tokens=num_tokens,
+                                               use_cache=use_cache)
             for key in ("forward_passes", "tokens", "seconds"):
                 stats[key] += out.stats[key]
             for key in SUMMED_STATS:  # counts a decoding strategy reports, where it reports them
                 if key in out.stats:
                     stats[key] = stats.get(key, 0) + out.stats[key]
             start = time.perf_counter()
-            decoded = self.tokenizer.decode(out.ids)
+            if self.tokenizer.decode_draws:  # a second stream per image, apart from the one the generator drew from
+                decoded = self.tokenizer.decode(out.ids, generator=ImageStreams(seed, indices, self.device).split(1))
+            else:
+                decoded = self.tokenizer.decode(out.ids)
             stats["decode_seconds"] += time.perf_counter() - start
             if decoded.shape[1] == 1:
                 decoded = decoded.repeat(1, 3, 1, 1)

@@ -241,3 +241,30 @@ def test_an_invalid_or_incomplete_pipeline_json_names_the_file_and_the_field(pip
         with pytest.raises((ValueError, FileNotFoundError), match=message) as error:
             Pipeline.from_pretrained(folder)
         assert str(folder / "pipeline.json") in str(error.value)
+
+
+@pytest.mark.parametrize("strategy", ["sampler", "scalingar", "best_of_n", "flextok"])
+def test_images_do_not_depend_on_the_batch_size(pipeline_dir, strategy):
+    from flexar.sampling import ScalingAR
+    from flexar.tokenizers import FlexTok
+
+    pipe = Pipeline.from_pretrained(pipeline_dir)
+    sampler = Sampler(top_k=10, cfg_scale=2.0)
+    if strategy == "scalingar":
+        sampler = ScalingAR(Sampler(cfg_scale=2.0), num_trajectories=3, checkpoints=[0.5])
+    elif strategy == "best_of_n":
+        sampler = BestOfN(Sampler(), 3)
+    elif strategy == "flextok":  # a sampling decoder: its noise must follow the image, not the batch, too
+        torch.manual_seed(0)
+        tokenizer = FlexTok(image_size=16, channels=1, patch_size=4, num_registers=4, width=32, depth=1,
+                            num_heads=2, decoder_width=32, decoder_depth=1, fsq_levels=[8, 4], num_steps=3)
+        generator = RasterAR(vocab_size=tokenizer.codebook_size, max_tokens=4, num_classes=10, dim=32, depth=1,
+                             num_heads=2)
+        pipe = Pipeline(tokenizer, generator, check_provenance=False)
+    labels = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
+    whole = pipe.generate(labels, sampler=sampler, seed=7, batch_size=10)
+    for batch_size in (1, 3, 4):
+        assert torch.equal(pipe.generate(labels, sampler=sampler, seed=7, batch_size=batch_size), whole), batch_size
+    # the first images of a longer call are the images of a shorter one with the same seed
+    assert torch.equal(pipe.generate(labels[:4], sampler=sampler, seed=7), whole[:4])
+    assert not torch.equal(pipe.generate(labels, sampler=sampler, seed=8, batch_size=10), whole)

@@ -68,9 +68,14 @@ def test_helpers_accept_a_torch_generator_too():
     assert torch.equal(z, torch.randn((2, 3), generator=torch.Generator().manual_seed(0)))
 
 
-def test_select_keeps_each_image_stream():
-    streams = ImageStreams(seed=5, indices=torch.arange(4))
-    streams.uniform((4, 2))
+def test_select_and_split_keep_each_stream_and_share_the_counter():
+    streams, twin = ImageStreams(seed=5, indices=torch.arange(4)), ImageStreams(seed=5, indices=torch.arange(4))
+    streams.uniform((4, 2)), twin.uniform((4, 2))
     subset = streams.select(torch.tensor([1, 3]))
-    full = streams.uniform((4, 5))
-    assert torch.equal(subset.uniform((2, 5)), full[[1, 3]])
+    assert torch.equal(subset.uniform((2, 5)), twin.uniform((4, 5))[[1, 3]])
+    assert streams.counter == twin.counter == 7  # drawing through the view advanced the parent
+    copies = ImageStreams(seed=5, indices=torch.arange(2)).split(3)
+    again = ImageStreams(seed=5, indices=torch.arange(1, 2)).split(3)
+    drawn = copies.uniform((6, 4))
+    assert torch.equal(drawn[3:], again.uniform((3, 4)))  # image 1's copies do not depend on image 0
+    assert len({tuple(row) for row in drawn.tolist()}) == 6

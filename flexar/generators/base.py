@@ -139,7 +139,9 @@ class Generator(Configurable, PretrainedMixin, nn.Module):
 
     # -- randomness and bookkeeping ------------------------------------------------------------------------------------
     def resolve_generator(self, generator: torch.Generator | None) -> torch.Generator:
-        """The generator to draw from: the caller's (on the model's device type) or a fresh one seeded by the OS."""
+        """The generator to draw from: the caller's (on the model's device type) or a fresh one seeded by the OS.
+        A :class:`flexar.sampling.streams.ImageStreams` (one stream per image, as ``Pipeline.generate`` passes)
+        is accepted wherever a ``torch.Generator`` is."""
         device = self.device
         if generator is None:
             generator = torch.Generator(device)

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from flexar.sampling import processors as logit_processors
 from flexar.sampling.processors import LogitProcessor, SamplingState
+from flexar.sampling.streams import uniform
 
 
 FLOAT32 = torch.finfo(torch.float32)
@@ -50,7 +51,7 @@ def draw(probs: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     flat = probs.reshape(-1, probs.shape[-1])
     cdf = flat.cumsum(dim=-1)
     total = cdf[:, -1:]
-    uniforms = torch.rand(flat.shape[0], 1, generator=generator, device=flat.device, dtype=cdf.dtype)
+    uniforms = uniform(generator, (flat.shape[0], 1), flat.device, cdf.dtype)
     ids = torch.searchsorted(cdf, uniforms * total, right=True).clamp_max_(flat.shape[-1] - 1)
     # NaN fails both comparisons; an infinite or zero total has no law to draw from
     valid = (total > 0) & (total < float("inf"))

@@ -38,6 +38,7 @@ from torch import Tensor
 from flexar.sampling.processors import SamplingState, classifier_free_guidance
 from flexar.sampling.sampler import Sampler
 from flexar.sampling.strategy import DecodingStrategy, check_decoding_hooks, generation_output
+from flexar.sampling.streams import ImageStreams
 
 
 def token_uncertainty(logits: Tensor, entropy_weight: float = 0.5) -> Tensor:
@@ -169,6 +170,8 @@ class ScalingAR(DecodingStrategy):
         generator = model.resolve_generator(generator)
         timer = model.start_timer()
         sampler, trajectories = self.sampler, self.num_trajectories
+        # per-image streams: one per trajectory, so pruning draws for the survivors without shifting any stream
+        streams = generator.split(trajectories) if isinstance(generator, ImageStreams) else None
         batch = labels.shape[0]
         total = batch * trajectories
         owner = torch.arange(batch, device=labels.device).repeat_interleave(trajectories)  # label of each trajectory
@@ -197,10 +200,10 @@ class ScalingAR(DecodingStrategy):
                 scale = base * (1.0 + self.guidance_gain * (1.0 - profile))
                 conditional, unconditional = logits.chunk(2, dim=0)
                 guided = unconditional + scale.unsqueeze(-1).to(logits.dtype) * (conditional - unconditional)
-                tokens = self.inner_sampler.sample(guided, state, generator)
+                tokens = self.inner_sampler.sample(guided, state, generator if streams is None else streams.select(alive))
                 confidence = scorer.step_confidence(logits, state, scale)
             else:
-                tokens = sampler.sample(logits, state, generator)
+                tokens = sampler.sample(logits, state, generator if streams is None else streams.select(alive))
                 confidence = scorer.step_confidence(logits, state)
             ids[alive, index] = tokens
             lengths[alive] += 1

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from flexar.sampling.processors import SamplingState
 from flexar.sampling.sampler import Sampler, categorical
 from flexar.sampling.strategy import DecodingStrategy, check_decoding_hooks, generation_output
+from flexar.sampling.streams import uniform
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -344,7 +345,7 @@ class SpeculativeDecoder(DecodingStrategy):
                 dim=1,
             )
 
-            uniforms = torch.rand(batch, num_drafts, generator=generator, device=ids.device, dtype=target_probs.dtype)
+            uniforms = uniform(generator, (batch, num_drafts), ids.device, target_probs.dtype)
             acceptance, residual_base = self.relax(target_probs[:, :num_drafts], drafts)
             accepted, next_probs = accept_drafts(
                 acceptance, draft_probs, drafts, uniforms, target_probs[:, num_drafts], residual_base,

@@ -54,7 +54,12 @@ class ImageStreams:
         indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
         seed_key = _splitmix64(torch.tensor([int(seed) & ((1 << 63) - 1)], dtype=torch.long))
         self.keys = _splitmix64(seed_key ^ _splitmix64(indices)).to(self.device)
-        self.counter = 0
+        self._position = [0]  # shared with the views made by select / split: one running counter for all of them
+
+    @property
+    def counter(self) -> int:
+        """How many numbers each stream has drawn so far (the same for every stream: draws run in lockstep)."""
+        return self._position[0]
 
     @property
     def num_streams(self) -> int:
@@ -72,7 +77,7 @@ class ImageStreams:
             )
         per_stream = total // self.num_streams
         offsets = torch.arange(self.counter, self.counter + per_stream, dtype=torch.long, device=self.device)
-        self.counter += per_stream
+        self._position[0] += per_stream
         words = _splitmix64(self.keys[:, None] ^ _splitmix64(offsets)[None, :])
         return words.reshape(shape)
 
@@ -91,11 +96,20 @@ class ImageStreams:
         return (radius * torch.cos(2 * math.pi * second)).to(dtype)
 
     def select(self, rows: Tensor) -> "ImageStreams":
-        """The streams of a subset of images (rows (k,) indices or a (B,) mask), sharing this object's counter
-        position; later draws from the subset and from this object are independent of each other only if they are
-        not made for the same images."""
+        """A view over a subset of the streams (rows: (k,) indices or a (B,) bool mask) that shares this object's
+        counter: a loop that draws for the surviving rows only (ScalingAR's pruned trajectories) keeps every
+        stream at the same position as if all rows had drawn."""
+        return self._view(self.keys[rows.to(self.device)])
+
+    def split(self, copies: int) -> "ImageStreams":
+        """(B * copies) streams, image-major, each copy of an image with its own key: independent trajectories of
+        one image that stay independent of the batch. Shares this object's counter."""
+        copy_keys = _splitmix64(torch.arange(1, copies + 1, dtype=torch.long, device=self.device))
+        return self._view(_splitmix64(self.keys[:, None] ^ copy_keys[None, :]).reshape(-1))
+
+    def _view(self, keys: Tensor) -> "ImageStreams":
         out = ImageStreams.__new__(ImageStreams)
-        out.device, out.keys, out.counter = self.device, self.keys[rows.to(self.device)], self.counter
+        out.device, out.keys, out._position = self.device, keys, self._position
         return out
 
 

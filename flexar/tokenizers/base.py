@@ -90,6 +90,8 @@ class Tokenizer(Configurable, PretrainedMixin, nn.Module):
     grid = None
     image_size: int
     channels: int
+    # whether decode draws random numbers (a sampling decoder such as FlexTok's flow); it then takes `generator=`
+    decode_draws: bool = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -64,8 +64,10 @@ Differences from the paper and its official code:
 - with ``target="vae"`` the flow runs on the VAE's standardised latents: :class:`flexar.tokenizers.VAE` subtracts
   a shift and multiplies by 1 / std, both running estimates over its training posteriors, so the latents have about
   unit variance; the official FlexTok applies the fixed scaling and shift factors stored with its released VAE.
-- ``decode`` runs without gradients; with ``generator=None`` its noise comes from a generator seeded with 0, so
-  ``decode`` and ``reconstruct`` are deterministic (pass a seeded ``torch.Generator`` for other draws).
+- ``decode`` runs without gradients; with ``generator=None`` image i of a batch draws its noise from the per-image
+  stream (seed 0, index i) of :class:`flexar.sampling.streams.ImageStreams`, so ``decode`` and ``reconstruct`` are
+  deterministic and an image's decode does not depend on the batch it is in (pass a seeded ``torch.Generator`` or
+  ``ImageStreams`` for other draws).
 """
 from __future__ import annotations
 
@@ -78,6 +80,7 @@ from torch import Tensor, nn
 
 from ..hub import build_from_config, load_model, register
 from ..nn import Mask, Transformer
+from ..sampling.streams import ImageStreams, normal
 from ..quantizers import FSQ
 from .base import Encoded, Tokenizer
 from .titok import patchify, unpatchify
@@ -163,6 +166,8 @@ def timestep_embedding(sigma: Tensor, dim: int, max_period: float = 10000.0) -> 
 @register
 class FlexTok(Tokenizer):
     """Flexible-length 1D tokenizer: ``encode(images, num_tokens=k)`` keeps the first k of ``num_registers`` ids."""
+
+    decode_draws = True
 
     def __init__(
         self,
@@ -389,9 +394,10 @@ class FlexTok(Tokenizer):
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         if scale != 1.0:
             registers = torch.cat([registers, self.decoder_registers(codes, torch.zeros_like(keep))])
-        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        if generator is None:  # image i's noise depends on i alone, never on the batch it is decoded in
+            generator = ImageStreams(0, torch.arange(batch), device)
         shape = (batch, self.num_patches, self.target_channels * self.patch_size**2)
-        noise = torch.randn(shape, generator=generator, device=generator.device).to(device=device, dtype=codes.dtype)
+        noise = normal(generator, shape, device).to(dtype=codes.dtype)
 
         def guided_velocity(x: Tensor, sigma: Tensor) -> Tensor:
             if scale == 1.0:
