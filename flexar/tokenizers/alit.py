@@ -213,7 +213,8 @@ class LatentDistillation(Tokenizer):
 
     def distillation_terms(self, logits: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
         """(cross-entropy with the base ids, MSE between soft and base codes) for logits (B, N, V), ids (B, N)."""
-        cross_entropy = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten(), label_smoothing=self.label_smoothing)
+        cross_entropy = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten(),
+                                        label_smoothing=self.label_smoothing)
         code_mse = F.mse_loss(self.soft_codes(logits), F.embedding(ids, self.base.code_vectors()))
         return cross_entropy, code_mse
 
@@ -311,7 +312,8 @@ class ALIT(LatentDistillation):
         if not 0.0 < halting_threshold <= 1.0:
             raise ValueError(f"halting_threshold must lie in (0, 1], got {halting_threshold}")
         if loss_weights is None:
-            loss_weights = list(OFFICIAL_LOSS_WEIGHTS[:max_iterations]) + [1.0] * (max_iterations - len(OFFICIAL_LOSS_WEIGHTS))
+            extra = max(0, max_iterations - len(OFFICIAL_LOSS_WEIGHTS))
+            loss_weights = list(OFFICIAL_LOSS_WEIGHTS[:max_iterations]) + [1.0] * extra
         if len(loss_weights) != max_iterations or any(w < 0 for w in loss_weights):
             raise ValueError(f"loss_weights must hold max_iterations = {max_iterations} non-negative weights, got "
                              f"{loss_weights}")
@@ -332,7 +334,8 @@ class ALIT(LatentDistillation):
         self.encoder_ln_recursive = nn.LayerNorm(width)
 
     # -- rollout ---------------------------------------------------------------------------------------------------
-    def halting_mask(self, logits: Tensor, ids: Tensor, sample: bool, generator: torch.Generator | None = None) -> Tensor:
+    def halting_mask(self, logits: Tensor, ids: Tensor, sample: bool,
+                     generator: torch.Generator | None = None) -> Tensor:
         """(B, N) bool: image tokens whose base id is predicted with p >= ``halting_threshold`` (and, with
         ``sample``, where Bernoulli(p) = 1, drawn from ``generator``, the global stream when None)."""
         with torch.no_grad():

@@ -184,7 +184,8 @@ class KARL(LatentDistillation):
         if errors.dim() == 0:
             errors = errors.expand(batch)
         if errors.shape != (batch,) or not bool(torch.isfinite(errors).all()) or bool((errors < 0).any()):
-            raise ValueError(f"desired_error must be a non-negative float or a ({batch},) tensor of them, got {value!r}")
+            raise ValueError(f"desired_error must be a non-negative float or a ({batch},) tensor of them, "
+                             f"got {value!r}")
         return errors
 
     # -- interface -------------------------------------------------------------------------------------------------
