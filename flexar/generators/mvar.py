@@ -1,5 +1,5 @@
-"""Markovian next-scale prediction, MVAR ("Visual Autoregressive Modeling with Scale and Spatial Markovian
-Conditioning", CVL-UESTC; CVL-UESTC/MVAR, models/{mvar,basic_mvar}.py and trainer.py).
+"""Markovian next-scale prediction, MVAR ("MVAR: Visual Autoregressive Modeling with Scale and Spatial Markovian
+Conditioning", Zhang et al., ICLR 2026, arXiv 2505.12742; CVL-UESTC/MVAR, models/{mvar,basic_mvar}.py, trainer.py).
 
 MVAR keeps VAR's network, inputs and tokenizer (:class:`flexar.generators.VAR`, whose pyramid it reads; MVAR loads
 VAR's VQVAE weights) and changes what a scale may attend to:
