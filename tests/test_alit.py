@@ -260,7 +260,7 @@ def test_a_saved_alit_loads_without_its_base_folder(tmp_path, monkeypatch):
     loaded = ALIT.from_pretrained(tmp_path / "alit")
     assert loaded.config["base"] is None and loaded.config["base_config"]["kwargs"] == VQGAN2D(**BASE_KWARGS).config
     assert torch.equal(loaded.encode(images).ids, encoded.ids)
-    assert {"alit-s", "alit-b", "alit-l", "alit-tiny", "alit-mnist"} <= set(ALIT.presets)
+    assert {"alit-s", "alit-b", "alit-l", "alit-tiny", "alit-cpu"} <= set(ALIT.presets)
 
 
 def test_configs_name_constructor_arguments():
@@ -269,6 +269,7 @@ def test_configs_name_constructor_arguments():
         config = yaml.safe_load((ROOT / "configs" / "tokenizers" / name).read_text())
         tokenizer = config["model"]["init_args"]["tokenizer"]
         assert tokenizer["class_path"] == "flexar.tokenizers.ALIT" and set(tokenizer["init_args"]) <= accepted
+        assert ALIT.presets["alit-cpu"].items() <= tokenizer["init_args"].items()  # the configs are the CPU preset
         assert config["data"]["init_args"]["dataset"] == dataset
 
 

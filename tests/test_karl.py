@@ -381,7 +381,7 @@ def test_base_arguments_are_checked(tmp_path):
         KARL.from_preset("karl-tiny", base_config=base_config(), width=8)
     with pytest.raises(ValueError, match="unknown KARL preset"):
         KARL.from_preset("karl-huge", base_config=base_config())
-    assert {"karl-s", "karl-b", "karl-l", "karl-tiny", "karl-mnist"} <= set(KARL.presets)
+    assert {"karl-s", "karl-b", "karl-l", "karl-tiny", "karl-cpu"} <= set(KARL.presets)
 
 
 def test_configs_name_constructor_arguments():
@@ -393,6 +393,7 @@ def test_configs_name_constructor_arguments():
         tokenizer = config["model"]["init_args"]["tokenizer"]
         assert tokenizer["class_path"] == "flexar.tokenizers.KARL"
         assert set(tokenizer["init_args"]) <= accepted and tokenizer["init_args"]["base"]
+        assert KARL.presets["karl-cpu"].items() <= tokenizer["init_args"].items()  # the configs are the CPU preset
         assert config["data"]["init_args"]["dataset"] == name[len("karl_"):-len(".yaml")]
 
 

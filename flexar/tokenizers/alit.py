@@ -37,11 +37,16 @@ Differences from the paper and the official code (the latent-distillation ones h
   first-stage ALIT samples base ids from the logits instead; the soft code keeps decoding deterministic.
 - no CLS token in the encoder or the decoder: the official encoder's CLS gets no learning signal (its docstring says
   so) and the decoder's is discarded; positions are learned tables at the trained grid (no resizing).
+- image tokens are [patch embedding, base latent] in that order for both families (official ALIT puts the latent
+  first; a permutation of the first layer's inputs). The transformer blocks are flexar's (pre-norm LayerNorm with eps
+  1e-6, GELU MLP of 4x width, attention projections without bias); the official blocks wrap nn.MultiheadAttention
+  (with biases, LayerNorm eps 1e-5). The encoder's final norm is the code head's LayerNorm (``encoder_ln_post``).
 - the inference choice is made per image; the official ``encode`` takes the L1 error of the whole batch.
 - inference is deterministic: the halting mask is p >= ``halting_threshold`` (the mode of the official
   Bernoulli draw, which is 1 exactly when p > 0.5). ``inference_halting="sampled"`` keeps the official draw at
   inference too, from the ``generator`` given to ``encode`` (a generator seeded with 0 when none is given).
-  Training always draws, from the global stream, as the official code does.
+  Training always draws, from the global stream, as the official code does; the validation loss (``training_loss``
+  in eval mode) uses the inference mask.
 - the halting step after the last iteration is skipped (the official guard meant to do so compares Python's builtin
   ``iter`` and never fires); its result is never read, so outputs are unchanged.
 - ``loss_weights=None`` takes the official [2.5, 2.0, 1.5, 1.25, 1, 1, 1, 1], cut to ``max_iterations`` or
@@ -50,7 +55,9 @@ Differences from the paper and the official code (the latent-distillation ones h
 - ``num_tokens`` that is not a multiple of ``tokens_per_iteration`` keeps the first ``num_tokens`` latents of the
   next iteration (the decoder was trained on whole iterations only); ``decode`` accepts any lengths.
 - learned tokens and positions start from N(0, 0.02) and linear layers from PyTorch's default (the official code
-  draws tokens at width ** -0.5 and re-draws linear weights from a truncated normal with std 0.02).
+  draws tokens at width ** -0.5 and re-draws linear weights from a truncated normal with std 0.02); the latent
+  codebook starts as :class:`flexar.quantizers.VQ` starts an l2-normalised one (normal rows, not uniform in
+  +-1 / V), with the same loss (codebook + 0.25 * commitment) and straight-through gradient.
 - ``dead_code_threshold`` (restarting unused latent codes, off by default) is a flexar addition.
 """
 from __future__ import annotations
@@ -276,8 +283,8 @@ class ALIT(LatentDistillation):
         # CPU-sized: tests (16x16, a 4x4 base grid) and 32x32 MNIST / photos crops (an 8x8 base grid)
         "alit-tiny": dict(width=32, depth=1, num_heads=2, tokens_per_iteration=2, max_iterations=4, codebook_size=64,
                           code_dim=8),
-        "alit-mnist": dict(width=128, depth=3, num_heads=4, tokens_per_iteration=4, max_iterations=8,
-                           codebook_size=256, code_dim=8),
+        "alit-cpu": dict(width=96, depth=2, num_heads=4, tokens_per_iteration=4, max_iterations=8, codebook_size=256,
+                         code_dim=8, dead_code_threshold=20),
     }
 
     def __init__(

@@ -26,6 +26,12 @@ Training step (``training_loss``), two phases on the same batch:
 
 The halting loss is the official pair of means: BCE over the latents with target 0 plus BCE over those with target 1.
 
+What the recipe learns: the phase-2 condition is the only thing that tells the encoder which T a target came from.
+An image whose achieved error stops changing with T (across bins) is conditioned on the same bin whatever T was,
+so its halting targets average to P(T <= i), which stays below 0.75 when ``estimate_max_tokens`` > ``max_tokens``
+(at most 15 / 23 at the official sizes): at that error such an image keeps the whole budget. Allocation is learned
+from images whose error keeps falling with T; a model whose decoder does not yet use its latents halts nothing.
+
 Inference (:meth:`KARL.encode`): one encoder pass at budget ``max_tokens`` conditioned on ``desired_error``; the
 ids of every latent and the halting probabilities come out of it. ``num_tokens`` forces a length (the phase-1 mode:
 budget ``num_tokens``, nothing halted).
@@ -34,7 +40,7 @@ Shapes: images (B, C, H, W) in [-1, 1]; ids (B, L <= ``max_tokens``) long, padde
 
 Differences from the paper and the official code (besides those of the latent distillation listed in
 :mod:`flexar.tokenizers.alit`: first stage only, plain cross-entropy by default, errors on the [0, 1] scale with
-clamped reconstructions, no resizable position tables):
+clamped reconstructions, flexar's transformer blocks, initialisation):
 
 - ``lengths`` is a prefix: one past the last latent that is not halted. The official active count is the number
   of latents not halted wherever they are; halting is trained on the tail, so the two agree when the halted
@@ -47,7 +53,10 @@ clamped reconstructions, no resizable position tables):
 - the bin probabilities are a buffer of the module (saved with checkpoints and exported models); each process
   updates its own, as in the official code. Validation (eval mode, or no gradient) leaves them unchanged.
 - ``encode`` runs without gradients; the official encode also decodes every budget it is given (flexar's
-  ``decode`` does that on request).
+  ``decode`` does that on request). ``desired_error`` defaults to the official inference default 0.05 and
+  ``max_tokens`` to its inference budget 256; phase 1 draws one T per batch, as officially.
+- the official encoder's learned 64x64 position grid is resized to the image grid; here the table has the base
+  grid's size (one resolution per model), as in ALIT's official code.
 """
 from __future__ import annotations
 
@@ -79,8 +88,8 @@ class KARL(LatentDistillation):
         # range keeps the official ratio 368 / 256 of the budget
         "karl-tiny": dict(width=32, depth=1, num_heads=2, max_tokens=8, token_step=1, estimate_max_tokens=11,
                           codebook_size=64, code_dim=8, halting_width=32),
-        "karl-mnist": dict(width=128, depth=3, num_heads=4, max_tokens=32, token_step=2, estimate_max_tokens=46,
-                           codebook_size=256, code_dim=8, halting_width=128),
+        "karl-cpu": dict(width=96, depth=2, num_heads=4, max_tokens=32, token_step=2, estimate_max_tokens=46,
+                         codebook_size=256, code_dim=8, halting_width=96, dead_code_threshold=20),
     }
 
     def __init__(
