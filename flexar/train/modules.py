@@ -175,6 +175,25 @@ class _ModelModule(L.LightningModule):
             path = self.averaged_network().save_pretrained(path)
             print(f"saved {type(self.network).__name__} to {os.fspath(path)}")
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning saves weights, optimiser, schedule and loop counters, not the global random stream that training
+        # draws from (class dropout, token drop): save it too, so a resumed run draws what the uninterrupted one
+        # would have. seed_everything seeds every rank alike, so rank zero's state, the one written, serves all.
+        state = {"torch": torch.get_rng_state()}
+        device = self._trainer.strategy.root_device if self._trainer is not None else self.device
+        if device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(device)
+        checkpoint["rng_state"] = state
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("rng_state")
+        if state is None:  # a checkpoint written before random states were saved
+            return
+        torch.set_rng_state(state["torch"])
+        device = self._trainer.strategy.root_device if self._trainer is not None else self.device
+        if "cuda" in state and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], device)
+
 
 class TokenizerModule(_ModelModule):
     """Trains a :class:`flexar.tokenizers.Tokenizer` on (images, labels) batches.
