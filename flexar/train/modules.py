@@ -189,10 +189,10 @@ class _ModelModule(L.LightningModule):
         state = checkpoint.get("rng_state")
         if state is None:  # a checkpoint written before random states were saved
             return
-        torch.set_rng_state(state["torch"])
+        torch.set_rng_state(state["torch"].cpu())  # both setters take a CPU byte tensor
         device = self._trainer.strategy.root_device if self._trainer is not None else self.device
         if "cuda" in state and device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda"], device)
+            torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 class TokenizerModule(_ModelModule):
