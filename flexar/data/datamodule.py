@@ -46,7 +46,10 @@ class GlobalBatchSampler(DistributedSampler):
 
     An epoch has ceil(N / G) steps. The last, partial global batch is split as evenly as the ranks allow (sizes
     differ by at most one row); when it has fewer rows than ranks, it joins the step before it instead, so no rank
-    ever gets an empty batch (then the epoch has floor(N / G) steps). N < W is refused.
+    ever gets an empty batch (then the epoch has floor(N / G) steps). N < W is refused. DDP averages per-rank mean
+    losses, so a step whose rows do not split equally weights them slightly unlike one process would (each rank's
+    rows count 1 / (W * its row count)); full steps, and partial ones that split equally, match one process exactly.
+    Nothing is dropped, so the last step of an epoch may be smaller than the others (one more shape to compile).
     """
 
     def __init__(self, num_rows: int, batch_size: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
