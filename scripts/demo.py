@@ -23,7 +23,6 @@ import argparse
 import hashlib
 import json
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -159,14 +158,13 @@ def tokens_stage(args, stages: Stages) -> None:
         if reason is None:
             log(f"reusing {folder}")
             continue
-        if folder.exists():
-            # a cache is derived data: the old one (another tokenizer's ids) must not survive in part
+        if folder.exists():  # write_token_cache replaces it whole, atomically, when the new cache is complete
             log(f"redoing {folder}: {reason}")
-            shutil.rmtree(folder)
         dataset = build_dataset(args.dataset, split, image_size=tokenizer.image_size, channels=tokenizer.channels,
                                 root=args.root)
         description = {"dataset": args.dataset, "split": split, "num_classes": dataset_info(args.dataset)["num_classes"]}
-        write_token_cache(tokenizer, dataset, folder, description=description, progress=False)
+        write_token_cache(tokenizer, dataset, folder, description=description, progress=False,
+                          tokenizer_folder=args.output / "tokenizer")
         stages.record(name, inputs, cache_id(folder))
         log(f"cached {len(dataset)} {split} token sequences in {folder}")
 

@@ -3,7 +3,8 @@ loss curve of the uninterrupted run step for step (same batches, same draws for 
 
 The killed runs are child processes that kill themselves when step 9 begins; by then they have written
 checkpoints in the middle of epoch 0 (step 4), at the end of epoch 0 (step 6, after validation) and in the middle
-of epoch 1 (step 8). Each is resumed, and its losses and exported weights are compared with an uninterrupted run.
+of epoch 1 (step 8). Each is resumed, and its losses and exported weights (the EMA weights for the generator) are
+compared with an uninterrupted run.
 """
 import os
 import signal
@@ -53,7 +54,7 @@ def generator_setup(tmp_path: Path) -> tuple[dict, dict]:
                  "init_args": {"vocab_size": 16, "max_tokens": 4, "num_classes": 4, "dim": 32, "depth": 1,
                                "num_heads": 2, "class_dropout": 0.5}}
     model = {"class_path": "flexar.train.GeneratorModule",
-             "init_args": {"generator": generator, "lr": 3e-3, "warmup_steps": 2}}
+             "init_args": {"generator": generator, "lr": 3e-3, "warmup_steps": 2, "ema_decay": 0.9}}
     data = {"class_path": "flexar.data.TokenDataModule",
             "init_args": {"train": str(cache), "val": str(cache), "batch_size": 16, "seed": 1}}
     return model, data

@@ -140,7 +140,14 @@ class _ModelModule(L.LightningModule):
             optimizer, lambda step: warmup_cosine(step, self.warmup_steps, total, self.min_lr_ratio)
         )
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
+
+    def update_ema(self) -> None:
+        """Fold the weights just stepped into the EMA. It runs right after each optimiser step, before any
+        ``on_train_batch_end`` callback, so a checkpoint written at the end of a batch (ModelCheckpoint) holds the
+        EMA of that very step and a resumed run continues it exactly."""
         if self.ema is not None:
             self.ema.update_parameters(self.network)
 
@@ -273,6 +280,7 @@ class TokenizerModule(_ModelModule):
         tokenizer_optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         tokenizer_optimizer.step()
+        self.update_ema()
         self.untoggle_optimizer(tokenizer_optimizer)
         tokenizer_schedule.step()
         if self.loss.adversarial_active(step):
