@@ -2,6 +2,7 @@
 
     pipe = Pipeline.from_pretrained("runs/demo/pipeline")
     images = pipe.generate([0, 1, 2], sampler=Sampler(top_k=50, cfg_scale=2.0), seed=0)  # uint8 (3, 3, H, W)
+    images = pipe.generate([0, 1, 2], seed=0, output_type="pt")  # float in [0, 1], for torchvision's save_image
 
 Layout: folder/tokenizer/{config.json, model.safetensors}, folder/generator/{...}, folder/pipeline.json.
 
@@ -32,6 +33,14 @@ SUMMED_STATS = ("draft_forward_passes", "rounds", "drafted", "accepted", "tokens
 
 
 PIPELINE_NAME = "pipeline.json"
+
+# what `Pipeline.generate(output_type=...)` returns; the float forms follow diffusers' `output_type` ("pt", "np", "pil")
+OUTPUT_TYPES = {
+    "uint8": "uint8 tensor (B, 3, H, W) in [0, 255]",
+    "pt": "float32 tensor (B, 3, H, W) in [0, 1], as torchvision.utils.save_image takes it",
+    "np": "float32 numpy array (B, H, W, 3) in [0, 1]",
+    "pil": "list of B RGB PIL images",
+}
 
 
 def as_int(value, name: str) -> int:
@@ -188,15 +197,23 @@ class Pipeline:
         return_stats: bool = False,
         progress: bool | None = None,
         use_cache: bool = True,
+        output_type: str = "uint8",
     ):
         """Sample images for `labels` (a sequence of ints or a (B,) integer tensor or array; see :func:`as_labels`).
 
         ``num_tokens``, ``seed`` and ``batch_size`` (>= 1) take ints or numpy integers; anything else is refused.
 
-        Returns uint8 images (B, 3, H, W) (grayscale tokenizers are repeated to 3 channels), and with
-        `return_stats=True` also a dict with forward passes, tokens and seconds summed over batches, and the
-        strategy's counts in ``SUMMED_STATS`` (draft passes, rounds, drafted and accepted tokens, tokens consumed)
-        where it reports them.
+        Returns the images in the form ``output_type`` names (grayscale tokenizers are repeated to 3 channels):
+
+        - ``"uint8"`` (default): uint8 tensor (B, 3, H, W), ``round(255 * x)`` of the ``"pt"`` values;
+        - ``"pt"``: float32 tensor (B, 3, H, W) in [0, 1], the decoded [-1, 1] images mapped by ``(x + 1) / 2``
+          without rounding, so ``torchvision.utils.save_image(images, path)`` writes them as they are;
+        - ``"np"``: the same values as a float32 numpy array (B, H, W, 3), channels last (diffusers' ``"np"``);
+        - ``"pil"``: a list of B RGB ``PIL.Image.Image`` built from the uint8 values.
+
+        With `return_stats=True` it also returns a dict with forward passes, tokens and seconds summed over batches,
+        and the strategy's counts in ``SUMMED_STATS`` (draft passes, rounds, drafted and accepted tokens, tokens
+        consumed) where it reports them.
         The same seed gives the same images whatever ``batch_size``: image i draws from its own random stream, keyed
         by (seed, i) (:class:`flexar.sampling.streams.ImageStreams`), in the generator and in a sampling decoder.
         This holds for every sampler and strategy whose rows advance in lockstep; speculative decoding and LANTERN
@@ -205,6 +222,9 @@ class Pipeline:
         from .sampling import Sampler
         from .train.callbacks import to_uint8
 
+        if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
+            allowed = "; ".join(f"{json.dumps(name)}: {meaning}" for name, meaning in OUTPUT_TYPES.items())
+            raise ValueError(f"output_type must be one of {allowed}; got {output_type!r}")
         labels = self.generator.check_labels(as_labels(labels).to(self.device))
         if num_tokens is not None:
             num_tokens = self.tokenizer.check_num_tokens(as_int(num_tokens, "num_tokens"))
@@ -239,6 +259,15 @@ class Pipeline:
             stats["decode_seconds"] += time.perf_counter() - start
             if decoded.shape[1] == 1:
                 decoded = decoded.repeat(1, 3, 1, 1)
-            images.append(to_uint8(decoded).cpu())
+            if output_type in ("pt", "np"):
+                images.append(((decoded.detach().float().clamp(-1, 1) + 1) / 2).cpu())
+            else:
+                images.append(to_uint8(decoded).cpu())
         images = torch.cat(images)
+        if output_type == "np":
+            images = images.permute(0, 2, 3, 1).contiguous().numpy()
+        elif output_type == "pil":
+            from PIL import Image
+
+            images = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images]
         return (images, stats) if return_stats else images

@@ -268,3 +268,44 @@ def test_images_do_not_depend_on_the_batch_size(pipeline_dir, strategy):
     # the first images of a longer call are the images of a shorter one with the same seed
     assert torch.equal(pipe.generate(labels[:4], sampler=sampler, seed=7), whole[:4])
     assert not torch.equal(pipe.generate(labels, sampler=sampler, seed=8, batch_size=10), whole)
+
+
+# -- output_type: uint8 (default), float tensors and arrays in [0, 1], PIL images ---------------------------------------
+def test_generate_output_types_hold_the_same_images(pipeline_dir, tmp_path):
+    from PIL import Image
+    from torchvision.utils import save_image
+
+    pipe = Pipeline.from_pretrained(pipeline_dir)
+    labels, sampler = [0, 3, 7], Sampler(top_k=10, cfg_scale=2.0)
+    default = pipe.generate(labels, sampler=sampler, seed=5)
+    as_uint8 = pipe.generate(labels, sampler=sampler, seed=5, output_type="uint8")
+    assert default.dtype == torch.uint8 and torch.equal(default, as_uint8)
+    floats, stats = pipe.generate(labels, sampler=sampler, seed=5, output_type="pt", return_stats=True)
+    assert floats.dtype == torch.float32 and floats.shape == (3, 3, 16, 16) and stats["tokens"] == 18
+    assert 0.0 <= floats.min() and floats.max() <= 1.0
+    # unrounded: the uint8 images are the float ones scaled to 255 and rounded
+    assert floats.unique().numel() > default.unique().numel()
+    assert torch.equal((floats * 255).round().to(torch.uint8), default)
+    # torchvision's save_image takes the float output as it is and writes the uint8 images
+    save_image(floats[1], tmp_path / "one.png")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "one.png").convert("RGB")), default[1].permute(1, 2, 0).numpy())
+    arrays = pipe.generate(labels, sampler=sampler, seed=5, output_type="np")
+    assert isinstance(arrays, np.ndarray) and arrays.dtype == np.float32 and arrays.shape == (3, 16, 16, 3)
+    assert np.array_equal(arrays, floats.permute(0, 2, 3, 1).numpy())
+    images = pipe.generate(labels, sampler=sampler, seed=5, output_type="pil")
+    assert isinstance(images, list) and len(images) == 3
+    for image, expected in zip(images, default):
+        assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (16, 16)
+        assert np.array_equal(np.asarray(image), expected.permute(1, 2, 0).numpy())
+
+
+def test_generate_refuses_an_unknown_output_type_before_sampling(pipeline_dir, monkeypatch):
+    pipe = Pipeline.from_pretrained(pipeline_dir)
+
+    def never(*args, **kwargs):
+        raise AssertionError("sampled before output_type was checked")
+
+    monkeypatch.setattr(pipe.generator, "generate_with", never)
+    for bad in ("float", "PT", "latent", None, 1):
+        with pytest.raises(ValueError, match=r'output_type must be one of "uint8".*"pt".*"np".*"pil".*got ' + repr(bad)):
+            pipe.generate([0, 1], output_type=bad)
