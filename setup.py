@@ -28,6 +28,8 @@ setup(
         "console_scripts": [
             "flexar-train=flexar.train.cli:main",
             "flexar-tokenize=flexar.data.token_cache:main",
+            "flexar-sample=flexar.cli.sample:main",
+            "flexar-fid=flexar.cli.fid:main",
         ]
     },
 )

@@ -109,7 +109,7 @@ def test_classifier_shapes():
 
 def test_save_load_round_trip(classifier_folder):
     config = json.loads((classifier_folder / "config.json").read_text())
-    assert config == {"class": "DigitClassifier", **TINY}
+    assert config == {"class": "DigitClassifier", "kwargs": TINY}
     first = DigitClassifier.from_pretrained(classifier_folder)
     second = DigitClassifier.from_pretrained(classifier_folder)
     images = to_unit_range(pattern_images(8, seed=3))
@@ -120,6 +120,49 @@ def test_save_load_round_trip(classifier_folder):
     reloaded = DigitClassifier.from_pretrained(classifier_folder.parent / "again")
     with torch.no_grad():
         assert torch.equal(original.eval().features(images), reloaded.features(images))
+
+
+def test_load_model_reads_a_classifier_folder(classifier_folder):
+    from flexar.hub import fingerprint, load_model, registered
+    from flexar.tokenizers import Tokenizer
+
+    assert registered(DigitClassifier) == {"DigitClassifier": DigitClassifier}
+    model = load_model(classifier_folder)
+    assert type(model) is DigitClassifier and not model.training and model.config == TINY
+    assert model.fingerprint == fingerprint(classifier_folder) and model.provenance == {}
+    images = to_unit_range(pattern_images(8, seed=3))
+    with torch.no_grad():
+        assert torch.equal(model.features(images), DigitClassifier.from_pretrained(classifier_folder).features(images))
+    with pytest.raises(ValueError, match="'DigitClassifier', which is not a registered flexar Tokenizer"):
+        load_model(classifier_folder, kind=Tokenizer)
+
+
+def test_earlier_classifier_folders_still_load(tmp_path, classifier_folder):
+    # the layout flexar wrote before classifiers were saved like every model: arguments beside "class"
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "model.safetensors").write_bytes((classifier_folder / "model.safetensors").read_bytes())
+    (flat / "config.json").write_text(json.dumps({"class": "DigitClassifier", **TINY}))
+    with pytest.warns(FutureWarning, match="earlier flexar versions.*re-save it"):
+        model = DigitClassifier.from_pretrained(flat)
+    images = to_unit_range(pattern_images(8, seed=3))
+    with torch.no_grad():
+        assert torch.equal(model.features(images), DigitClassifier.from_pretrained(classifier_folder).features(images))
+    model.save_pretrained(tmp_path / "resaved")
+    assert json.loads((tmp_path / "resaved" / "config.json").read_text())["kwargs"] == TINY
+    # the earlier layout gets the same checks: argument types by field, and weights that fit
+    (flat / "config.json").write_text(json.dumps({"class": "DigitClassifier", **TINY, "width": "8"}))
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match=r"kwargs\.width' of DigitClassifier must be int"):
+        DigitClassifier.from_pretrained(flat)
+    (flat / "config.json").write_text(json.dumps({"class": "DigitClassifier", **TINY, "feature_dim": 32}))
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match="do not match the network"):
+        DigitClassifier.from_pretrained(flat)
+
+
+def test_classifier_arguments_must_be_positive_ints():
+    for name, bad in (("width", 0), ("feature_dim", -3), ("image_size", 2.5), ("in_channels", True)):
+        with pytest.raises(ValueError, match=f"DigitClassifier: {name} must be a positive int, got {bad!r}"):
+            DigitClassifier(**{**TINY, name: bad})
 
 
 def test_refuses_wrong_class(tmp_path, classifier_folder):
@@ -399,17 +442,7 @@ def test_reference_limit_must_be_at_least_two():
     assert reference_images("digits", image_size=16, limit=np.int64(3)).shape == (3, 3, 16, 16)
 
 
-# --- scripts/eval_fid.py -------------------------------------------------------------------------------------------
-
-
-def load_script(name: str):
-    import importlib.util
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# --- flexar-fid (flexar.cli.fid, also scripts/eval_fid.py) --------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -436,15 +469,20 @@ def test_eval_fid_checks_everything_before_sampling(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(Pipeline, "generate", never)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline_download)
-    script = load_script("eval_fid")
+    from flexar.cli import fid as script
+
     base = ["--pipeline", str(tiny_pipeline), "--num-samples", "20"]
     classifier = ["--extractor", f"classifier:{classifier_folder}"]
     cases = [
         (["--extractor", "vgg"], "unknown extractor 'vgg'"),
         (["--extractor", f"classifier:{tmp_path / 'missing'}"], "classifier folder .* does not exist"),
         (["--extractor", f"classifier:{tmp_path}"], "not a flexar classifier"),
-        ([], r"not cached.*--inception-weights PATH.*classifier:PATH"),  # the default Inception, offline
+        # the default, a classifier in the pipeline folder, which this one lacks: the flags to pass instead
+        ([], r"--extractor classifier: .*classifier does not exist: pass --extractor classifier:PATH .*"
+             r"--extractor inception .*--inception-weights PATH"),
+        (["--extractor", "inception"], r"not cached.*--inception-weights PATH.*classifier:PATH"),  # offline
         (["--extractor", "inception", "--inception-weights", str(tmp_path / "none.pth")], "does not exist"),
+        (["--inception-weights", str(tmp_path / "none.pth")], "--inception-weights applies to --extractor inception"),
         (classifier + ["--reference", "nosuchset"], "--reference nosuchset"),
         (classifier + ["--reference-limit", "0"], r"--reference-limit: must be an integer >= 2, got 0"),
         (classifier + ["--num-samples", "-5"], r"--num-samples: must be an integer >= 2, got -5"),
@@ -460,7 +498,8 @@ def test_eval_fid_checks_everything_before_sampling(tmp_path, monkeypatch, capsy
 
 
 def test_eval_fid_records_its_settings(tmp_path, tiny_pipeline, classifier_folder):
-    script = load_script("eval_fid")
+    from flexar.cli import fid as script
+
     output = tmp_path / "fid.json"
     argv = ["--pipeline", str(tiny_pipeline), "--num-samples", "12", "--batch-size", "5", "--reference-limit", "30",
             "--extractor", f"classifier:{classifier_folder}", "--top-k", "5", "--temperature", "0.9",
@@ -477,3 +516,24 @@ def test_eval_fid_records_its_settings(tmp_path, tiny_pipeline, classifier_folde
     expected = {"temperature", "top_k", "top_p", "cfg_scale", "cfg_schedule", "decoding", "draft", "lantern_k"}
     assert expected <= set(arguments)
     assert arguments["top_k"] == 5 and arguments["decoding"] == "sample" and arguments["draft"] is None
+
+
+def test_eval_fid_defaults_to_the_pipelines_classifier_and_writes_under_runs(tmp_path, monkeypatch, tiny_pipeline,
+                                                                            classifier_folder):
+    import shutil
+
+    from flexar.cli import fid as script
+
+    pipeline = tmp_path / "models" / "digits"
+    shutil.copytree(tiny_pipeline, pipeline)
+    shutil.copytree(classifier_folder, pipeline / "classifier")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with pytest.warns(SmallSetWarning):
+        assert script.main(["--pipeline", str(pipeline), "--num-samples", "12", "--reference-limit", "20"]) == 0
+    written = sorted(path.relative_to(work).as_posix() for path in work.rglob("*"))
+    assert written == ["runs", "runs/fid", "runs/fid/models-digits.json"]
+    result = json.loads((work / "runs" / "fid" / "models-digits.json").read_text())
+    assert result["extractor"] == f"classifier:{pipeline / 'classifier'}" and result["feature_dim"] == 16
+    assert result["sampler"]["cfg_scale"] == 2.0 and result["sampler_arguments"]["cfg_scale"] == 2.0

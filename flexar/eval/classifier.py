@@ -8,33 +8,41 @@ trained on the dataset itself. This file provides that classifier, a thin Lightn
 torch-fidelity feature extractor (Obukhov et al., 2020, "High-fidelity performance metrics for generative models in
 PyTorch") that loads a saved classifier, registered under ``CLASSIFIER_EXTRACTOR``.
 
-A saved classifier is a folder with ``config.json`` (the constructor's keyword arguments plus ``"class"``) and
-``model.safetensors``; loading never unpickles anything.
+A saved classifier is a folder like every flexar model's (:mod:`flexar.hub`): ``config.json`` (``"class"`` and the
+constructor's ``"kwargs"``) and ``model.safetensors``, so ``flexar.hub.load_model`` reads it; loading never unpickles
+anything.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import lightning
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch_fidelity import register_feature_extractor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+from flexar.hub import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    Configurable,
+    PretrainedMixin,
+    build_from_config,
+    fingerprint,
+    load_model,
+    load_weights,
+    read_config,
+    register,
+)
 from flexar.train.modules import check_finite_loss, refuse_existing_export
 
 CLASSIFIER_EXTRACTOR = "flexar-classifier"
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 # ITU-R BT.601 luma weights, the ones PIL uses for mode "L": they sum to one, so a grey image repeated to three
 # channels maps back to itself.
@@ -51,11 +59,15 @@ def _conv_block(in_channels: int, out_channels: int, stride: int) -> nn.Sequenti
     )
 
 
-class DigitClassifier(nn.Module):
+@register
+class DigitClassifier(Configurable, PretrainedMixin, nn.Module):
     """Six 3x3 conv blocks (three stride-2), flattened, a hidden layer (the features) and a linear head.
 
     The final (image_size / 8)^2 map is flattened rather than average-pooled: a digit's identity lies in where its
     strokes are, and keeping the layout trains several times faster on digits than global pooling does.
+
+    Saved like every flexar model (``save_pretrained`` / ``from_pretrained``, or :func:`flexar.hub.load_model` on
+    the folder): ``config.json`` holds ``{"class": "DigitClassifier", "kwargs": {...}}``.
 
     Shapes: ``images`` (B, in_channels, image_size, image_size) float in [-1, 1];
     ``features`` (B, feature_dim); ``logits`` (B, num_classes).
@@ -70,6 +82,10 @@ class DigitClassifier(nn.Module):
         feature_dim: int = 128,
     ) -> None:
         super().__init__()
+        for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("image_size", image_size),
+                            ("width", width), ("feature_dim", feature_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DigitClassifier: {name} must be a positive int, got {value!r}")
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.image_size = image_size
@@ -91,16 +107,6 @@ class DigitClassifier(nn.Module):
         self.hidden = nn.Linear(4 * width * side * side, feature_dim)
         self.head = nn.Linear(feature_dim, num_classes)
 
-    def config(self) -> dict:
-        """The constructor's keyword arguments: enough to rebuild the network."""
-        return {
-            "in_channels": self.in_channels,
-            "num_classes": self.num_classes,
-            "image_size": self.image_size,
-            "width": self.width,
-            "feature_dim": self.feature_dim,
-        }
-
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, in_channels, image_size, image_size) in [-1, 1] -> penultimate activations (B, feature_dim)."""
         expected = (self.in_channels, self.image_size, self.image_size)
@@ -113,18 +119,14 @@ class DigitClassifier(nn.Module):
         """(B, in_channels, image_size, image_size) in [-1, 1] -> logits (B, num_classes)."""
         return self.head(self.features(images))
 
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write ``config.json`` and ``model.safetensors`` into ``folder`` (created if missing)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        config = {"class": type(self).__name__, **self.config()}
-        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
-        save_file(state, str(folder / WEIGHTS_NAME))
-
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> "DigitClassifier":
-        """Rebuild a classifier saved with ``save_pretrained``; raises ValueError if the folder holds anything else."""
+        """Load a folder written by ``save_pretrained`` (in eval mode, as :func:`flexar.hub.load_model` returns it).
+
+        Raises FileNotFoundError for a missing folder and ValueError for a folder that holds no classifier, names
+        another class, or holds weights that are not safetensors or do not fit. A folder from flexar versions that
+        wrote the constructor's arguments beside ``"class"`` (no ``"kwargs"``) still loads, with a FutureWarning.
+        """
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"classifier folder {str(folder)!r} does not exist")
@@ -133,31 +135,30 @@ class DigitClassifier(nn.Module):
             raise ValueError(
                 f"{str(folder)!r} is not a flexar classifier folder: it needs {CONFIG_NAME} and {WEIGHTS_NAME}"
             )
-        try:
-            config = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{str(config_path)!r} is not valid JSON: {error}") from error
-        if not isinstance(config, dict) or config.get("class") != cls.__name__:
-            found = config.get("class") if isinstance(config, dict) else type(config).__name__
-            raise ValueError(f"{str(config_path)!r} describes {found!r}, not a flexar {cls.__name__}")
+        config = read_config(folder)
+        if "kwargs" in config or config.get("class") != cls.__name__:
+            return load_model(folder, kind=cls)
+        return cls._from_flat_config(folder, config)
+
+    @classmethod
+    def _from_flat_config(cls, folder: Path, config: dict) -> "DigitClassifier":
+        """Read the earlier layout, ``{"class": "DigitClassifier", "in_channels": ..., ...}``: the same checks as
+        :func:`flexar.hub.load_model` (argument names and types, safetensors only, strict weights)."""
+        config_path = folder / CONFIG_NAME
+        warnings.warn(
+            f"{config_path} is in the layout of earlier flexar versions (arguments beside 'class', no 'kwargs'): "
+            "flexar.hub.load_model cannot read it; re-save it with DigitClassifier.from_pretrained(folder)"
+            ".save_pretrained(new_folder)", FutureWarning, stacklevel=3,
+        )
         kwargs = {key: value for key, value in config.items() if key != "class"}
-        allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        unknown = set(kwargs) - allowed
-        if unknown or not all(type(value) is int and value > 0 for value in kwargs.values()):
-            raise ValueError(
-                f"{str(config_path)!r} has invalid arguments for {cls.__name__}: expected positive integers for "
-                f"{sorted(allowed)}, got {kwargs}"
-            )
-        try:
-            # safetensors only parses a JSON header and raw tensor bytes, so a hostile file cannot run code here.
-            state = load_file(str(weights_path), device="cpu")
-        except (SafetensorError, OSError) as error:
-            raise ValueError(f"{str(weights_path)!r} is not a valid safetensors file: {error}") from error
-        model = cls(**kwargs)
+        model = build_from_config({"class": cls.__name__, "kwargs": kwargs}, kind=cls, source=config_path)
+        state = load_weights(folder / WEIGHTS_NAME)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as error:
-            raise ValueError(f"{str(weights_path)!r} does not match the network in {CONFIG_NAME}: {error}") from error
+            raise ValueError(f"weights in {folder} do not match the network in {CONFIG_NAME}: {error}") from None
+        model.provenance = {}
+        model.fingerprint = fingerprint(folder)
         return model.eval()
 
 
