@@ -4,11 +4,17 @@ Every tokenizer and generator records the keyword arguments of its constructor (
 of diffusers' ``register_to_config``), so the JSON alone rebuilds the object. Only classes registered with
 :func:`register` can be named in a config: a config.json never makes flexar import arbitrary code, and a weights file
 that is not safetensors is refused before anything in it is read.
+
+This module sits below every model family: the families import it to register, and it depends on none of them. A
+class name it does not know yet is looked up by importing flexar's own family packages (:data:`FAMILY_PACKAGES`), in
+order, until one registers it; the name itself is never imported, so a config cannot reach code outside those
+packages, and loading a tokenizer or a generator never imports the evaluation stack (Lightning, torch-fidelity).
 """
 from __future__ import annotations
 
 import collections.abc
 import functools
+import importlib
 import inspect
 import json
 import os
@@ -22,6 +28,10 @@ from torch import nn
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
+# The packages whose modules register model classes, cheapest first: the FID classifier's package imports Lightning
+# and torch-fidelity, so it is imported only for a name the tokenizers and generators do not register.
+FAMILY_PACKAGES = ("flexar.tokenizers", "flexar.generators", "flexar.eval")
+
 _REGISTRY: dict[str, type] = {}
 
 
@@ -31,12 +41,17 @@ def register(cls: type) -> type:
     return cls
 
 
+def _import_families(until: str | None = None) -> None:
+    """Import :data:`FAMILY_PACKAGES` in order, stopping as soon as `until` is registered (all of them when None)."""
+    for package in FAMILY_PACKAGES:
+        if until is not None and until in _REGISTRY:
+            return
+        importlib.import_module(package)
+
+
 def registered(kind: type | None = None) -> dict[str, type]:
     """Registered classes (subclasses of `kind` when given), after importing every family so the list is complete."""
-    import flexar.eval  # noqa: F401  (registration happens at import)
-    import flexar.generators  # noqa: F401
-    import flexar.tokenizers  # noqa: F401
-
+    _import_families()
     return {name: cls for name, cls in _REGISTRY.items() if kind is None or issubclass(cls, kind)}
 
 
@@ -154,12 +169,14 @@ def build_from_config(config: dict, kind: type | None = None, source: str | os.P
     """
     where = str(source) if source is not None else "config"
     name = config.get("class")
-    candidates = registered(kind)
-    if name not in candidates:
+    cls = None
+    if isinstance(name, str):
+        _import_families(until=name)
+        cls = _REGISTRY.get(name)
+    if cls is None or (kind is not None and not issubclass(cls, kind)):
         what = kind.__name__ if kind is not None else "model"
         raise ValueError(f"{where}: field 'class' names {name!r}, which is not a registered flexar {what}; "
-                         f"known: {sorted(candidates)}")
-    cls = candidates[name]
+                         f"known: {sorted(registered(kind))}")
     kwargs = config.get("kwargs", {})
     if not isinstance(kwargs, dict):
         raise ValueError(f"{where}: field 'kwargs' must be an object of {name}'s constructor arguments, "

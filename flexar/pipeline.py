@@ -220,7 +220,7 @@ class Pipeline:
         advance a batch by its shortest accepted run, so their images still depend on the batch composition.
         """
         from .sampling import Sampler
-        from .train.callbacks import to_uint8
+        from .utils import to_uint8
 
         if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
             allowed = "; ".join(f"{json.dumps(name)}: {meaning}" for name, meaning in OUTPUT_TYPES.items())

@@ -51,6 +51,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
 from flexar.eval.classifier import CLASSIFIER_EXTRACTOR, DigitClassifier, register_classifier_extractor
+from flexar.utils import to_uint8
 
 INCEPTION_EXTRACTOR = "inception-v3-compat"
 INCEPTION_FEATURE_DIM = 2048  # pool3, the layer FID reads
@@ -59,7 +60,7 @@ CLASSIFIER_PREFIX = "classifier:"
 KID_SUBSET_SIZE = 1000
 
 
-def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+def _checked_uint8(images: torch.Tensor) -> torch.Tensor:
     """uint8 (..., C, H, W) passes through; float is read as [-1, 1] and quantised like a saved image would be."""
     if images.dtype == torch.uint8:
         return images
@@ -69,7 +70,7 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"float images must lie in [-1, 1] (flexar's convention), got [{images.min():.3f}, {images.max():.3f}]"
         )
-    return ((images.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+    return to_uint8(images)
 
 
 def _to_rgb(image: torch.Tensor) -> torch.Tensor:
@@ -90,7 +91,7 @@ class Uint8Images(Dataset):
         if torch.is_tensor(source):
             if source.dim() != 4 or source.shape[1] not in (1, 3):
                 raise ValueError(f"images must be (N, 1, H, W) or (N, 3, H, W), got {tuple(source.shape)}")
-            source = _to_uint8(source.detach().cpu())
+            source = _checked_uint8(source.detach().cpu())
         elif not isinstance(source, Dataset) or not hasattr(source, "__len__"):
             raise TypeError(f"images must be a tensor or a sized torch Dataset, got {type(source).__name__}")
         self.source = source
@@ -104,7 +105,7 @@ class Uint8Images(Dataset):
             item = item[0]
         if not torch.is_tensor(item):
             raise TypeError(f"dataset items must be image tensors or (image, ...) tuples, got {type(item).__name__}")
-        return _to_rgb(_to_uint8(item.detach().cpu()))
+        return _to_rgb(_checked_uint8(item.detach().cpu()))
 
 
 class SmallSetWarning(UserWarning):

@@ -5,6 +5,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from flexar.utils import psnr
+
 
 @torch.no_grad()
 def reconstruction_metrics(
@@ -39,6 +41,6 @@ def reconstruction_metrics(
         "num_tokens": num_tokens or tokenizer.max_tokens,
         "num_images": count,
         "mse": mse,
-        "psnr": float(10 * torch.log10(torch.tensor(4.0 / max(mse, 1e-10)))),
+        "psnr": float(psnr(torch.tensor(mse, dtype=torch.float64))),
         "codebook_usage": used.float().mean().item(),
     }

@@ -19,7 +19,6 @@ so the global random state is never read or advanced. Class dropout during train
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -27,6 +26,7 @@ from torch import Tensor, nn
 
 from ..hub import Configurable, PretrainedMixin
 from ..nn import KVCache
+from ..sampling.strategy import GenerationOutput
 
 
 class GenerationStart(NamedTuple):
@@ -38,18 +38,6 @@ class GenerationStart(NamedTuple):
     timer: "_Timer"
     conditions: Tensor
     copies: int
-
-
-@dataclass
-class GenerationOutput:
-    """ids: (B, L) long generated tokens.
-
-    stats: ``forward_passes`` (network evaluations of the whole, possibly CFG-doubled, batch), ``tokens`` (generated
-    ids over the batch, B * L), ``seconds`` (wall time, CUDA synchronised), ``batch_size``.
-    """
-
-    ids: Tensor
-    stats: dict = field(default_factory=dict)
 
 
 class Generator(Configurable, PretrainedMixin, nn.Module):

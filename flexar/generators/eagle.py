@@ -30,8 +30,7 @@ from torch import Tensor, nn
 
 from ..hub import Configurable, PretrainedMixin, register
 from ..nn import KVCache, RotaryEmbedding, Transformer, causal_mask
-
-IGNORE_INDEX = -100
+from ..utils import IGNORE_INDEX
 
 
 @register

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from ..hub import register
 from ..nn import KVCache, RotaryEmbedding, Transformer, causal_mask, grid_positions
 from ..sampling import SamplingState
+from ..utils import IGNORE_INDEX
 from .base import GenerationOutput, Generator
 
 RASTER_PRESETS = {
@@ -60,7 +61,6 @@ RASTER_PRESETS = {
     "raster-digits": dict(dim=256, depth=6, num_heads=8),
 }
 
-IGNORE_INDEX = -100
 CLASS_TOKEN_ROTARY = ("identity", "zero")
 
 

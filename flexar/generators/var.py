@@ -63,6 +63,7 @@ from ..nn import KVCache, SelfAttention, Transformer, attention, block_causal_ma
 from ..sampling import SamplingState, check_cfg_schedule
 from ..sampling.processors import classifier_free_guidance
 from ..tokenizers.multiscale import VAR_SCALES, MultiScaleResidualVQ, check_scales, scale_boundaries, scale_levels
+from ..utils import IGNORE_INDEX
 from .base import GenerationOutput, Generator
 
 
@@ -80,7 +81,6 @@ VAR_PRESETS = {
                        num_classes=10),
 }
 
-IGNORE_INDEX = -100
 MAX_ATTENTION_SCALE = math.log(100.0)
 
 

@@ -16,6 +16,7 @@ The protocol, which :meth:`flexar.generators.Generator.generate_with` and :meth:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,6 +25,18 @@ from torch import Tensor
 from flexar.sampling.sampler import Sampler
 
 DECODING_HOOKS = ("new_cache", "prefill", "step")
+
+
+@dataclass
+class GenerationOutput:
+    """What a generator's ``generate`` and a strategy's ``decode`` return. ids: (B, L) long generated tokens.
+
+    stats: ``forward_passes`` (network evaluations of the whole, possibly CFG-doubled, batch), ``tokens`` (generated
+    ids over the batch, B * L), ``seconds`` (wall time, CUDA synchronised), ``batch_size``.
+    """
+
+    ids: Tensor
+    stats: dict = field(default_factory=dict)
 
 
 class DecodingStrategy:
@@ -94,7 +107,5 @@ def _base_generator():
     return Generator
 
 
-def generation_output(ids: Tensor, stats: dict):
-    from flexar.generators.base import GenerationOutput
-
+def generation_output(ids: Tensor, stats: dict) -> GenerationOutput:
     return GenerationOutput(ids=ids, stats=stats)

@@ -73,8 +73,8 @@ from torch import Tensor, nn
 from ..hub import build_from_config, load_model, register
 from ..nn import Transformer
 from ..quantizers import VQ, QuantizerOutput
+from ..utils import psnr
 from .base import Encoded, Tokenizer
-from .titok import psnr
 
 # the official per-iteration weights of the cross-entropy (adaptive_vqgan.py, lambda_loss_weight)
 OFFICIAL_LOSS_WEIGHTS = (2.5, 2.0, 1.5, 1.25, 1.0, 1.0, 1.0, 1.0)

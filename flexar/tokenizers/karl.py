@@ -65,9 +65,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..hub import register
+from ..utils import psnr
 from .alit import LatentDistillation
 from .base import Encoded
-from .titok import psnr
 
 # the official error bins (karl_vqgan.py, rec_losses): mean absolute error on the [0, 1] scale
 OFFICIAL_ERROR_BINS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.09, 0.1, 0.12, 0.14, 0.16, 0.18, 0.2, 0.24,

@@ -55,8 +55,8 @@ from torch import Tensor, nn
 
 from ..hub import register
 from ..quantizers import codebook_stats
+from ..utils import psnr
 from .base import Encoded, Tokenizer
-from .titok import psnr
 from .vqgan2d import Decoder, Encoder
 
 VAR_SCALES = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from ..hub import register
 from ..nn import Transformer
 from ..quantizers import FSQ, VQ
+from ..utils import psnr
 from .base import Encoded, Tokenizer
 
 # how decode fills latent positions past `lengths` (see the module docstring)
@@ -284,11 +285,6 @@ class TiTok(Tokenizer):
             **{(k if k.endswith("_loss") else f"codebook_{k}"): v for k, v in quantized.logs.items()},
         }
         return loss, logs
-
-
-def psnr(mse: Tensor) -> Tensor:
-    """PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
-    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
 
 
 def num_parameters(module: nn.Module) -> int:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..hub import Configurable, PretrainedMixin, register
+from ..utils import psnr
 
 
 def _autoencoder_kl():
@@ -135,7 +136,7 @@ class VAE(Configurable, PretrainedMixin, nn.Module):
             "loss": loss.detach(),
             "reconstruction": pixel.detach(),
             "kl": kl.detach(),
-            "psnr": 10 * torch.log10(4.0 / mse.detach().clamp_min(1e-10)),
+            "psnr": psnr(mse.detach()),
             "latent_std": 1.0 / self.latent_scale.detach(),
         }
         return loss, logs

@@ -35,8 +35,8 @@ from torch import Tensor, nn
 
 from ..hub import register
 from ..quantizers import VQ
+from ..utils import psnr
 from .base import Encoded, Tokenizer
-from .titok import psnr
 
 VQGAN2D_PRESETS = {
     # LlamaGen's VQ-8 / VQ-16 layouts (ch=128, z 8-dim l2-normalised codes, 16384 entries)

@@ -14,11 +14,6 @@ import torch
 from torchvision.utils import save_image
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) float in [-1, 1] -> uint8 in [0, 255]."""
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
     """Save float images in [-1, 1] (B, C, H, W) as one PNG grid."""
     path = Path(path)
