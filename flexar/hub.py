@@ -177,7 +177,12 @@ def build_from_config(config: dict, kind: type | None = None, source: str | os.P
         what = kind.__name__ if kind is not None else "model"
         raise ValueError(f"{where}: field 'class' names {name!r}, which is not a registered flexar {what}; "
                          f"known: {sorted(registered(kind))}")
-    kwargs = config.get("kwargs", {})
+    if "kwargs" not in config:
+        extra = sorted(set(config) - {"class", "provenance"})
+        hint = (f"; its other fields {extra} look like an older layout (a classifier folder saved before classifiers "
+                f"were registered loads with {name}.from_pretrained)" if extra else "")
+        raise ValueError(f"{where}: field 'kwargs' (the constructor arguments of {name}) is missing{hint}")
+    kwargs = config["kwargs"]
     if not isinstance(kwargs, dict):
         raise ValueError(f"{where}: field 'kwargs' must be an object of {name}'s constructor arguments, "
                          f"got {type(kwargs).__name__}")

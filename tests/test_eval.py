@@ -150,6 +150,11 @@ def test_earlier_classifier_folders_still_load(tmp_path, classifier_folder):
         assert torch.equal(model.features(images), DigitClassifier.from_pretrained(classifier_folder).features(images))
     model.save_pretrained(tmp_path / "resaved")
     assert json.loads((tmp_path / "resaved" / "config.json").read_text())["kwargs"] == TINY
+    # load_model never builds a default classifier from the older layout: it names the missing field instead
+    from flexar.hub import load_model
+
+    with pytest.raises(ValueError, match=r"field 'kwargs'.*missing.*DigitClassifier\.from_pretrained"):
+        load_model(flat)
     # the earlier layout gets the same checks: argument types by field, and weights that fit
     (flat / "config.json").write_text(json.dumps({"class": "DigitClassifier", **TINY, "width": "8"}))
     with pytest.warns(FutureWarning), pytest.raises(ValueError, match=r"kwargs\.width' of DigitClassifier must be int"):
