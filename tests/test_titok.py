@@ -198,3 +198,16 @@ def test_mean_fill_is_the_per_position_mean_code():
         torch.testing.assert_close(tokenizer.decode(short.ids, short.lengths, fill="mean"), expected, rtol=0, atol=1e-6)
     # the means are not part of the saved weights (the model's fingerprint does not change)
     assert "mean_fill_codes" not in tokenizer.state_dict()
+
+
+def test_pad_token_trains_only_where_training_drops_tokens():
+    from flexar.tokenizers import OneDPiece, ReTok
+
+    assert not tiny_titok().pad_token.requires_grad  # plain DDP would find it unused
+    small = dict(image_size=16, channels=1, patch_size=4, num_latent_tokens=8, width=32, depth=1, num_heads=2,
+                 codebook_size=64, code_dim=8)
+    assert OneDPiece(**small).pad_token.requires_grad and ReTok(**small, redundant_tokens=4).pad_token.requires_grad
+    tokenizer = tiny_titok().train()
+    tokenizer.training_loss(torch.rand(4, 1, 16, 16) * 2 - 1)[0].backward()
+    unused = [name for name, p in tokenizer.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []

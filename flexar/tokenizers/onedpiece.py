@@ -45,6 +45,8 @@ def sample_kept_counts(batch_size: int, maximum: int, per_sample: bool, device=N
 class OneDPiece(TiTok):
     """Flexible-length 1D tokenizer: TiTok trained with Tail Token Drop. See the module docstring."""
 
+    drops_tokens_in_training = True
+
     def __init__(
         self,
         image_size: int = 32,

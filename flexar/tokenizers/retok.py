@@ -99,6 +99,8 @@ class TeacherFeatures(nn.Module):
 class ReTok(TiTok):
     """Flexible-length 1D tokenizer with redundant token padding and hierarchical semantic regularisation."""
 
+    drops_tokens_in_training = True
+
     def __init__(
         self,
         image_size: int = 32,

@@ -82,6 +82,9 @@ def build_quantizer(quantizer: str, codebook_size: int, code_dim: int, fsq_level
 class TiTok(Tokenizer):
     """Fixed-length 1D tokenizer: ``max_tokens`` = ``num_latent_tokens`` ids per image."""
 
+    # whether training decodes from fewer than all tokens (tail drop, nested dropout), which trains ``pad_token``
+    drops_tokens_in_training = False
+
     def __init__(
         self,
         image_size: int = 32,
@@ -136,7 +139,9 @@ class TiTok(Tokenizer):
         # decoder
         self.from_code = nn.Linear(self.code_dim, decoder_width)
         self.latent_pos = nn.Parameter(torch.randn(num_latent_tokens, decoder_width) * 0.02)
-        self.pad_token = nn.Parameter(torch.randn(decoder_width) * 0.02)
+        # fixed-length TiTok never decodes a dropped position in training, so its pad embedding gets no gradient: it is
+        # frozen (out of the optimiser, and plain DDP finds no unused parameter); tail-dropping subclasses train it
+        self.pad_token = nn.Parameter(torch.randn(decoder_width) * 0.02, requires_grad=self.drops_tokens_in_training)
         self.mask_token = nn.Parameter(torch.randn(decoder_width) * 0.02)
         self.mask_pos = nn.Parameter(torch.randn(self.num_patches, decoder_width) * 0.02)
         decoder_heads = max(1, num_heads * decoder_width // width)
