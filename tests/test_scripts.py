@@ -117,3 +117,15 @@ def test_fid_without_a_classifier_names_the_flags(pipeline_dir, tmp_path, capsys
     assert f"{bare / 'classifier'} does not exist" in message
     assert "--extractor classifier:PATH" in message and "--extractor inception" in message
     assert "--inception-weights PATH" in message
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--per-label", "-1"], r"--per-label must be an integer >= 1, got -1"),
+    (["--per-label", "0"], r"--per-label must be an integer >= 1, got 0"),
+])
+def test_sample_refuses_bad_counts_by_flag(pipeline_dir, tmp_path, monkeypatch, capsys, arguments, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        sample.main(["--pipeline", str(pipeline_dir), "--labels", "1", *arguments])
+    assert stop.value.code == 2 and re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists()
