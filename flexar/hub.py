@@ -21,6 +21,7 @@ import os
 import types
 import typing
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -55,12 +56,49 @@ def registered(kind: type | None = None) -> dict[str, type]:
     return {name: cls for name, cls in _REGISTRY.items() if kind is None or issubclass(cls, kind)}
 
 
+def presets(kind: type | None = None) -> list[tuple[type, str]]:
+    """Every (class, preset name) of the registered classes (subclasses of `kind` when given), sorted by class name
+    and preset; a class lists only the presets it declares itself, not those it inherits."""
+    return [(cls, name) for _, cls in sorted(registered(kind).items())
+            for name in sorted(cls.__dict__.get("presets", {}))]
+
+
 class Configurable:
     """Records the constructor's keyword arguments in ``self.config`` (outermost ``__init__`` only).
 
     A class whose constructor reads something outside its saved folder (another model's folder) overrides
     :meth:`_saved_config` to record what it read instead, so that the saved folder alone rebuilds it.
+
+    Named sizes: every family class sets its own ``presets`` ({name: constructor keyword arguments}, DiT's
+    ``DiT_models``) and builds one with :meth:`from_preset`. The built object records every keyword argument, the
+    preset's included, so its saved config names the class and the full arguments, never the preset.
     """
+
+    presets: ClassVar[dict[str, dict]] = {}
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> nn.Module:
+        """``cls(**presets[name], **overrides)``: the preset's arguments, each override replacing the preset's value.
+
+        Overrides are checked before anything is built: a name the constructor does not take, or a value that does
+        not fit its annotation, is refused by name.
+
+        From YAML (LightningCLI / jsonargparse) the preset is the ``init_args`` and the overrides are jsonargparse's
+        ``dict_kwargs`` (the arguments of a ``**kwargs`` that jsonargparse does not expand)::
+
+            tokenizer:
+              class_path: flexar.tokenizers.TiTok.from_preset
+              init_args: {name: titok-s128}
+              dict_kwargs: {image_size: 32, channels: 1}
+
+        jsonargparse would fill every expanded argument with the constructor's default and so overwrite the
+        preset's values; the ``**`` of a dict display below is what keeps it from expanding ``overrides``.
+        """
+        if name not in cls.presets:
+            known = ", ".join(sorted(cls.presets)) or "none"
+            raise ValueError(f"unknown {cls.__name__} preset {name!r}; known presets of {cls.__name__}: {known}")
+        check_arguments(cls, overrides, f"{cls.__name__}.from_preset({name!r})")
+        return cls(**{**cls.presets[name], **overrides})
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -79,6 +117,8 @@ class Configurable:
                 config = {}
                 for name, value in list(bound.arguments.items())[1:]:
                     if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                        # forwarded to a parent's __init__: record its defaults too, so the config is complete
+                        config.update(forwarded_defaults(cls))
                         config.update(value)
                     elif signature.parameters[name].kind is not inspect.Parameter.VAR_POSITIONAL:
                         config[name] = value
@@ -92,6 +132,15 @@ class Configurable:
     def _saved_config(self, config: dict) -> dict:
         """The keyword arguments to record, given those the constructor was called with (after ``__init__``)."""
         return config
+
+
+def forwarded_defaults(cls: type) -> dict:
+    """{name: default} of the parameters that ``cls.__init__`` takes through ``**kwargs`` (its parents' along the
+    MRO, :func:`init_parameters`) and does not declare itself."""
+    own = inspect.signature(inspect.unwrap(cls.__dict__["__init__"])).parameters
+    parameters, _ = init_parameters(cls)
+    return {name: p.default for name, p in parameters.items()
+            if name not in own and p.default is not inspect.Parameter.empty}
 
 
 def _jsonable(value):
@@ -109,24 +158,83 @@ def _jsonable(value):
     raise TypeError(f"constructor argument {value!r} of type {type(value).__name__} cannot be saved in config.json")
 
 
-def _annotations(cls: type) -> dict[str, tuple[object, str]]:
-    """{argument: (type hint, its source text)} of ``cls.__init__``; arguments whose hint cannot be resolved are left
-    out (they are not checked)."""
-    init = inspect.unwrap(cls.__init__)
-    namespace = {**vars(typing), **getattr(init, "__globals__", {})}
-    hints = {}
-    for name, parameter in inspect.signature(init).parameters.items():
-        annotation = parameter.annotation
-        if annotation is inspect.Parameter.empty:
+def init_parameters(cls: type) -> tuple[dict[str, inspect.Parameter], bool]:
+    """The keyword parameters that ``cls(...)`` takes, following ``**kwargs`` up the MRO: a subclass whose
+    ``__init__`` forwards ``**kwargs`` to its parent's takes its own parameters and the parent's.
+
+    Returns ({name: parameter}, open_ended), each name from the nearest class that declares it; open_ended is True
+    when the last ``__init__`` reached still takes ``**kwargs`` (then any name is accepted).
+    """
+    parameters: dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
             continue
-        text = annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
-        if isinstance(annotation, str):
-            try:  # annotation strings come from flexar's own source, never from a config file
-                annotation = eval(annotation, namespace)  # noqa: S307
-            except Exception:
+        forwards = False
+        for name, parameter in list(inspect.signature(inspect.unwrap(init)).parameters.items())[1:]:
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                forwards = True
+            elif parameter.kind is not inspect.Parameter.VAR_POSITIONAL:
+                parameters.setdefault(name, parameter)
+        if not forwards:
+            return parameters, False
+        if klass is object or klass is nn.Module:
+            break
+    return parameters, True
+
+
+def _annotations(cls: type) -> dict[str, tuple[object, str]]:
+    """{argument: (type hint, its source text)} of the parameters of :func:`init_parameters` (``__init__`` and the
+    parents' it forwards ``**kwargs`` to); arguments whose hint cannot be resolved are left out (not checked)."""
+    hints = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        init = inspect.unwrap(init)
+        namespace = {**vars(typing), **getattr(init, "__globals__", {})}
+        forwards = False
+        for name, parameter in list(inspect.signature(init).parameters.items())[1:]:
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                forwards = True
+            annotation = parameter.annotation
+            if name in hints or annotation is inspect.Parameter.empty or parameter.kind in (
+                    inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL):
                 continue
-        hints[name] = (annotation, text)
+            text = annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
+            if isinstance(annotation, str):
+                try:  # annotation strings come from flexar's own source, never from a config file
+                    annotation = eval(annotation, namespace)  # noqa: S307
+                except Exception:
+                    continue
+            hints[name] = (annotation, text)
+        if not forwards or klass is nn.Module:
+            break
     return hints
+
+
+def check_arguments(cls: type, kwargs: dict, where: str) -> None:
+    """Refuse keyword arguments that ``cls`` does not take (with the closest names) or whose JSON form does not
+    fit the constructor's annotation; forwarded ``**kwargs`` are checked against the parent that takes them."""
+    parameters, open_ended = init_parameters(cls)
+    unknown = sorted(set(kwargs) - set(parameters))
+    if unknown and not open_ended:
+        import difflib
+
+        close = sorted({m for key in unknown for m in difflib.get_close_matches(key, list(parameters), n=3)})
+        hint = f"; closest: {close}" if close else ""
+        raise ValueError(f"{where}: {cls.__name__} does not take {unknown}{hint}; it accepts {sorted(parameters)}")
+    hints = _annotations(cls)
+    for key, value in kwargs.items():
+        if key not in hints:
+            continue
+        try:
+            value = _jsonable(value)
+        except TypeError:  # a module or a callable: nothing a config could hold, and nothing to check
+            continue
+        if not _matches(value, hints[key][0]):
+            raise ValueError(f"{where}: argument {key!r} of {cls.__name__} must be {hints[key][1]}, "
+                             f"got {json.dumps(value)}")
 
 
 def _matches(value, hint) -> bool:
@@ -186,8 +294,7 @@ def build_from_config(config: dict, kind: type | None = None, source: str | os.P
     if not isinstance(kwargs, dict):
         raise ValueError(f"{where}: field 'kwargs' must be an object of {name}'s constructor arguments, "
                          f"got {type(kwargs).__name__}")
-    parameters = dict(list(inspect.signature(cls.__init__).parameters.items())[1:])
-    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    parameters, open_ended = init_parameters(cls)
     unknown = sorted(set(kwargs) - set(parameters))
     if unknown and not open_ended:
         raise ValueError(f"{where}: {name} does not take {unknown} (field 'kwargs'); it accepts {sorted(parameters)}")

@@ -8,7 +8,7 @@ import yaml
 from torch import nn
 
 from flexar.hub import Configurable, PretrainedMixin, register
-from flexar.tokenizers import FLEXTOK_PRESETS, FlexTok, flextok_from_preset
+from flexar.tokenizers import FlexTok
 from flexar.tokenizers.flextok import (
     causal_last_mask,
     euler_sample,
@@ -328,10 +328,10 @@ def test_config_presets_and_bad_arguments():
     assert json.loads(json.dumps(tokenizer.config)) == tokenizer.config
     assert tokenizer.codebook_size == 80 and tokenizer.max_tokens == 8
     assert FlexTok(image_size=16, patch_size=4, num_registers=4, width=16, depth=1, num_heads=2).codebook_size == 64000
-    assert set(FLEXTOK_PRESETS) >= {"flextok-d12-d12", "flextok-d18-d18", "flextok-d18-d28", "flextok-tiny"}
-    assert flextok_from_preset("flextok-tiny", image_size=16, num_registers=4).decoder_width == 64
+    assert set(FlexTok.presets) >= {"flextok-d12-d12", "flextok-d18-d18", "flextok-d18-d28", "flextok-tiny"}
+    assert FlexTok.from_preset("flextok-tiny", image_size=16, num_registers=4).decoder_width == 64
     with pytest.raises(ValueError, match="unknown FlexTok preset"):
-        flextok_from_preset("flextok-d99")
+        FlexTok.from_preset("flextok-d99")
     for bad, message in (
         (dict(k_sampling="pow2", num_registers=6), "power-of-two"),
         (dict(k_sampling="exponential"), "unknown k_sampling"),

@@ -102,3 +102,34 @@ def test_numpy_integers_are_saved_as_ints(tmp_path):
     assert type(tokenizer.config["image_size"]) is int and type(tokenizer.config["commitment"]) is float
     tokenizer.save_pretrained(tmp_path / "tok")
     assert load_model(tmp_path / "tok").config == tokenizer.config
+
+
+def test_from_preset_overrides_replace_preset_values_and_saves_the_full_arguments(tmp_path):
+    assert TiTok.presets is not RasterAR.presets and "titok-tiny" in TiTok.presets
+    tokenizer = TiTok.from_preset("titok-tiny", image_size=16, channels=1, patch_size=4, num_latent_tokens=6,
+                                  depth=1, codebook_size=32, code_dim=8)
+    assert tokenizer.config["width"] == TiTok.presets["titok-tiny"]["width"]  # from the preset
+    assert tokenizer.config["depth"] == 1 != TiTok.presets["titok-tiny"]["depth"]  # the override wins
+    tokenizer.save_pretrained(tmp_path / "tok")
+    saved = json.loads((tmp_path / "tok" / "config.json").read_text())
+    # the folder names the class and every constructor argument, never the preset
+    assert saved["class"] == "TiTok" and saved["kwargs"] == tokenizer.config
+    assert set(saved["kwargs"]) == set(inspect.signature(TiTok.__init__).parameters) - {"self"}
+    assert load_model(tmp_path / "tok").config == tokenizer.config
+
+
+def test_from_preset_refuses_unknown_names_and_arguments_by_name():
+    with pytest.raises(ValueError, match=r"unknown TiTok preset 'titok-xxl'; known presets of TiTok: .*titok-tiny"):
+        TiTok.from_preset("titok-xxl")
+    with pytest.raises(ValueError, match=r"TiTok does not take \['widht'\]; closest: \['width'\]"):
+        TiTok.from_preset("titok-tiny", widht=32)
+    with pytest.raises(ValueError, match=r"argument 'depth' of TiTok must be int, got \"2\""):
+        TiTok.from_preset("titok-tiny", depth="2")
+
+
+def test_a_saved_config_naming_a_class_outside_flexar_is_refused(tmp_path):
+    tiny_tokenizer().save_pretrained(tmp_path / "ok")
+    for name in ("os.system", "builtins.eval", "subprocess.Popen", "TiTok.from_preset"):
+        folder = edited(tmp_path / "ok", tmp_path / name.replace(".", "_"), lambda c: c.update({"class": name}))
+        with pytest.raises(ValueError, match="not a registered flexar model"):
+            load_model(folder)

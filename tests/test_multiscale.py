@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import yaml
 
 from flexar.hub import registered
-from flexar.tokenizers import MULTISCALE_PRESETS, TOKENIZERS, MultiScaleResidualVQ, MultiScaleVQ, Tokenizer
+from flexar.tokenizers import MultiScaleResidualVQ, MultiScaleVQ, Tokenizer
 from flexar.tokenizers.multiscale import VAR_SCALES, scale_boundaries, scale_slices
 
 from common import TokenizerContract, digits_batch, seeded
@@ -178,9 +178,9 @@ def test_bad_arguments_are_refused():
 
 
 def test_presets_registry_and_config():
-    assert {"msvq-f16", "msvq-tiny", "msvq-digits"} <= set(TOKENIZERS)
+    assert {"msvq-f16", "msvq-tiny", "msvq-digits"} <= set(MultiScaleVQ.presets)
     assert registered(Tokenizer)["MultiScaleVQ"] is MultiScaleVQ
-    assert MULTISCALE_PRESETS["msvq-f16"]["scales"] == [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
+    assert MultiScaleVQ.presets["msvq-f16"]["scales"] == [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
     var_layout = MultiScaleVQ.from_preset("msvq-f16", width=4)  # VAR's layout, narrow enough to build here
     assert var_layout.grid == VAR_SCALES and var_layout.max_tokens == 680 and var_layout.codebook_size == 4096
     digits = MultiScaleVQ.from_preset("msvq-digits")

@@ -5,7 +5,7 @@ import torch
 
 from flexar.data import build_dataset
 from flexar.hub import load_model
-from flexar.tokenizers import ONEDPIECE_PRESETS, OneDPiece, onedpiece_from_preset
+from flexar.tokenizers import OneDPiece
 from flexar.tokenizers.onedpiece import sample_kept_counts
 
 from common import TokenizerContract
@@ -134,7 +134,7 @@ def test_config_presets_and_registry(tmp_path):
     tokenizer.save_pretrained(tmp_path / "tok")
     loaded = load_model(tmp_path / "tok")
     assert isinstance(loaded, OneDPiece) and loaded.tail_drop_per_sample
-    assert {"onedpiece-s256", "onedpiece-b256", "onedpiece-l256"} <= set(ONEDPIECE_PRESETS)
-    assert ONEDPIECE_PRESETS["onedpiece-l256"]["num_latent_tokens"] == 256
-    with pytest.raises(ValueError, match="unknown One-D-Piece preset"):
-        onedpiece_from_preset("onedpiece-xxl")
+    assert {"onedpiece-s256", "onedpiece-b256", "onedpiece-l256"} <= set(OneDPiece.presets)
+    assert OneDPiece.presets["onedpiece-l256"]["num_latent_tokens"] == 256
+    with pytest.raises(ValueError, match="unknown OneDPiece preset"):
+        OneDPiece.from_preset("onedpiece-xxl")

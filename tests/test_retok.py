@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from flexar.hub import load_model
-from flexar.tokenizers import RETOK_PRESETS, ReTok, retok_from_preset
+from flexar.tokenizers import ReTok
 from flexar.tokenizers.losses import VGG_LAYOUTS, vgg_features
 
 from common import TokenizerContract
@@ -162,9 +162,9 @@ def test_config_presets_and_registry(tmp_path):
     tokenizer.save_pretrained(tmp_path / "tok")
     loaded = load_model(tmp_path / "tok")
     assert isinstance(loaded, ReTok) and loaded.redundant_tokens == 6
-    assert RETOK_PRESETS["retok-s"]["num_latent_tokens"] == 256 and RETOK_PRESETS["retok-s"]["redundant_tokens"] == 224
+    assert ReTok.presets["retok-s"]["num_latent_tokens"] == 256 and ReTok.presets["retok-s"]["redundant_tokens"] == 224
     with pytest.raises(ValueError, match="unknown ReTok preset"):
-        retok_from_preset("retok-xxl")
+        ReTok.from_preset("retok-xxl")
 
 
 def test_tied_padding_tokens_share_the_tail_queries_content():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flexar.hub import load_model
-from flexar.tokenizers import TITOK_PRESETS, TiTok, titok_from_preset
+from flexar.tokenizers import TiTok
 from flexar.tokenizers.titok import unpatchify
 
 from common import TokenizerContract
@@ -76,9 +76,9 @@ def test_config_rebuilds_and_presets():
     rebuilt = TiTok(**tokenizer.config)
     assert rebuilt.config == tokenizer.config
     assert json.loads(json.dumps(tokenizer.config)) == tokenizer.config
-    assert set(TITOK_PRESETS) >= {"titok-s", "titok-b", "titok-l"}
+    assert set(TiTok.presets) >= {"titok-s", "titok-b", "titok-l"}
     with pytest.raises(ValueError, match="unknown TiTok preset"):
-        titok_from_preset("titok-xxl")
+        TiTok.from_preset("titok-xxl")
 
 
 def test_bad_constructor_arguments():

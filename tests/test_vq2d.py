@@ -5,7 +5,7 @@ import torch
 import yaml
 
 from flexar.hub import registered
-from flexar.tokenizers import TOKENIZERS, VQGAN2D, VQGAN2D_PRESETS, Tokenizer
+from flexar.tokenizers import VQGAN2D, Tokenizer
 
 from common import TokenizerContract, digits_batch
 
@@ -68,8 +68,8 @@ def test_adversarial_criterion_from_the_shared_losses():
 
 
 def test_presets_registry_and_config():
-    assert {"vq2d-f8", "vq2d-f16", "vq2d-tiny", "vq2d-digits"} <= set(TOKENIZERS)
-    assert VQGAN2D_PRESETS["vq2d-f16"]["channel_multipliers"] == [1, 1, 2, 2, 4]
+    assert {"vq2d-f8", "vq2d-f16", "vq2d-tiny", "vq2d-digits"} <= set(VQGAN2D.presets)
+    assert VQGAN2D.presets["vq2d-f16"]["channel_multipliers"] == [1, 1, 2, 2, 4]
     assert registered(Tokenizer)["VQGAN2D"] is VQGAN2D
     tokenizer = tiny_vq2d()
     assert VQGAN2D(**tokenizer.config).config == tokenizer.config

@@ -1,19 +1,19 @@
-"""Image tokenizers: one family per file, all keeping the interface of :class:`Tokenizer`."""
+"""Image tokenizers: one family per file, all keeping the interface of :class:`Tokenizer`.
+
+Every family class carries its named sizes in ``presets`` and builds one with ``from_preset(name, **overrides)``
+(:class:`flexar.hub.Configurable`); :func:`flexar.hub.presets` lists them all.
+"""
 from .base import Encoded, Tokenizer
-from .titok import TITOK_PRESETS, TiTok, titok_from_preset
-from .flextok import FLEXTOK_PRESETS, FlexTok, flextok_from_preset
+from .titok import TiTok
+from .flextok import FlexTok
 from .vae import VAE
 from .losses import PatchDiscriminator, PerceptualLoss, ReconstructionLoss
-from .onedpiece import ONEDPIECE_PRESETS, OneDPiece, onedpiece_from_preset
-from .retok import RETOK_PRESETS, ReTok, retok_from_preset
-from .vqgan2d import VQGAN2D, VQGAN2D_PRESETS
-from .multiscale import MULTISCALE_PRESETS, MultiScaleResidualVQ, MultiScaleVQ
-from .alit import ALIT, ALIT_PRESETS
-from .karl import KARL, KARL_PRESETS
+from .onedpiece import OneDPiece
+from .retok import ReTok
+from .vqgan2d import VQGAN2D
+from .multiscale import MultiScaleResidualVQ, MultiScaleVQ
+from .alit import ALIT
+from .karl import KARL
 
-TOKENIZERS = {**TITOK_PRESETS, **FLEXTOK_PRESETS, **VQGAN2D_PRESETS, **ONEDPIECE_PRESETS, **RETOK_PRESETS, **MULTISCALE_PRESETS}
-
-__all__ = ["Encoded", "Tokenizer", "TiTok", "TITOK_PRESETS", "TOKENIZERS", "titok_from_preset", "VQGAN2D", "VQGAN2D_PRESETS", "FlexTok", "FLEXTOK_PRESETS", "flextok_from_preset", "VAE",
-           "OneDPiece", "ONEDPIECE_PRESETS", "onedpiece_from_preset", "ReTok", "RETOK_PRESETS", "retok_from_preset",
-           "ReconstructionLoss", "PerceptualLoss", "PatchDiscriminator"]
-__all__ += ["MultiScaleVQ", "MultiScaleResidualVQ", "MULTISCALE_PRESETS"]
+__all__ = ["Encoded", "Tokenizer", "TiTok", "VQGAN2D", "FlexTok", "VAE", "OneDPiece", "ReTok", "MultiScaleVQ",
+           "MultiScaleResidualVQ", "ALIT", "KARL", "ReconstructionLoss", "PerceptualLoss", "PatchDiscriminator"]

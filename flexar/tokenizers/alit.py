@@ -250,12 +250,6 @@ class LatentDistillation(Tokenizer):
     def code_vectors(self) -> Tensor:
         return self.quantizer.code_vectors()
 
-    @classmethod
-    def from_preset(cls, name: str, **overrides):
-        if name not in cls.presets:
-            raise ValueError(f"unknown {cls.__name__} preset {name!r}; known: {sorted(cls.presets)}")
-        return cls(**{**cls.presets[name], **overrides})
-
 
 @dataclass
 class RolloutStep:
@@ -445,5 +439,3 @@ class ALIT(LatentDistillation):
                      **{(k if k.endswith("_loss") else f"codebook_{k}"): v for k, v in step.quantized.logs.items()}})
         return total, logs
 
-
-ALIT_PRESETS = ALIT.presets

@@ -85,16 +85,6 @@ from ..quantizers import FSQ
 from .base import Encoded, Tokenizer
 from .titok import patchify, unpatchify
 
-FLEXTOK_PRESETS = {
-    # the paper's sizes "dE-dD": encoder / decoder depth, width 64 * depth, head dim 64; the paper's runs use
-    # 256x256 images, a 16-channel f8 VAE, patch_size 2 and 256 registers
-    "flextok-d12-d12": dict(width=768, depth=12, num_heads=12, decoder_width=768, decoder_depth=12, decoder_heads=12),
-    "flextok-d18-d18": dict(width=1152, depth=18, num_heads=18, decoder_width=1152, decoder_depth=18, decoder_heads=18),
-    "flextok-d18-d28": dict(width=1152, depth=18, num_heads=18, decoder_width=1792, decoder_depth=28, decoder_heads=28),
-    # CPU-sized presets for digits / MNIST
-    "flextok-tiny": dict(width=64, depth=2, num_heads=4, decoder_width=64, decoder_depth=2, decoder_heads=4),
-    "flextok-digits": dict(width=128, depth=3, num_heads=4, decoder_width=128, decoder_depth=3, decoder_heads=4),
-}
 
 K_SAMPLING = ("uniform", "pow2", "uniform_pow2")
 TARGETS = ("pixels", "vae")
@@ -166,6 +156,17 @@ def timestep_embedding(sigma: Tensor, dim: int, max_period: float = 10000.0) -> 
 @register
 class FlexTok(Tokenizer):
     """Flexible-length 1D tokenizer: ``encode(images, num_tokens=k)`` keeps the first k of ``num_registers`` ids."""
+
+    presets = {
+        # the paper's sizes "dE-dD": encoder / decoder depth, width 64 * depth, head dim 64; the paper's runs use
+        # 256x256 images, a 16-channel f8 VAE, patch_size 2 and 256 registers
+        "flextok-d12-d12": dict(width=768, depth=12, num_heads=12, decoder_width=768, decoder_depth=12, decoder_heads=12),
+        "flextok-d18-d18": dict(width=1152, depth=18, num_heads=18, decoder_width=1152, decoder_depth=18, decoder_heads=18),
+        "flextok-d18-d28": dict(width=1152, depth=18, num_heads=18, decoder_width=1792, decoder_depth=28, decoder_heads=28),
+        # CPU-sized presets for digits / MNIST
+        "flextok-tiny": dict(width=64, depth=2, num_heads=4, decoder_width=64, decoder_depth=2, decoder_heads=4),
+        "flextok-digits": dict(width=128, depth=3, num_heads=4, decoder_width=128, decoder_depth=3, decoder_heads=4),
+    }
 
     decode_draws = True
 
@@ -467,9 +468,3 @@ class FlexTok(Tokenizer):
             logs["repa"] = repa.detach()
         logs = {"loss": loss.detach(), **logs, **{f"codebook_{k}": v for k, v in quantized.logs.items()}}
         return loss, logs
-
-
-def flextok_from_preset(name: str, **overrides) -> FlexTok:
-    if name not in FLEXTOK_PRESETS:
-        raise ValueError(f"unknown FlexTok preset {name!r}; known: {sorted(FLEXTOK_PRESETS)}")
-    return FlexTok(**{**FLEXTOK_PRESETS[name], **overrides})

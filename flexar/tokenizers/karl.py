@@ -293,5 +293,3 @@ class KARL(LatentDistillation):
         }
         return loss, logs
 
-
-KARL_PRESETS = KARL.presets

@@ -63,17 +63,6 @@ VAR_SCALES = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
 # schedules ending on the latent side: VAR's for 16 x 16 latents (256 px at f16), small ones for 32 px images
 DEFAULT_SCALES = {16: VAR_SCALES, 8: [1, 2, 3, 4, 6, 8], 4: [1, 2, 3, 4]}
 
-MULTISCALE_PRESETS = {
-    # VAR's VQVAE layout: f16, ch 160, ch_mult (1, 1, 2, 2, 4), 2 res blocks, 4096 codes of 32 dims, 10 scales
-    "msvq-f16": dict(image_size=256, channels=3, downsample=16, width=160, channel_multipliers=[1, 1, 2, 2, 4],
-                     num_res_blocks=2, codebook_size=4096, code_dim=32, scales=VAR_SCALES),
-    # CPU-sized presets for tests, digits and MNIST (32 px at f4: an 8 x 8 latent, 6 scales, 130 tokens)
-    "msvq-tiny": dict(image_size=16, channels=1, downsample=4, width=8, channel_multipliers=[1, 2, 2],
-                      num_res_blocks=1, codebook_size=32, code_dim=8, scales=[1, 2, 3, 4]),
-    "msvq-digits": dict(image_size=32, channels=1, downsample=4, width=32, channel_multipliers=[1, 2, 2],
-                        num_res_blocks=1, codebook_size=256, code_dim=8, scales=[1, 2, 3, 4, 6, 8]),
-}
-
 
 def check_scales(scales, name: str = "scales") -> list[int]:
     """`scales` as a list of at least two strictly increasing positive ints (the sides of the token maps)."""
@@ -259,7 +248,16 @@ class MultiScaleVQ(Tokenizer):
     ``grid`` is the list of scale sides; ids (B, sum side ** 2) concatenate the maps coarse to fine.
     """
 
-    presets = MULTISCALE_PRESETS
+    presets = {
+        # VAR's VQVAE layout: f16, ch 160, ch_mult (1, 1, 2, 2, 4), 2 res blocks, 4096 codes of 32 dims, 10 scales
+        "msvq-f16": dict(image_size=256, channels=3, downsample=16, width=160, channel_multipliers=[1, 1, 2, 2, 4],
+                         num_res_blocks=2, codebook_size=4096, code_dim=32, scales=VAR_SCALES),
+        # CPU-sized presets for tests, digits and MNIST (32 px at f4: an 8 x 8 latent, 6 scales, 130 tokens)
+        "msvq-tiny": dict(image_size=16, channels=1, downsample=4, width=8, channel_multipliers=[1, 2, 2],
+                          num_res_blocks=1, codebook_size=32, code_dim=8, scales=[1, 2, 3, 4]),
+        "msvq-digits": dict(image_size=32, channels=1, downsample=4, width=32, channel_multipliers=[1, 2, 2],
+                            num_res_blocks=1, codebook_size=256, code_dim=8, scales=[1, 2, 3, 4, 6, 8]),
+    }
 
     def __init__(
         self,
@@ -315,12 +313,6 @@ class MultiScaleVQ(Tokenizer):
                                               phi_ratio=phi_ratio, shared_phi=shared_phi)
         self.post_quant_conv = nn.Conv2d(code_dim, code_dim, quant_conv_kernel, padding=padding)
         self.decoder = Decoder(channels, width, channel_multipliers, num_res_blocks, code_dim)
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "MultiScaleVQ":
-        if name not in cls.presets:
-            raise ValueError(f"unknown {cls.__name__} preset {name!r}; known: {sorted(cls.presets)}")
-        return cls(**{**cls.presets[name], **overrides})
 
     @property
     def scales(self) -> list[int]:

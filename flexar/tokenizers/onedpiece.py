@@ -23,15 +23,7 @@ import torch
 from torch import Tensor
 
 from ..hub import register
-from .titok import TITOK_PRESETS, TiTok
-
-ONEDPIECE_PRESETS = {
-    # the paper's S/B/L-256: TiTok's ViT sizes with 256 tokens
-    "onedpiece-s256": dict(TITOK_PRESETS["titok-s"], num_latent_tokens=256),
-    "onedpiece-b256": dict(TITOK_PRESETS["titok-b"], num_latent_tokens=256),
-    "onedpiece-l256": dict(TITOK_PRESETS["titok-l"], num_latent_tokens=256),
-    "onedpiece-digits": dict(TITOK_PRESETS["titok-digits"], num_latent_tokens=16),
-}
+from .titok import TiTok
 
 
 def sample_kept_counts(batch_size: int, maximum: int, per_sample: bool, device=None, generator=None) -> Tensor:
@@ -44,6 +36,14 @@ def sample_kept_counts(batch_size: int, maximum: int, per_sample: bool, device=N
 @register
 class OneDPiece(TiTok):
     """Flexible-length 1D tokenizer: TiTok trained with Tail Token Drop. See the module docstring."""
+
+    presets = {
+        # the paper's S/B/L-256: TiTok's ViT sizes with 256 tokens
+        "onedpiece-s256": dict(TiTok.presets["titok-s"], num_latent_tokens=256),
+        "onedpiece-b256": dict(TiTok.presets["titok-b"], num_latent_tokens=256),
+        "onedpiece-l256": dict(TiTok.presets["titok-l"], num_latent_tokens=256),
+        "onedpiece-digits": dict(TiTok.presets["titok-digits"], num_latent_tokens=16),
+    }
 
     drops_tokens_in_training = True
 
@@ -86,9 +86,3 @@ class OneDPiece(TiTok):
         if not (self.training and self.tail_drop):
             return None
         return sample_kept_counts(batch_size, self.max_tokens, self.tail_drop_per_sample, device)
-
-
-def onedpiece_from_preset(name: str, **overrides) -> OneDPiece:
-    if name not in ONEDPIECE_PRESETS:
-        raise ValueError(f"unknown One-D-Piece preset {name!r}; known: {sorted(ONEDPIECE_PRESETS)}")
-    return OneDPiece(**{**ONEDPIECE_PRESETS[name], **overrides})

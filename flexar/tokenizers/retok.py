@@ -51,14 +51,7 @@ from torch import Tensor, nn
 from ..hub import register
 from .losses import VGG_LAYOUTS, VGGFeatures
 from .onedpiece import sample_kept_counts
-from .titok import TITOK_PRESETS, TiTok
-
-RETOK_PRESETS = {
-    # ReTok's N = 256 with M = 224 redundant queries, on TiTok's ViT sizes
-    "retok-s": dict(TITOK_PRESETS["titok-s"], num_latent_tokens=256, redundant_tokens=224),
-    "retok-b": dict(TITOK_PRESETS["titok-b"], num_latent_tokens=256, redundant_tokens=224),
-    "retok-digits": dict(TITOK_PRESETS["titok-digits"], num_latent_tokens=16, redundant_tokens=14),
-}
+from .titok import TiTok
 
 
 class TeacherFeatures(nn.Module):
@@ -98,6 +91,13 @@ class TeacherFeatures(nn.Module):
 @register
 class ReTok(TiTok):
     """Flexible-length 1D tokenizer with redundant token padding and hierarchical semantic regularisation."""
+
+    presets = {
+        # ReTok's N = 256 with M = 224 redundant queries, on TiTok's ViT sizes
+        "retok-s": dict(TiTok.presets["titok-s"], num_latent_tokens=256, redundant_tokens=224),
+        "retok-b": dict(TiTok.presets["titok-b"], num_latent_tokens=256, redundant_tokens=224),
+        "retok-digits": dict(TiTok.presets["titok-digits"], num_latent_tokens=16, redundant_tokens=14),
+    }
 
     drops_tokens_in_training = True
 
@@ -246,9 +246,3 @@ class ReTok(TiTok):
             loss = loss + (weights * alignment).mean()
             logs.update(loss=loss.detach(), semantic=alignment.mean().detach())
         return loss, logs
-
-
-def retok_from_preset(name: str, **overrides) -> ReTok:
-    if name not in RETOK_PRESETS:
-        raise ValueError(f"unknown ReTok preset {name!r}; known: {sorted(RETOK_PRESETS)}")
-    return ReTok(**{**RETOK_PRESETS[name], **overrides})

@@ -49,16 +49,6 @@ from .base import Encoded, Tokenizer
 # how decode fills latent positions past `lengths` (see the module docstring)
 FILLS = ("pad", "cut", "mean")
 
-TITOK_PRESETS = {
-    # width, depth, heads per the paper's ViT sizes (encoder and decoder alike)
-    "titok-s": dict(width=512, depth=8, num_heads=8),
-    "titok-b": dict(width=768, depth=12, num_heads=12),
-    "titok-l": dict(width=1024, depth=24, num_heads=16),
-    # CPU-sized presets for digits / MNIST
-    "titok-tiny": dict(width=64, depth=2, num_heads=4),
-    "titok-digits": dict(width=128, depth=4, num_heads=4),
-}
-
 
 def patchify(images: Tensor, patch_size: int) -> Tensor:
     """(B, C, H, W) -> (B, N, C * p * p) in raster order of patches."""
@@ -81,6 +71,16 @@ def build_quantizer(quantizer: str, codebook_size: int, code_dim: int, fsq_level
 @register
 class TiTok(Tokenizer):
     """Fixed-length 1D tokenizer: ``max_tokens`` = ``num_latent_tokens`` ids per image."""
+
+    presets = {
+        # width, depth, heads per the paper's ViT sizes (encoder and decoder alike)
+        "titok-s": dict(width=512, depth=8, num_heads=8),
+        "titok-b": dict(width=768, depth=12, num_heads=12),
+        "titok-l": dict(width=1024, depth=24, num_heads=16),
+        # CPU-sized presets for digits / MNIST
+        "titok-tiny": dict(width=64, depth=2, num_heads=4),
+        "titok-digits": dict(width=128, depth=4, num_heads=4),
+    }
 
     # whether training decodes from fewer than all tokens (tail drop, nested dropout), which trains ``pad_token``
     drops_tokens_in_training = False
@@ -294,10 +294,3 @@ class TiTok(Tokenizer):
 
 def num_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def titok_from_preset(name: str, **overrides) -> TiTok:
-    if name not in TITOK_PRESETS:
-        raise ValueError(f"unknown TiTok preset {name!r}; known: {sorted(TITOK_PRESETS)}")
-    return TiTok(**{**TITOK_PRESETS[name], **overrides})
-

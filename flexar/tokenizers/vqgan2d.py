@@ -38,19 +38,6 @@ from ..quantizers import VQ
 from ..utils import psnr
 from .base import Encoded, Tokenizer
 
-VQGAN2D_PRESETS = {
-    # LlamaGen's VQ-8 / VQ-16 layouts (ch=128, z 8-dim l2-normalised codes, 16384 entries)
-    "vq2d-f8": dict(downsample=8, width=128, channel_multipliers=[1, 2, 2, 4], num_res_blocks=2,
-                    codebook_size=16384, code_dim=8),
-    "vq2d-f16": dict(downsample=16, width=128, channel_multipliers=[1, 1, 2, 2, 4], num_res_blocks=2,
-                     codebook_size=16384, code_dim=8),
-    # CPU-sized presets for tests, digits and MNIST
-    "vq2d-tiny": dict(downsample=4, width=8, channel_multipliers=[1, 2, 2], num_res_blocks=1,
-                      codebook_size=32, code_dim=8),
-    "vq2d-digits": dict(downsample=4, width=32, channel_multipliers=[1, 2, 2], num_res_blocks=1,
-                        codebook_size=256, code_dim=8),
-}
-
 
 def group_norm(channels: int) -> nn.GroupNorm:
     # taming uses 32 groups; narrow CPU-sized layers take the largest divisor of their width that is <= 32
@@ -123,6 +110,19 @@ class Decoder(nn.Module):
 @register
 class VQGAN2D(Tokenizer):
     """Convolutional VQ tokenizer: an image becomes an (H / downsample) x (W / downsample) grid of ids."""
+
+    presets = {
+        # LlamaGen's VQ-8 / VQ-16 layouts (ch=128, z 8-dim l2-normalised codes, 16384 entries)
+        "vq2d-f8": dict(downsample=8, width=128, channel_multipliers=[1, 2, 2, 4], num_res_blocks=2,
+                        codebook_size=16384, code_dim=8),
+        "vq2d-f16": dict(downsample=16, width=128, channel_multipliers=[1, 1, 2, 2, 4], num_res_blocks=2,
+                         codebook_size=16384, code_dim=8),
+        # CPU-sized presets for tests, digits and MNIST
+        "vq2d-tiny": dict(downsample=4, width=8, channel_multipliers=[1, 2, 2], num_res_blocks=1,
+                          codebook_size=32, code_dim=8),
+        "vq2d-digits": dict(downsample=4, width=32, channel_multipliers=[1, 2, 2], num_res_blocks=1,
+                            codebook_size=256, code_dim=8),
+    }
 
     def __init__(
         self,
@@ -227,9 +227,3 @@ class VQGAN2D(Tokenizer):
             **{(k if k.endswith("_loss") else f"codebook_{k}"): v for k, v in quantized.logs.items()},
         }
         return loss, logs
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "VQGAN2D":
-        if name not in VQGAN2D_PRESETS:
-            raise ValueError(f"unknown VQGAN2D preset {name!r}; known: {sorted(VQGAN2D_PRESETS)}")
-        return cls(**{**VQGAN2D_PRESETS[name], **overrides})
