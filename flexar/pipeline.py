@@ -6,6 +6,13 @@
 
 Layout: folder/tokenizer/{config.json, model.safetensors}, folder/generator/{...}, folder/pipeline.json.
 
+Drafts: speculative decoding and LANTERN take their draft as a loaded module. ``Pipeline.from_pretrained(folder,
+draft=DRAFT_FOLDER)`` loads one (a small generator or an EAGLE draft head, saved with ``save_pretrained``), checks
+that it fits the generator and puts it on the pipeline's device as ``pipe.draft``::
+
+    pipe = Pipeline.from_pretrained("runs/demo/pipeline", draft="runs/demo/draft")
+    images = pipe.generate([0, 1, 2], sampler=SpeculativeDecoder(pipe.draft, Sampler(cfg_scale=2.0)), seed=0)
+
 Provenance: a generator trained on a token cache records the fingerprint of the tokenizer that wrote the cache
 (``generator.provenance["tokenizer_fingerprint"]``, see :func:`flexar.hub.fingerprint`). A pipeline refuses a
 tokenizer with another fingerprint, even one with the same vocabulary and length, whose ids mean different images:
@@ -81,14 +88,48 @@ class Pipeline:
         check_provenance: refuse a tokenizer whose fingerprint differs from the one the generator recorded
             (default). ``False`` skips the check, for a tokenizer known to give the same ids (for example the same
             weights saved with another config layout).
+        draft: a draft model for speculative decoding and LANTERN, kept as ``self.draft``: a loaded module or the
+            folder of one (see :meth:`load_draft`); None (default) for none.
     """
 
-    def __init__(self, tokenizer, generator, check_provenance: bool = True):
+    def __init__(self, tokenizer, generator, check_provenance: bool = True, draft=None):
         self.tokenizer = tokenizer.eval()
         self.generator = generator.eval()
         self.check_compatible()
         if check_provenance:
             self.check_provenance()
+        self.draft = None if draft is None else self.load_draft(draft)
+
+    def load_draft(self, draft) -> torch.nn.Module:
+        """A draft for this pipeline's generator, in eval mode on the pipeline's device.
+
+        draft: the folder of a draft saved with ``save_pretrained`` (read with :func:`flexar.hub.load_model`), or a
+        loaded module: a generator with token-by-token decoding and this generator's vocabulary and classes, or an
+        :class:`flexar.generators.EagleDraftHead` as wide as this generator. Anything else is refused by name.
+        """
+        from .generators import EagleDraftHead, Generator
+        from .sampling.speculative import check_draft
+
+        source = None
+        if isinstance(draft, (str, os.PathLike)):
+            source = os.fspath(draft)
+            draft = load_model(draft)
+        if source is not None and not isinstance(draft, (Generator, EagleDraftHead)):
+            raise ValueError(f"draft folder {source} holds a {type(draft).__name__}, not a generator or an "
+                             "EagleDraftHead: pass the folder of a draft model trained on the target's tokens")
+        check_draft(draft, "Pipeline draft")
+        where = f"draft folder {source}" if source is not None else f"draft {type(draft).__name__}"
+        generator = self.generator
+        if isinstance(draft, EagleDraftHead):
+            width = getattr(generator, "dim", None)
+            if width != draft.dim:
+                raise ValueError(f"{where}: EAGLE head width {draft.dim} != generator width {width}")
+        else:
+            for field in ("vocab_size", "num_classes"):
+                if getattr(draft, field) != getattr(generator, field):
+                    raise ValueError(f"{where}: draft {field} {getattr(draft, field)} != generator {field} "
+                                     f"{getattr(generator, field)}")
+        return draft.to(self.device).eval()
 
     def check_compatible(self) -> None:
         """Refuse a generator that was trained on another tokenizer's vocabulary or token layout."""
@@ -162,19 +203,25 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "cpu",
-                        check_provenance: bool = True) -> "Pipeline":
-        """Load a folder written by :meth:`save_pretrained`; ``check_provenance`` as in the constructor."""
+                        check_provenance: bool = True, draft=None) -> "Pipeline":
+        """Load a folder written by :meth:`save_pretrained`; ``check_provenance`` as in the constructor.
+
+        ``draft``: the folder of a draft model (or a loaded one) for speculative decoding and LANTERN, loaded on
+        ``device`` and checked against the generator (:meth:`load_draft`); it becomes ``pipeline.draft``.
+        """
         from .generators import Generator
         from .tokenizers import Tokenizer
 
         folders = cls.read_layout(folder)
         tokenizer = load_model(folders["tokenizer"], kind=Tokenizer).to(device)
         generator = load_model(folders["generator"], kind=Generator).to(device)
-        return cls(tokenizer, generator, check_provenance=check_provenance)
+        return cls(tokenizer, generator, check_provenance=check_provenance, draft=draft)
 
     def to(self, device) -> "Pipeline":
         self.tokenizer.to(device)
         self.generator.to(device)
+        if self.draft is not None:
+            self.draft.to(device)
         return self
 
     @property

@@ -29,12 +29,6 @@ TRAINING_STACK = ("lightning", "pytorch_lightning", "torch_fidelity")
 # (importing module, imported module) -> why it is there. Every entry must still exist (a removed import is taken off
 # this list), and no cycle may run through anything not listed.
 UPWARD_LAZY_IMPORTS = {
-    ("flexar.sampling.strategy", "flexar.generators.base"):
-        "check_decoding_hooks tells a family's own hooks from the generator base class's placeholders",
-    ("flexar.sampling.speculative", "flexar.generators"):
-        "a draft given as a folder is loaded and checked to be a generator or an EagleDraftHead",
-    ("flexar.sampling.speculative", "flexar.generators.eagle"):
-        "an EagleDraftHead draft is driven through its own drafter",
     ("flexar.tokenizers.retok", "flexar.eval.classifier"):
         "ReTok's 'classifier:PATH' teacher is read from a saved DigitClassifier folder",
 }

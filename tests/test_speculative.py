@@ -212,7 +212,7 @@ def test_eagle_head_trains_through_the_lightning_cli(target_folder, tmp_path):
     config["data"]["init_args"].update(train=str(tmp_path / "tokens"), val=str(tmp_path / "tokens"), batch_size=32)
     (tmp_path / "eagle.yaml").write_text(yaml.safe_dump(config))
     run(["fit", "--config", str(tmp_path / "eagle.yaml"), "--trainer.default_root_dir", str(tmp_path / "run")])
-    decoder = SpeculativeDecoder(str(tmp_path / "head"), Sampler(), draft_length=2)
+    decoder = SpeculativeDecoder(EagleDraftHead.from_pretrained(tmp_path / "head"), Sampler(), draft_length=2)
     target = RasterAR.from_pretrained(target_folder).eval()
     out = target.generate_with(torch.tensor([0, 1]), decoder, seeded())
     assert isinstance(decoder.draft, EagleDraftHead) and out.ids.shape == (2, LENGTH)
@@ -242,18 +242,42 @@ def test_a_saved_eagle_head_loads_without_its_target_folder_from_any_directory(t
     assert (loaded.vocab_size, loaded.max_tokens, loaded.num_classes) == (VOCAB, LENGTH, 2)
     assert not any(parameter.requires_grad for parameter in loaded.target.parameters())
     # drafting from the folder gives the same rounds and ids as the head it was saved from
-    decoder = SpeculativeDecoder(tmp_path / "moved", sampler, draft_length=2)
+    decoder = SpeculativeDecoder(loaded, sampler, draft_length=2)
     out = target.generate_with(torch.tensor([0, 1, 1]), decoder, seeded(3))
     assert torch.equal(out.ids, expected.ids) and out.stats["accepted"] == expected.stats["accepted"]
     with pytest.raises(ValueError, match="a target folder or a target_config, not both"):
         EagleDraftHead(target=str(tmp_path / "x"), target_config=saved["target_config"])
 
 
-def test_a_draft_folder_that_holds_a_tokenizer_is_refused(tmp_path):
+def test_the_draft_is_a_module_and_a_folder_loads_through_the_pipeline(tmp_path):
+    from flexar import Pipeline
+    from flexar.hub import load_model
     from flexar.tokenizers import TiTok
 
-    TiTok(image_size=16, channels=1, patch_size=4, num_latent_tokens=3, width=16, depth=1, num_heads=2,
-          codebook_size=VOCAB, code_dim=4).save_pretrained(tmp_path / "tokenizer")
-    decoder = SpeculativeDecoder(str(tmp_path / "tokenizer"), Sampler())
+    torch.manual_seed(0)
+    tokenizer = TiTok(image_size=16, channels=1, patch_size=4, num_latent_tokens=LENGTH, width=16, depth=1,
+                      num_heads=2, codebook_size=VOCAB, code_dim=4).eval()
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    target, draft = tiny(dim=16, seed=0), tiny(dim=8, seed=3)
+    draft.save_pretrained(tmp_path / "draft")
+    # strategies take modules only: a folder is refused by type, naming the two ways to load it
+    for folder in (str(tmp_path / "draft"), tmp_path / "draft"):
+        with pytest.raises(TypeError, match=r"loaded module.*flexar.hub.load_model\(folder\).*draft=folder"):
+            SpeculativeDecoder(folder, Sampler())
+    with pytest.raises(ValueError, match="the draft is a TiTok, not a generator or an EagleDraftHead"):
+        SpeculativeDecoder(tokenizer, Sampler())
+    # the pipeline loads a draft folder on its device and checks it against the generator
+    Pipeline(tokenizer, target, check_provenance=False).save_pretrained(tmp_path / "pipe")
+    pipe = Pipeline.from_pretrained(tmp_path / "pipe", check_provenance=False, draft=tmp_path / "draft")
+    assert isinstance(pipe.draft, RasterAR) and not pipe.draft.training
+    assert pipe.draft.fingerprint == load_model(tmp_path / "draft").fingerprint
+    sampler = Sampler(cfg_scale=2.0)
+    from_folder = pipe.generate([0, 1, 1], sampler=SpeculativeDecoder(pipe.draft, sampler, 2), seed=3)
+    in_memory = Pipeline(tokenizer, target, check_provenance=False, draft=draft)
+    assert torch.equal(in_memory.generate([0, 1, 1], sampler=SpeculativeDecoder(draft, sampler, 2), seed=3), from_folder)
+    assert SpeculativeDecoder(pipe.draft).to_dict()["draft_fingerprint"] == pipe.draft.fingerprint
     with pytest.raises(ValueError, match="holds a TiTok, not a generator or an EagleDraftHead"):
-        tiny().generate_with(torch.tensor([0]), decoder, seeded())
+        Pipeline(tokenizer, target, check_provenance=False, draft=tmp_path / "tokenizer")
+    tiny(vocab_size=5).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"draft folder .*other: draft vocab_size 5 != generator vocab_size 3"):
+        Pipeline.from_pretrained(tmp_path / "pipe", check_provenance=False, draft=tmp_path / "other")

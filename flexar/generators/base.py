@@ -19,7 +19,7 @@ so the global random state is never read or advanced. Class dropout during train
 from __future__ import annotations
 
 import time
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +49,13 @@ class Generator(Configurable, PretrainedMixin, nn.Module):
     grid: tuple[int, int] | None = None
     class_dropout: float = 0.0
     presets: dict[str, dict] = {}
+
+    # -- capabilities: what a family declares it supports; decoding strategies read these, never the methods ---------
+    supports_step_decoding: ClassVar[bool] = False
+    """The family decodes token by token through ``new_cache`` / ``prefill`` / ``step`` (and :meth:`generate` is
+    the loop over them): speculative decoding, LANTERN, ScalingAR and best-of-N drive such families only."""
+    tokens_per_step: int = 1
+    """Tokens one ``step`` position emits (Token-Shuffle: a window of s^2); the strategies drive 1."""
 
     @property
     def null_class(self) -> int:

@@ -53,6 +53,10 @@ class EagleDraftHead(Configurable, PretrainedMixin, nn.Module):
     Shapes: ``forward(ids (R, n), features (R, n, dim), token_embed, kv_cache) -> predicted features (R, n, dim)``.
     """
 
+    # what speculative decoding reads to draft with this head over the target's features instead of through a
+    # generator's own decoding hooks
+    drafts_from_features: bool = True
+
     def __init__(
         self,
         target: str | None = None,

@@ -73,6 +73,7 @@ class RasterAR(Generator):
     """
 
     presets = RASTER_PRESETS
+    supports_step_decoding = True
 
     def __init__(
         self,

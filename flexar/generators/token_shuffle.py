@@ -97,6 +97,7 @@ class TokenShuffleAR(Generator):
     """
 
     presets = TOKEN_SHUFFLE_PRESETS
+    supports_step_decoding = True  # with tokens_per_step = s^2, which the one-token strategies refuse
 
     def __init__(
         self,

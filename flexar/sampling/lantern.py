@@ -124,7 +124,7 @@ class LanternDecoder(SpeculativeDecoder):
 
     def __init__(
         self,
-        draft: nn.Module | str,
+        draft: nn.Module,
         sampler: Sampler | None = None,
         draft_length: int = 5,
         neighbours: Tensor | None = None,

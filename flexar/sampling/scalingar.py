@@ -37,7 +37,7 @@ from torch import Tensor
 
 from flexar.sampling.processors import SamplingState, classifier_free_guidance
 from flexar.sampling.sampler import Sampler
-from flexar.sampling.strategy import DecodingStrategy, check_decoding_hooks, generation_output
+from flexar.sampling.strategy import DecodingStrategy, check_step_decoding, generation_output
 from flexar.sampling.streams import ImageStreams
 
 
@@ -164,7 +164,7 @@ class ScalingAR(DecodingStrategy):
         use_cache: bool = True,
         progress: bool = False,
     ):
-        check_decoding_hooks(model, strategy=type(self).__name__)
+        check_step_decoding(model, strategy=type(self).__name__)
         labels = model.check_labels(labels)
         count = model.check_num_tokens(num_tokens)
         generator = model.resolve_generator(generator)
@@ -292,7 +292,7 @@ class BestOfN(DecodingStrategy):
 
     @torch.no_grad()
     def decode(self, model, labels, generator=None, num_tokens=None, use_cache=True, progress=False):
-        check_decoding_hooks(model, strategy=type(self).__name__)
+        check_step_decoding(model, strategy=type(self).__name__)
         labels = model.check_labels(labels)
         count = model.check_num_tokens(num_tokens)
         generator = model.resolve_generator(generator)

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from flexar.sampling.processors import SamplingState
 from flexar.sampling.sampler import Sampler, categorical
-from flexar.sampling.strategy import DecodingStrategy, check_decoding_hooks, generation_output
+from flexar.sampling.strategy import DecodingStrategy, check_step_decoding, generation_output
 from flexar.sampling.streams import uniform
 
 
@@ -119,7 +119,7 @@ class GeneratorDrafter:
     needs_hidden = False
 
     def __init__(self, model) -> None:
-        check_decoding_hooks(model, strategy="a speculative draft")
+        check_step_decoding(model, strategy="a speculative draft")
         self.model = model
         self.forward_passes = 0
 
@@ -206,6 +206,28 @@ class EagleDrafter:
         pass
 
 
+def check_draft(draft, strategy: str = "SpeculativeDecoder", decoding: bool = True) -> nn.Module:
+    """Refuse anything but a loaded draft module: a generator (with token-by-token decoding unless ``decoding`` is
+    False, which leaves that check to decoding time), or a head that drafts from the target's features
+    (``drafts_from_features``, :class:`flexar.generators.EagleDraftHead`)."""
+    if isinstance(draft, (str, os.PathLike)):
+        raise TypeError(
+            f"{strategy} takes the draft as a loaded module, not the folder {os.fspath(draft)!r}: load it with "
+            "flexar.hub.load_model(folder), or pass it as Pipeline.from_pretrained(..., draft=folder) and use "
+            "pipeline.draft"
+        )
+    if not isinstance(draft, nn.Module):
+        raise TypeError(f"{strategy}: draft must be a generator or an EagleDraftHead module, got {type(draft).__name__}")
+    if getattr(draft, "drafts_from_features", False):
+        return draft
+    if not hasattr(draft, "supports_step_decoding"):
+        raise ValueError(f"{strategy}: the draft is a {type(draft).__name__}, not a generator or an EagleDraftHead; "
+                         "pass a draft model trained on the target's tokens")
+    if decoding:
+        check_step_decoding(draft, strategy=f"{strategy}'s draft")
+    return draft
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # decoder
 
@@ -214,9 +236,10 @@ class SpeculativeDecoder(DecodingStrategy):
     """Exact speculative decoding of a target generator with a draft generator or an EAGLE draft head.
 
     Args:
-        draft: a generator with decoding hooks and the target's vocabulary (a smaller model), an
-            :class:`flexar.generators.EagleDraftHead`, or the folder of either (loaded by :meth:`prepare` or at the
-            first :meth:`decode`, on the target's device).
+        draft: a loaded module: a generator with token-by-token decoding and the target's vocabulary and classes (a
+            smaller model), or an :class:`flexar.generators.EagleDraftHead`, on the target's device. A folder is not
+            accepted here: load it with ``flexar.hub.load_model(folder)`` or ``Pipeline.from_pretrained(...,
+            draft=folder)`` (which puts it on the pipeline's device as ``pipeline.draft``).
         sampler: per-token :class:`~flexar.sampling.Sampler` applied to target and draft logits alike.
         draft_length: drafts per round (chain length), ``>= 1``.
 
@@ -229,14 +252,12 @@ class SpeculativeDecoder(DecodingStrategy):
 
     name = "speculative"
 
-    def __init__(self, draft: nn.Module | str | os.PathLike, sampler: Sampler | None = None, draft_length: int = 5) -> None:
+    def __init__(self, draft: nn.Module, sampler: Sampler | None = None, draft_length: int = 5) -> None:
         super().__init__(sampler)
         if isinstance(draft_length, bool) or not isinstance(draft_length, int) or draft_length < 1:
             raise ValueError(f"draft_length must be an int >= 1, got {draft_length!r}")
-        if not isinstance(draft, (nn.Module, str, os.PathLike)):
-            raise TypeError(f"draft must be a module or a folder, got {type(draft).__name__}")
-        self.draft = os.fspath(draft) if isinstance(draft, os.PathLike) else draft
-        self.draft_source = self.draft if isinstance(self.draft, str) else type(draft).__name__
+        # whether the draft can decode token by token is checked with the target, when decoding starts
+        self.draft = check_draft(draft, type(self).__name__, decoding=False)
         self.draft_length = draft_length
 
     # -- hooks for subclasses (LANTERN) --------------------------------------------------------------------------------
@@ -247,28 +268,16 @@ class SpeculativeDecoder(DecodingStrategy):
         """(acceptance distribution, residual base) for (B, g, V) target probs and (B, g) drafts: exact SD uses p."""
         return target_probs, None
 
-    def prepare(self, pipeline) -> None:
-        super().prepare(pipeline)
-        self.load_draft(pipeline.device)
-
-    def load_draft(self, device) -> nn.Module:
-        if isinstance(self.draft, str):
-            from flexar.generators import EagleDraftHead, Generator
-            from flexar.hub import load_model
-
-            draft = load_model(self.draft)  # self-contained: an EAGLE head's folder holds its target too
-            if not isinstance(draft, (Generator, EagleDraftHead)):
-                raise ValueError(f"draft folder {self.draft} holds a {type(draft).__name__}, not a generator or an "
-                                 "EagleDraftHead: pass the folder of a draft model trained on the target's tokens")
-            self.draft = draft.to(device).eval()
-        return self.draft
-
     def drafter_for(self, model):
-        from flexar.generators.eagle import EagleDraftHead
-
-        draft = self.load_draft(model.device)
-        if isinstance(draft, EagleDraftHead):
+        """The drafter of ``self.draft`` for target ``model``, after checking that the two fit together."""
+        draft = self.draft
+        draft_device = next(draft.parameters()).device
+        if draft_device != model.device:
+            raise ValueError(f"the draft {type(draft).__name__} lives on {draft_device} but the target on "
+                             f"{model.device}: move it with draft.to({str(model.device)!r})")
+        if getattr(draft, "drafts_from_features", False):
             return EagleDrafter(draft, model)
+        check_step_decoding(draft, strategy=f"{type(self).__name__}'s draft")
         if draft.vocab_size != model.vocab_size:
             raise ValueError(f"draft vocab_size {draft.vocab_size} != target vocab_size {model.vocab_size}")
         if draft.num_classes != model.num_classes:
@@ -290,7 +299,7 @@ class SpeculativeDecoder(DecodingStrategy):
 
         ``use_cache`` is accepted for the interface; speculative decoding always runs on KV caches.
         """
-        check_decoding_hooks(model, strategy=type(self).__name__)
+        check_step_decoding(model, strategy=type(self).__name__)
         sampler = self.sampler
         labels, count, generator, timer, conditions, copies = model.begin_generation(labels, sampler, generator, num_tokens)
         drafter = self.drafter_for(model)
@@ -385,7 +394,9 @@ class SpeculativeDecoder(DecodingStrategy):
         return generation_output(ids, stats)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "draft": self.draft_source, "draft_length": self.draft_length}
+        # a draft loaded from a folder carries that folder's fingerprint, which names the saved model exactly
+        return {**super().to_dict(), "draft": type(self.draft).__name__,
+                "draft_fingerprint": getattr(self.draft, "fingerprint", None), "draft_length": self.draft_length}
 
 
 def _progress(total: int, enabled: bool):

@@ -10,8 +10,8 @@ The protocol, which :meth:`flexar.generators.Generator.generate_with` and :meth:
 
 - ``decode(model, labels, generator=None, num_tokens=None, use_cache=True, progress=False) -> GenerationOutput``;
 - ``prepare(pipeline)``: called by the pipeline before decoding, for strategies that need more than the generator
-  (LANTERN reads the tokenizer's code vectors, a draft given as a folder is loaded on the pipeline's device); it
-  first checks the pipeline's generator, so a family the strategy cannot drive is refused before any work;
+  (LANTERN reads the tokenizer's code vectors); it first checks the pipeline's generator, so a family the strategy
+  cannot drive is refused before any work;
 - ``uses_cfg`` and ``to_dict()`` like a sampler.
 """
 from __future__ import annotations
@@ -23,9 +23,6 @@ import torch
 from torch import Tensor
 
 from flexar.sampling.sampler import Sampler
-
-DECODING_HOOKS = ("new_cache", "prefill", "step")
-
 
 @dataclass
 class GenerationOutput:
@@ -54,9 +51,9 @@ class DecodingStrategy:
         return self.sampler.uses_cfg
 
     def prepare(self, pipeline) -> None:
-        """Check the pipeline's generator (:func:`check_decoding_hooks`); subclasses then read what they need from the
+        """Check the pipeline's generator (:func:`check_step_decoding`); subclasses then read what they need from the
         :class:`flexar.Pipeline`, after calling this."""
-        check_decoding_hooks(pipeline.generator, strategy=type(self).__name__)
+        check_step_decoding(pipeline.generator, strategy=type(self).__name__)
 
     def decode(
         self,
@@ -77,34 +74,28 @@ class DecodingStrategy:
         return f"{type(self).__name__}({arguments})"
 
 
-def check_decoding_hooks(model, tokens_per_step: int = 1, strategy: str = "this decoding strategy") -> None:
-    """Refuse, with a ValueError that names the family, a generator whose schedule a strategy cannot drive: one
-    without its own token-by-token hooks (NAR decodes a whole diagonal per pass), or one that emits several tokens
-    per step (Token-Shuffle)."""
+def check_step_decoding(model, tokens_per_step: int = 1, strategy: str = "this decoding strategy") -> None:
+    """Refuse, with a ValueError that names the family, a generator whose schedule a strategy cannot drive.
+
+    A family declares what it supports with class attributes (see :class:`flexar.generators.Generator`):
+    ``supports_step_decoding`` (it decodes token by token through ``new_cache`` / ``prefill`` / ``step``; NAR, which
+    decodes a whole diagonal per pass, and VAR, a whole scale, do not) and ``tokens_per_step`` (Token-Shuffle emits a
+    window of s^2 tokens per step). The strategies read these declarations, never the methods themselves.
+    """
     family = type(model).__name__
-    for hook in DECODING_HOOKS:
-        try:
-            implemented = getattr(type(model), hook) is not getattr(_base_generator(), hook)
-        except AttributeError:
-            implemented = False
-        if not implemented:
-            raise ValueError(
-                f"{strategy} cannot decode with {family}: the {family} family has no token-by-token decoding hook "
-                f"{hook!r}. Speculative decoding, LANTERN, ScalingAR and best-of-N drive new_cache / prefill / step "
-                "(raster order, NPP and other one-token-per-step schedules); sample this family with a plain Sampler"
-            )
+    if not getattr(model, "supports_step_decoding", False):
+        raise ValueError(
+            f"{strategy} cannot decode with {family}: the {family} family has no token-by-token decoding "
+            f"({family}.supports_step_decoding is False). Speculative decoding, LANTERN, ScalingAR and best-of-N "
+            "drive new_cache / prefill / step (raster order, NPP and other one-token-per-step schedules); sample "
+            "this family with a plain Sampler"
+        )
     step_tokens = getattr(model, "tokens_per_step", 1)
     if step_tokens != tokens_per_step:
         raise ValueError(
             f"{strategy} cannot decode with {family}: it emits {step_tokens} tokens per step, and this strategy drives "
             f"{tokens_per_step} token per step"
         )
-
-
-def _base_generator():
-    from flexar.generators.base import Generator
-
-    return Generator
 
 
 def generation_output(ids: Tensor, stats: dict) -> GenerationOutput:
