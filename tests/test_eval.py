@@ -517,8 +517,8 @@ def test_eval_fid_records_its_settings(tmp_path, tiny_pipeline, classifier_folde
     assert result["feature_dim"] == 16 and result["extractor_weights"] == str(classifier_folder)
     assert result["sampler"]["top_k"] == 5 and result["sampler"]["temperature"] == 0.9
     arguments = result["sampler_arguments"]
-    assert set(arguments) == set(script.sampler_argument_names())
-    expected = {"temperature", "top_k", "top_p", "cfg_scale", "cfg_schedule", "decoding", "draft", "lantern_k"}
+    assert set(arguments) == set(script.build_parser().sampling.names())
+    expected = {"temperature", "top_k", "top_p", "cfg_scale", "cfg_schedule", "decoding", "draft", "k"}
     assert expected <= set(arguments)
     assert arguments["top_k"] == 5 and arguments["decoding"] == "sample" and arguments["draft"] is None
 

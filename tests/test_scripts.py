@@ -81,9 +81,8 @@ def test_sample_grid_holds_the_pipelines_images(pipeline_dir, tmp_path, capsys):
 
 
 def sample_default_sampler():
-    from flexar.sampling.arguments import sampler_from_args
-
-    return sampler_from_args(sample.build_parser().parse_args(["--pipeline", "unused"]))
+    parser = sample.build_parser()
+    return parser.sampling.build(parser.parse_args(["--pipeline", "unused"]))
 
 
 def test_sampling_defaults_agree_with_the_readme():

@@ -1,15 +1,23 @@
-"""What the sampling and FID console scripts share: where outputs go by default, and the sampler defaults."""
+"""What the sampling and FID console scripts share: their parser, where outputs go by default, and the sampler
+defaults."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 from pathlib import Path
+
+import jsonargparse
+
+from flexar.sampling.arguments import SamplingFlags
 
 # outputs go under runs/ of the current directory (git-ignored), never loose in the directory itself
 RUNS = Path("runs")
 
 # classifier-free guidance of the README's quick start and of every FID the README reports (constant schedule)
 CFG_SCALE = 2.0
+
+_UNRECOGNIZED = "unrecognized arguments: "
 
 
 def run_name(pipeline: str | os.PathLike) -> str:
@@ -23,9 +31,32 @@ def default_output(kind: str, pipeline: str | os.PathLike, suffix: str) -> Path:
     return RUNS / kind / f"{run_name(pipeline)}{suffix}"
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """The sampler and decoding-strategy flags, with the scripts' shared defaults (``--cfg-scale`` ``CFG_SCALE``)."""
-    from flexar.sampling.arguments import add_sampler_arguments
+class ScriptParser(jsonargparse.ArgumentParser):
+    """jsonargparse's parser as the scripts use it: the module docstring kept as written, no abbreviated options
+    (``--top`` would be ambiguous between ``--top-k`` and ``--top-p``, and an abbreviation breaks when a flag is
+    added), and an unknown flag answered with the closest known ones."""
 
-    add_sampler_arguments(parser)
-    parser.set_defaults(cfg_scale=CFG_SCALE)
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None):
+        if message.startswith(_UNRECOGNIZED):
+            known = [option for option in self._option_string_actions if option.startswith("--")]
+            for argument in message[len(_UNRECOGNIZED):].split():
+                if argument.startswith("--"):
+                    name = argument.split("=", 1)[0]
+                    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+                    hint = f"did you mean {' or '.join(close)}?" if close else "no flag is close; see --help"
+                    message += f"\n  {name}: {hint}"
+        return super().error(message, ex)
+
+
+def add_sampling_arguments(parser: jsonargparse.ArgumentParser) -> SamplingFlags:
+    """The sampler and decoding-strategy flags (read from their constructors, see :mod:`flexar.sampling.arguments`),
+    with the scripts' shared default ``--cfg-scale`` ``CFG_SCALE``. Returns the flags, whose ``build`` makes the
+    sampler."""
+    flags = SamplingFlags(defaults={"cfg_scale": CFG_SCALE})
+    flags.add_to(parser)
+    return flags

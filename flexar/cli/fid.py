@@ -16,8 +16,10 @@ Everything that can fail is checked before the first image is drawn: the counts,
 feature dimensions are scored with a warning (their covariance is singular, so FID is biased). The JSON goes to
 runs/fid/PARENT-NAME.json for a pipeline folder PARENT/NAME (under the current directory) unless ``--output`` names a
 file, and is printed as one line; it records the metrics, the batch size, the device and every sampling flag as given
-(``sampler_arguments``) beside the sampler that they built (``sampler``). Sampling defaults to classifier-free
-guidance 2 with the constant schedule, as ``flexar-sample`` does.
+(``sampler_arguments``; None where a flag was not given and the constructor's default applies) beside the sampler
+that they built (``sampler``). Sampling defaults to classifier-free guidance 2 with the constant schedule, as
+``flexar-sample`` does; the sampler flags are the constructor arguments of flexar's samplers and decoding strategies
+(flexar/sampling/arguments.py), each listed by ``--help``.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from flexar.cli.common import add_sampling_arguments, default_output
+from flexar.cli.common import ScriptParser, add_sampling_arguments, default_output
 
 # the extractor used when none is named: a DigitClassifier saved inside the pipeline folder
 PIPELINE_CLASSIFIER = "classifier"
@@ -51,15 +53,6 @@ def count_at_least(minimum: int):
     return parse
 
 
-def sampler_argument_names() -> list[str]:
-    """The destinations of every flag that ``add_sampler_arguments`` defines (recorded in the JSON)."""
-    from flexar.sampling.arguments import add_sampler_arguments
-
-    probe = argparse.ArgumentParser(add_help=False)
-    add_sampler_arguments(probe)
-    return sorted(vars(probe.parse_args([])))
-
-
 def resolve_extractor(extractor: str, pipeline: str | Path) -> str:
     """``"classifier"`` -> ``"classifier:PIPELINE/classifier"``, refused with the flags to pass when that folder is
     missing; any other name is returned as given (``flexar.eval.fid.load_extractor`` checks it)."""
@@ -76,9 +69,10 @@ def resolve_extractor(extractor: str, pipeline: str | Path) -> str:
     return f"classifier:{folder}"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flexar-fid", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ScriptParser:
+    """The parser of ``flexar-fid``; ``parser.sampling`` (:class:`flexar.sampling.arguments.SamplingFlags`) builds
+    the sampler from the parsed flags."""
+    parser = ScriptParser(prog="flexar-fid", description=__doc__)
     parser.add_argument("--pipeline", required=True, help="folder written by Pipeline.save_pretrained")
     parser.add_argument("--num-samples", type=count_at_least(2), default=1000, help="FID needs at least 2")
     parser.add_argument("--num-tokens", type=count_at_least(1), default=None,
@@ -97,20 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, default=None,
                         help="JSON path (default: runs/fid/PARENT-NAME.json for the pipeline folder PARENT/NAME)")
     parser.add_argument("--save-grid", type=Path, default=None, help="also save the first 64 samples as a PNG grid")
-    add_sampling_arguments(parser)
+    parser.sampling = add_sampling_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from flexar import Pipeline
     from flexar.eval.fid import SmallSetWarning, compute_metrics, load_extractor, reference_images, warn_small_sets
-    from flexar.sampling.arguments import sampler_from_args
 
     parser = build_parser()
     args = parser.parse_args(argv)
 
     try:
-        sampler = sampler_from_args(args)
+        sampler = parser.sampling.build(args, device=args.device)
     except (ValueError, TypeError) as error:
         parser.error(f"sampler: {error}")
     if args.inception_weights is not None and args.extractor != "inception":
@@ -156,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "device": args.device,
         "sampler": sampler.to_dict(),
-        "sampler_arguments": {name: getattr(args, name) for name in sampler_argument_names()},
+        "sampler_arguments": {name: getattr(args, name) for name in parser.sampling.names()},
         "forward_passes": stats["forward_passes"],
         "sample_seconds": round(sample_seconds, 2),
     }

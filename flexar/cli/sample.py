@@ -6,23 +6,30 @@ file each).
 Writes the grid to runs/samples/PARENT-NAME.png for a pipeline folder PARENT/NAME (runs/demo/pipeline ->
 runs/samples/demo-pipeline.png, under the current directory) unless ``--output`` names a file, and prints one JSON
 line: the grid's path, the image count, the sampler and the generation stats. Sampling defaults to classifier-free
-guidance 2 with the constant schedule (``--cfg-scale 1`` turns it off); every sampler flag is listed by ``--help``.
+guidance 2 with the constant schedule (``--cfg-scale 1`` turns it off). The sampler flags are the constructor
+arguments of flexar's samplers and decoding strategies (flexar/sampling/arguments.py), each listed by ``--help``:
+
+    flexar-sample --pipeline runs/demo/pipeline --temperature 0.9 --top-k 8
+    flexar-sample --pipeline runs/demo/pipeline --entropy-temperature --decoding scalingar --num-trajectories 4
+    flexar-sample --pipeline runs/demo/pipeline --decoding lantern --draft runs/eagle_digits/head --delta 0.2
+
+A draft (``--draft FOLDER``) is loaded with flexar.hub.load_model onto ``--device``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from flexar.cli.common import add_sampling_arguments, default_output
+from flexar.cli.common import ScriptParser, add_sampling_arguments, default_output
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flexar-sample", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ScriptParser:
+    """The parser of ``flexar-sample``; ``parser.sampling`` (:class:`flexar.sampling.arguments.SamplingFlags`)
+    builds the sampler from the parsed flags."""
+    parser = ScriptParser(prog="flexar-sample", description=__doc__)
     parser.add_argument("--pipeline", required=True, help="folder written by Pipeline.save_pretrained")
     parser.add_argument("--labels", type=int, nargs="*", default=None, help="class labels (default: every class)")
     parser.add_argument("--per-label", type=int, default=8, help="images per label: one grid row each")
@@ -32,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, default=None,
                         help="PNG grid (default: runs/samples/PARENT-NAME.png for the pipeline folder PARENT/NAME)")
     parser.add_argument("--individual", type=Path, default=None, help="also write one PNG per image into this folder")
-    add_sampling_arguments(parser)
+    parser.sampling = add_sampling_arguments(parser)
     return parser
 
 
@@ -40,14 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     from torchvision.utils import save_image
 
     from flexar import Pipeline
-    from flexar.sampling.arguments import sampler_from_args
 
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.per_label < 1:
         parser.error(f"--per-label must be an integer >= 1, got {args.per_label}")
     try:
-        sampler = sampler_from_args(args)
+        sampler = parser.sampling.build(args, device=args.device)
     except (ValueError, TypeError) as error:
         parser.error(f"sampler: {error}")
     output = args.output if args.output is not None else default_output("samples", args.pipeline, ".png")
