@@ -4,7 +4,8 @@
 2. cache its tokens for the train and test splits (flexar-tokenize);
 3. train a generator on the cached tokens (--generator-config);
 4. train the classifier whose features score FID (--classifier-config);
-5. sample an 8x8 grid and score FID of generated images against the test split.
+5. sample an 8x8 grid and score FID of generated images against the test split (the sampling flags of
+   flexar-sample: CFG 2 by default, --temperature, --top-k, --entropy-temperature, --decoding scalingar, ...).
 
     python scripts/demo.py --output runs/demo
     FLEXAR_DATA=../shared/data python scripts/demo.py --dataset mnist --output runs/mnist \
@@ -19,7 +20,6 @@ redone with it; the FID classifier reads only the dataset and is kept).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shlex
@@ -192,20 +192,19 @@ def classifier_stage(args, stages: Stages) -> float:
                  args.output / "classifier", extra, inputs={})
 
 
-def sample_stage(args) -> dict:
-    """Always run: it is cheap, and its numbers must come from the models as they are now."""
+def sample_stage(args, sampler) -> dict:
+    """Always run: it is cheap, and its numbers must come from the models as they are now. `sampler`: what the
+    sampling flags built (a sampler or a decoding strategy)."""
     from torchvision.utils import save_image
 
     from flexar import Pipeline
     from flexar.eval.fid import compute_metrics, reference_images
     from flexar.hub import load_model
-    from flexar.sampling import Sampler
 
     output = args.output
     # refuses a generator trained on another tokenizer's ids (its recorded provenance)
     pipe = Pipeline(load_model(output / "tokenizer"), load_model(output / "generator"))
     pipe.save_pretrained(output / "pipeline")
-    sampler = Sampler(temperature=args.temperature, top_k=args.top_k, cfg_scale=args.cfg_scale)
     grid = pipe.generate(torch.arange(8).repeat_interleave(8) % pipe.num_classes, sampler=sampler, seed=0)
     grid_path = output / "samples.png"
     save_image(grid.float() / 255, grid_path, nrow=8, padding=2, pad_value=1.0)
@@ -227,7 +226,9 @@ def sample_stage(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from flexar.cli.common import ScriptParser, add_sampling_arguments
+
+    parser = ScriptParser(prog="demo.py", description=__doc__)
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "demo")
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--root", default=None, help="dataset root (default: $FLEXAR_DATA)")
@@ -239,10 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classifier-args", default="", help="extra flexar-train overrides for the FID classifier")
     parser.add_argument("--num-samples", type=int, default=1000, help="generated images scored by FID")
     parser.add_argument("--reference-limit", type=int, default=None, help="test images in the FID reference (default all)")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--cfg-scale", type=float, default=2.0)
+    # the sampling flags of flexar-sample (CFG 2 by default), checked here, before minutes of training
+    sampling = add_sampling_arguments(parser)
     args = parser.parse_args(argv)
+    try:
+        sampler = sampling.build(args)
+    except (ValueError, TypeError) as error:
+        parser.error(f"sampler: {error}")
     args.output = args.output.resolve()  # the same folder, however it is spelt, gives the same recorded recipes
     args.output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -252,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens_stage(args, stages)
     generator_stage(args, stages)
     classifier_stage(args, stages)
-    fid = sample_stage(args)
+    fid = sample_stage(args, sampler)
     rows = {
         "dataset": args.dataset,
         "tokens per image": recon["num_tokens"],

@@ -214,7 +214,8 @@ def test_help_comes_from_the_docstrings():
     (["--top-kk", "3"], r"unrecognized arguments: --top-kk 3\n  --top-kk: did you mean --top-k"),
     (["--cfg_scle", "2"], r"--cfg_scle: did you mean --cfg_scale"),
     (["--top", "3"], r"unrecognized arguments: --top 3"),  # no abbreviations
-    (["--decoding", "speculative"], r"sampler: --decoding speculative needs --draft FOLDER, the folder of a saved model"),
+    (["--decoding", "speculative"],
+     r"sampler: --decoding speculative needs --draft FOLDER, the folder of a saved model"),
     (["--decoding", "lantern", "--draft", "/no/such/folder"], r"--draft /no/such/folder: .*config.json"),
     (["--draft-length", "3"], r"--decoding sample does not take --draft-length \(--draft-length is an argument of "
                               r"--decoding speculative, --decoding lantern\)"),

@@ -128,3 +128,24 @@ def test_sample_refuses_bad_counts_by_flag(pipeline_dir, tmp_path, monkeypatch, 
         sample.main(["--pipeline", str(pipeline_dir), "--labels", "1", *arguments])
     assert stop.value.code == 2 and re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "runs").exists()
+
+
+def test_demo_checks_its_sampling_flags_before_training(tmp_path, monkeypatch, capsys):
+    # the demo takes flexar-sample's sampling flags, and a bad one stops it before minutes of training
+    spec = importlib.util.spec_from_file_location("script_demo", ROOT / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+
+    def never(*args, **kwargs):
+        raise AssertionError("a stage started before the sampling flags were checked")
+
+    monkeypatch.setattr(demo, "Stages", never)
+    for flags, message in ((["--top-k", "-1"], "sampler: top_k must be an integer >= 0"),
+                           (["--decoding", "lantern"], "sampler: --decoding lantern needs --draft FOLDER"),
+                           (["--top-kk", "3"], "--top-kk: did you mean --top-k")):
+        with pytest.raises(SystemExit) as stop:
+            demo.main(["--output", str(tmp_path / "demo"), *flags])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+    with pytest.raises(AssertionError, match="a stage started"):
+        demo.main(["--output", str(tmp_path / "demo"), "--entropy-temperature", "--cfg-scale", str(CFG_SCALE)])

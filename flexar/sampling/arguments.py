@@ -121,6 +121,7 @@ def plain_text(text: str | None) -> str:
 
 
 def first_sentence(text: str) -> str:
+    """Up to the first full stop followed by a space (the whole text when there is none)."""
     return re.split(r"(?<=\.)\s", text, maxsplit=1)[0]
 
 
