@@ -296,3 +296,54 @@ def test_paper_preset_parameter_counts_with_llamagen_rounding():
             model = RasterAR.from_preset(name, vocab_size=16384, max_tokens=256, num_classes=1000, grid=[16, 16],
                                          mlp_multiple_of=256)
         assert abs(sum(p.numel() for p in model.parameters()) - count) / count < 0.01, name
+
+
+def test_strategies_read_the_declared_capability_not_the_methods():
+    from flexar.sampling import BestOfN, LanternDecoder, ScalingAR, SpeculativeDecoder
+
+    class Declined(RasterAR):
+        """Keeps every decoding hook of RasterAR but declares no token-by-token decoding."""
+
+        supports_step_decoding = False
+
+    torch.manual_seed(0)
+    model = Declined(vocab_size=16, max_tokens=8, num_classes=4, dim=16, depth=1, num_heads=2).eval()
+    draft = tiny_raster().eval()
+    sampler = Sampler(cfg_scale=2.0)
+    message = r"cannot decode with Declined: the Declined family has no token-by-token decoding \(Declined.supports_step_decoding is False\)"
+    for strategy in (SpeculativeDecoder(draft, sampler, 2), LanternDecoder(draft, sampler, 2, k=3), ScalingAR(sampler, 2),
+                     BestOfN(sampler, 2)):
+        with pytest.raises(ValueError, match=rf"{type(strategy).__name__} {message}"):
+            model.generate_with(torch.tensor([0, 1]), strategy, seeded())
+    # as a draft too, and its own hooks refuse to run
+    with pytest.raises(ValueError, match=rf"SpeculativeDecoder's draft {message}"):
+        draft.generate_with(torch.tensor([0]), SpeculativeDecoder(model, sampler, 2), seeded())
+    with pytest.raises(NotImplementedError, match="Declined has no token-by-token decoding"):
+        model.start_decoding(torch.tensor([0]), 1, 8)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
+def test_a_decoding_run_without_a_cache_equals_the_cached_run(cfg_scale):
+    """StepDecoding recomputes the fed prefix when it has no cache; feed, roll back and row selection agree."""
+    model = tiny_raster().eval()
+    labels = torch.tensor([0, 1, 2, 3])
+    conditions = model.guidance_labels(labels, Sampler(cfg_scale=cfg_scale))
+    copies = conditions.shape[0] // labels.shape[0]
+    ids = random_ids(model, 4)
+    cached, recomputed = (model.start_decoding(conditions, copies, model.max_tokens, use_cache) for use_cache in (True, False))
+    with torch.no_grad():
+        torch.testing.assert_close(cached.start(), recomputed.start())
+        torch.testing.assert_close(cached.feed(ids[:, :3]), recomputed.feed(ids[:, :3]))
+        for run in (cached, recomputed):
+            run.truncate(2)  # keep the class token and t_0
+            run.select(torch.tensor([3, 1]))
+        assert cached.length == recomputed.length == 2
+        kept = ids[[3, 1]]
+        logits, hidden = cached.feed(kept[:, 1:4], return_hidden=True)
+        logits_again, hidden_again = recomputed.feed(kept[:, 1:4], return_hidden=True)
+        torch.testing.assert_close(logits, logits_again, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hidden, hidden_again, atol=1e-5, rtol=1e-5)
+        # both equal teacher forcing of the kept rows
+        full = model(kept[:, :4].repeat(copies, 1), conditions.view(copies, -1)[:, [3, 1]].flatten())
+        torch.testing.assert_close(logits, full[:, 2:5], atol=1e-5, rtol=1e-5)
+    assert cached.forward_passes == recomputed.forward_passes == 3

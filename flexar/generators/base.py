@@ -8,9 +8,21 @@
   grid in raster order) and ``null_class`` (= ``num_classes``, the label of the unconditional branch of
   classifier-free guidance).
 
-Families whose schedule feeds tokens one position at a time after a condition prefix (raster order, NPP at inference,
-Token-Shuffle) also implement the decoding hooks ``new_cache`` / ``prefill`` / ``step``, which loop-changing decoders
-(speculative decoding, LANTERN, ScalingAR) wrap.
+Token-by-token decoding. A family whose schedule feeds one step unit at a time after a class token (raster order,
+NPP at inference: one token; Token-Shuffle: one window of s^2 tokens) declares ``supports_step_decoding = True`` and
+``tokens_per_step``, and provides
+
+- ``forward(steps (B, n, *unit) long, labels (B,) | None, kv_cache=None, return_hidden=False) -> logits
+  (B, L_in, *unit, V)`` (and hidden (B, L_in, dim) with ``return_hidden``), the class token leading when the cache
+  is empty (L_in = n + 1) and row j predicting the unit after input j; ``unit`` is () for one token a step;
+- ``new_cache(batch_size, max_length=None)``, and the layout hooks ``empty_steps`` / ``ids_to_steps`` /
+  ``steps_to_ids`` when a step is more than one token.
+
+The base class supplies the decoding hooks ``prefill`` / ``step`` over them, :class:`StepDecoding` (one run of the
+hooks: the KV cache, the CFG copies, rollback and row selection, or a full recompute of the prefix) and
+:meth:`Generator.generate`, the one loop over it. The decoding strategies (speculative decoding, LANTERN, ScalingAR,
+best-of-N) drive the same :class:`StepDecoding` through :meth:`Generator.start_decoding`; they read the declared
+capabilities, never which methods a family overrides.
 
 Randomness: ``generate`` draws only from its ``torch.Generator``; when none is given it seeds a fresh one from the OS,
 so the global random state is never read or advanced. Class dropout during training is the one exception: like
@@ -26,6 +38,7 @@ from torch import Tensor, nn
 
 from ..hub import Configurable, PretrainedMixin
 from ..nn import KVCache
+from ..sampling import SamplingState
 from ..sampling.strategy import GenerationOutput
 
 
@@ -194,6 +207,7 @@ class Generator(Configurable, PretrainedMixin, nn.Module):
     def training_loss(self, ids: Tensor, labels: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, dict]:
         raise NotImplementedError
 
+    @torch.no_grad()
     def generate(
         self,
         labels: Tensor,
@@ -203,7 +217,14 @@ class Generator(Configurable, PretrainedMixin, nn.Module):
         use_cache: bool = True,
         progress: bool = False,
     ) -> GenerationOutput:
-        raise NotImplementedError
+        """Sample `num_tokens` (default max_tokens) tokens per label. labels (B,) long -> ids (B, num_tokens), stats.
+
+        Families with ``supports_step_decoding`` decode one step unit per forward pass (:meth:`decode_steps`);
+        the others override this with their own schedule.
+        """
+        if not self.supports_step_decoding:
+            raise NotImplementedError(f"{type(self).__name__} must implement generate (it has no token-by-token decoding)")
+        return self.decode_steps(labels, sampler, generator, num_tokens, use_cache, progress)
 
     def generate_with(
         self,
@@ -222,15 +243,157 @@ class Generator(Configurable, PretrainedMixin, nn.Module):
             return self.generate(labels, sampler, generator, num_tokens, use_cache, progress)
         return decode(self, labels, generator=generator, num_tokens=num_tokens, use_cache=use_cache, progress=progress)
 
-    # -- decoding hooks (families with a token-by-token schedule) -----------------------------------------------------
+    # -- token-by-token decoding (families with supports_step_decoding) -----------------------------------------------
+    def require_step_decoding(self, what: str) -> None:
+        if not self.supports_step_decoding:
+            raise NotImplementedError(
+                f"{type(self).__name__} has no token-by-token decoding ({type(self).__name__}.supports_step_decoding is "
+                f"False), so no {what}"
+            )
+
     def new_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
-        raise NotImplementedError(f"{type(self).__name__} has no KV-cache decoding hooks")
+        """An empty KV cache for `batch_size` rows (2B under CFG) and up to `max_length` positions (class token
+        included; default: the whole sequence)."""
+        raise NotImplementedError(f"{type(self).__name__} has no KV cache")
+
+    def empty_steps(self, rows: int) -> Tensor:
+        """No step units: (rows, 0, *unit) long, the input of a prefill (one token a step: (rows, 0))."""
+        return torch.empty(rows, 0, dtype=torch.long, device=self.device)
+
+    def ids_to_steps(self, ids: Tensor) -> Tensor:
+        """Token ids (B, L) -> step units (B, L / tokens_per_step, *unit) in decoding order (one token a step: ids)."""
+        return ids
+
+    def steps_to_ids(self, steps: Tensor) -> Tensor:
+        """Inverse of :meth:`ids_to_steps`: (B, S, *unit) -> token ids (B, S * tokens_per_step)."""
+        return steps
 
     def prefill(self, labels: Tensor, kv_cache: KVCache, return_hidden: bool = False):
-        raise NotImplementedError(f"{type(self).__name__} has no KV-cache decoding hooks")
+        """Feed the class token into an empty cache. labels (B,) -> logits (B, *unit, V) of the first step unit
+        (and hidden (B, dim) with ``return_hidden``)."""
+        self.require_step_decoding("prefill")
+        if kv_cache.length != 0:
+            raise ValueError(f"prefill needs an empty KV cache, this one holds {kv_cache.length} positions")
+        out = self.forward(self.empty_steps(labels.shape[0]), labels, kv_cache, return_hidden)
+        return (out[0][:, 0], out[1][:, 0]) if return_hidden else out[:, 0]
 
-    def step(self, ids: Tensor, kv_cache: KVCache, return_hidden: bool = False):
-        raise NotImplementedError(f"{type(self).__name__} has no KV-cache decoding hooks")
+    def step(self, steps: Tensor, kv_cache: KVCache, return_hidden: bool = False):
+        """Feed step units (B, n, *unit) after the cached prefix -> logits (B, n, *unit, V) (and hidden (B, n, dim)),
+        row j predicting the unit after steps[:, j]; advances the cache (roll back with ``kv_cache.truncate``)."""
+        self.require_step_decoding("step")
+        if kv_cache.length == 0:
+            raise ValueError("step needs a prefilled KV cache; call prefill(labels, kv_cache) first")
+        return self.forward(steps, None, kv_cache, return_hidden)
+
+    def start_decoding(self, conditions: Tensor, copies: int, length: int, use_cache: bool = True) -> "StepDecoding":
+        """A :class:`StepDecoding` run over `conditions` (rows = copies * B, [labels; null] under CFG) for up to
+        `length` step units."""
+        self.require_step_decoding("start_decoding")
+        return StepDecoding(self, conditions, copies, length, use_cache)
+
+    @torch.no_grad()
+    def decode_steps(
+        self,
+        labels: Tensor,
+        sampler,
+        generator: torch.Generator | None = None,
+        num_tokens: int | None = None,
+        use_cache: bool = True,
+        progress: bool = False,
+        whole: str | None = None,
+    ) -> GenerationOutput:
+        """The one decoding loop of the token-by-token families: a prefill over the class token, then one forward pass
+        per step unit through the KV cache (or a recompute of the whole prefix, ``use_cache=False``, the reference);
+        ``num_tokens / tokens_per_step`` passes in all. With CFG the batch is doubled as [labels; null] and both
+        halves are fed the unit sampled from the guided logits. `whole` as in :meth:`begin_generation`.
+
+        labels: (B,) long; sampler: a :class:`flexar.sampling.Sampler`; returns ids (B, num_tokens) and stats.
+        """
+        labels, count, generator, timer, conditions, copies = self.begin_generation(
+            labels, sampler, generator, num_tokens, whole)
+        batch = labels.shape[0]
+        units = self.ids_to_steps(torch.empty(batch, count, dtype=torch.long, device=labels.device))
+        steps = units.shape[1]
+        run = self.start_decoding(conditions, copies, steps, use_cache)
+        for index in self.progress_range(steps, progress, f"{type(self).__name__} decoding"):
+            logits = run.start() if index == 0 else run.feed(units[:, index - 1 : index])[:, -1]
+            units[:, index] = sampler.sample(logits, SamplingState(step=index, num_steps=steps), generator)
+        stats = {
+            "forward_passes": run.forward_passes,
+            "tokens": batch * count,
+            "seconds": timer.seconds(),
+            "batch_size": batch,
+        }
+        return GenerationOutput(ids=self.steps_to_ids(units), stats=stats)
+
+
+class StepDecoding:
+    """One run of a generator's token-by-token decoding hooks, shared by :meth:`Generator.decode_steps` and the
+    decoding strategies (speculative decoding and its drafts, LANTERN, ScalingAR, best-of-N).
+
+    It holds the rows being decoded (``conditions``: ``copies`` rows per label, [labels; null] under CFG), the KV cache
+    (or, with ``use_cache=False``, the fed prefix, recomputed in full at every call), and counts forward passes.
+    Callers pass step units with one row per label; every call feeds them to all ``copies`` rows.
+
+    Shapes: units (B, n, *unit) long; logits (copies * B, n, *unit, V); ``length`` = positions held, the class token
+    included.
+    """
+
+    def __init__(self, model: Generator, conditions: Tensor, copies: int, length: int, use_cache: bool = True):
+        self.model, self.conditions, self.copies = model, conditions, copies
+        self.cache = model.new_cache(conditions.shape[0], length) if use_cache else None
+        self.fed: Tensor | None = None  # without a cache: every unit fed so far, (rows, n, *unit)
+        self.forward_passes = 0
+
+    @property
+    def length(self) -> int:
+        if self.cache is not None:
+            return self.cache.length
+        return 0 if self.fed is None else 1 + self.fed.shape[1]
+
+    def repeat(self, units: Tensor) -> Tensor:
+        """(B, n, *unit) -> (copies * B, n, *unit): the same units for every CFG copy."""
+        return units.repeat(self.copies, *([1] * (units.dim() - 1)))
+
+    def start(self, return_hidden: bool = False):
+        """Feed the class token: logits (rows, *unit, V) of the first unit (and hidden (rows, dim))."""
+        self.forward_passes += 1
+        if self.cache is not None:
+            return self.model.prefill(self.conditions, self.cache, return_hidden)
+        self.fed = self.model.empty_steps(self.conditions.shape[0])
+        out = self.model.forward(self.fed, self.conditions, None, return_hidden)
+        return (out[0][:, 0], out[1][:, 0]) if return_hidden else out[:, 0]
+
+    def feed(self, units: Tensor, return_hidden: bool = False):
+        """Feed units (B, n, *unit) after the prefix: logits (rows, n, *unit, V), row j predicting the unit after
+        units[:, j] (and hidden (rows, n, dim))."""
+        self.forward_passes += 1
+        units = self.repeat(units)
+        if self.cache is not None:
+            return self.model.step(units, self.cache, return_hidden)
+        if self.fed is None:
+            raise ValueError("feed needs a started decoding run; call start() first")
+        self.fed = torch.cat([self.fed, units], dim=1)
+        out = self.model.forward(self.fed, self.conditions, None, return_hidden)
+        new = units.shape[1]
+        return (out[0][:, -new:], out[1][:, -new:]) if return_hidden else out[:, -new:]
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` positions (class token included): roll back rejected drafts."""
+        if self.cache is not None:
+            self.cache.truncate(length)
+        elif self.fed is not None:
+            self.fed = self.fed[:, : max(length - 1, 0)]
+
+    def select(self, rows: Tensor) -> None:
+        """Keep the label rows `rows` (B',) of the current batch, with all their CFG copies."""
+        batch = self.conditions.shape[0] // self.copies
+        every = torch.cat([rows + copy * batch for copy in range(self.copies)])
+        self.conditions = self.conditions[every]
+        if self.cache is not None:
+            self.cache.select(every)
+        if self.fed is not None:
+            self.fed = self.fed[every]
 
 
 class _Timer:

@@ -8,12 +8,12 @@ each label is replaced by the null class with probability ``class_dropout``. Rot
 sequences and 2D (rows on the first half of each head's dimensions, columns on the second) for a token grid read in
 raster order; the class token carries no rotation. Token t_i sits at the position of its own grid cell.
 
-Generation decodes one token per forward pass: a prefill over the class token, then one pass per new token through
-the KV cache (``num_tokens`` passes in all), or a full recompute of the prefix every step (``use_cache=False``, the
-reference). With CFG the batch is doubled as [labels; null] and both halves are fed the token sampled from the guided
-logits.
+Generation is the token-by-token loop of :class:`~flexar.generators.Generator` (``supports_step_decoding``, one
+token per step): a prefill over the class token, then one pass per new token through the KV cache (``num_tokens``
+passes in all), or a full recompute of the prefix every step (``use_cache=False``, the reference). With CFG the batch
+is doubled as [labels; null] and both halves are fed the token sampled from the guided logits.
 
-Decoding hooks for loop-changing decoders (speculative decoding, LANTERN, ScalingAR):
+Decoding hooks, which loop-changing decoders (speculative decoding, LANTERN, ScalingAR) drive too:
 
 - ``new_cache(batch_size)`` -> KVCache holding ``max_tokens + 1`` positions;
 - ``prefill(labels (B,), kv_cache) -> logits (B, V)`` for t_0 (the cache must be empty);
@@ -46,9 +46,8 @@ from torch import Tensor, nn
 
 from ..hub import register
 from ..nn import KVCache, RotaryEmbedding, Transformer, causal_mask, grid_positions
-from ..sampling import SamplingState
 from ..utils import IGNORE_INDEX
-from .base import GenerationOutput, Generator
+from .base import Generator
 
 RASTER_PRESETS = {
     # LlamaGen's GPT_models: width, depth, heads
@@ -184,20 +183,6 @@ class RasterAR(Generator):
         """An empty KV cache for `batch_size` rows (2B under CFG) and up to class token + max_tokens positions."""
         return self.transformer.new_cache(batch_size, self.max_tokens + 1 if max_length is None else max_length)
 
-    def prefill(self, labels: Tensor, kv_cache: KVCache, return_hidden: bool = False):
-        """Feed the class token into an empty cache. labels (B,) -> logits (B, V) for t_0 (and hidden (B, dim))."""
-        if kv_cache.length != 0:
-            raise ValueError(f"prefill needs an empty KV cache, this one holds {kv_cache.length} positions")
-        empty = torch.empty(labels.shape[0], 0, dtype=torch.long, device=labels.device)
-        out = self.forward(empty, labels, kv_cache, return_hidden)
-        return (out[0][:, 0], out[1][:, 0]) if return_hidden else out[:, 0]
-
-    def step(self, ids: Tensor, kv_cache: KVCache, return_hidden: bool = False):
-        """Feed ids (B, n) after the cached prefix -> logits (B, n, V) (and hidden (B, n, dim)); advances the cache."""
-        if kv_cache.length == 0:
-            raise ValueError("step needs a prefilled KV cache; call prefill(labels, kv_cache) first")
-        return self.forward(ids, None, kv_cache, return_hidden)
-
     # -- objective -----------------------------------------------------------------------------------------------------
     def training_loss(self, ids: Tensor, labels: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, dict]:
         """Next-token cross-entropy with teacher forcing; targets at positions >= lengths[b] are ignored.
@@ -218,41 +203,3 @@ class RasterAR(Generator):
             accuracy = correct.sum() / valid.sum()
         logs = {"loss": loss.detach(), "accuracy": accuracy, "perplexity": loss.detach().exp()}
         return loss, logs
-
-    # -- sampling ------------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(
-        self,
-        labels: Tensor,
-        sampler,
-        generator: torch.Generator | None = None,
-        num_tokens: int | None = None,
-        use_cache: bool = True,
-        progress: bool = False,
-    ) -> GenerationOutput:
-        """Sample `num_tokens` (default max_tokens) tokens per label in raster order, one forward pass per token.
-
-        labels: (B,) long; sampler: a :class:`flexar.sampling.Sampler` (CFG doubles the batch with null labels);
-        returns ids (B, num_tokens) and stats.
-        """
-        labels, count, generator, timer, conditions, copies = self.begin_generation(labels, sampler, generator, num_tokens)
-        batch = labels.shape[0]
-        ids = torch.empty(batch, count, dtype=torch.long, device=labels.device)
-        kv_cache = self.new_cache(conditions.shape[0], count) if use_cache else None
-        forward_passes = 0
-        for index in self.progress_range(count, progress, "raster decoding"):
-            if use_cache and index == 0:
-                logits = self.prefill(conditions, kv_cache)
-            elif use_cache:
-                logits = self.step(ids[:, index - 1 : index].repeat(copies, 1), kv_cache)[:, -1]
-            else:
-                logits = self.forward(ids[:, :index].repeat(copies, 1), conditions)[:, -1]
-            forward_passes += 1
-            ids[:, index] = sampler.sample(logits, SamplingState(step=index, num_steps=count), generator)
-        stats = {
-            "forward_passes": forward_passes,
-            "tokens": batch * count,
-            "seconds": timer.seconds(),
-            "batch_size": batch,
-        }
-        return GenerationOutput(ids=ids, stats=stats)

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ..hub import register
 from ..nn import KVCache, RotaryEmbedding, Transformer, causal_mask, grid_positions
-from ..sampling import SamplingState, check_cfg_schedule
+from ..sampling import check_cfg_schedule
 from ..sampling.processors import classifier_free_guidance
 from .base import GenerationOutput, Generator
 
@@ -201,23 +201,18 @@ class TokenShuffleAR(Generator):
         logits = self.head(self.split(hidden))
         return (logits, hidden) if return_hidden else logits
 
-    # -- decoding hooks (one window of s^2 tokens per step) ----------------------------------------------------------------
+    # -- decoding hooks: one window of s^2 tokens per step (prefill and step come from Generator) -------------------
     def new_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
         return self.transformer.new_cache(batch_size, self.num_windows + 1 if max_length is None else max_length)
 
-    def prefill(self, labels: Tensor, kv_cache: KVCache, return_hidden: bool = False):
-        """labels (B,) -> logits (B, s^2, V) of window 0 (and hidden (B, dim))."""
-        if kv_cache.length != 0:
-            raise ValueError(f"prefill needs an empty KV cache, this one holds {kv_cache.length} positions")
-        empty = torch.empty(labels.shape[0], 0, self.tokens_per_step, dtype=torch.long, device=labels.device)
-        out = self.forward(empty, labels, kv_cache, return_hidden)
-        return (out[0][:, 0], out[1][:, 0]) if return_hidden else out[:, 0]
+    def empty_steps(self, rows: int) -> Tensor:
+        return torch.empty(rows, 0, self.tokens_per_step, dtype=torch.long, device=self.device)
 
-    def step(self, windows: Tensor, kv_cache: KVCache, return_hidden: bool = False):
-        """windows (B, n, s^2) after the cached prefix -> logits (B, n, s^2, V); advances the cache."""
-        if kv_cache.length == 0:
-            raise ValueError("step needs a prefilled KV cache; call prefill(labels, kv_cache) first")
-        return self.forward(windows, None, kv_cache, return_hidden)
+    def ids_to_steps(self, ids: Tensor) -> Tensor:
+        return self.to_windows(ids)
+
+    def steps_to_ids(self, steps: Tensor) -> Tensor:
+        return self.from_windows(steps)
 
     # -- objective -----------------------------------------------------------------------------------------------------
     def training_loss(self, ids: Tensor, labels: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, dict]:
@@ -270,29 +265,10 @@ class TokenShuffleAR(Generator):
 
         ``num_tokens`` must be None or ``max_tokens``: a grid is generated whole.
         """
-        sampler = self.scheduled_sampler(sampler)
-        labels, count, generator, timer, conditions, copies = self.begin_generation(
-            labels, sampler, generator, num_tokens, whole="Token-Shuffle generates whole grids")
-        batch = labels.shape[0]
-        steps = self.num_windows
-        windows = torch.empty(batch, steps, self.tokens_per_step, dtype=torch.long, device=labels.device)
-        kv_cache = self.new_cache(conditions.shape[0], steps) if use_cache else None
-        for index in self.progress_range(steps, progress, "token-shuffle decoding"):
-            if use_cache and index == 0:
-                logits = self.prefill(conditions, kv_cache)
-            elif use_cache:
-                logits = self.step(windows[:, index - 1 : index].repeat(copies, 1, 1), kv_cache)[:, -1]
-            else:
-                logits = self.forward(windows[:, :index].repeat(copies, 1, 1), conditions)[:, -1]
-            windows[:, index] = sampler.sample(logits, SamplingState(step=index, num_steps=steps), generator)
-        stats = {
-            "forward_passes": steps,
-            "tokens": batch * self.max_tokens,
-            "sequence_length": steps + 1,
-            "seconds": timer.seconds(),
-            "batch_size": batch,
-        }
-        return GenerationOutput(ids=self.from_windows(windows), stats=stats)
+        out = self.decode_steps(labels, self.scheduled_sampler(sampler), generator, num_tokens, use_cache, progress,
+                                whole="Token-Shuffle generates whole grids")
+        out.stats["sequence_length"] = self.num_windows + 1
+        return out
 
 
 def _is_guidance(processor) -> bool:

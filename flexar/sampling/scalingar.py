@@ -177,7 +177,7 @@ class ScalingAR(DecodingStrategy):
         owner = torch.arange(batch, device=labels.device).repeat_interleave(trajectories)  # label of each trajectory
         conditions = model.guidance_labels(labels.repeat_interleave(trajectories), sampler)
         copies = conditions.shape[0] // total
-        cache = model.new_cache(conditions.shape[0], count)
+        run = model.start_decoding(conditions, copies, count)
         scorer = _Scorer(sampler, self.entropy_weight, self.condition_weight)
 
         ids = torch.zeros(total, count, dtype=torch.long, device=labels.device)
@@ -186,13 +186,8 @@ class ScalingAR(DecodingStrategy):
         alive = torch.arange(total, device=labels.device)  # trajectory index of every active row
         checkpoints = self.checkpoint_steps(count) if self.terminate else set()
         dynamic_guidance = sampler.uses_cfg and self.guidance_gain > 0
-        forward_passes = 0
         for index in model.progress_range(count, progress, "ScalingAR"):
-            if index == 0:
-                logits = model.prefill(conditions, cache)
-            else:
-                logits = model.step(ids[alive, index - 1 : index].repeat(copies, 1), cache)[:, -1]
-            forward_passes += 1
+            logits = run.start() if index == 0 else run.feed(ids[alive, index - 1 : index])[:, -1]
             state = SamplingState(step=index, num_steps=count)
             if dynamic_guidance and index >= self.guidance_phase * (count - 1) and index > 0:
                 profile = confidence_sum[alive] / lengths[alive].clamp_min(1)
@@ -211,9 +206,7 @@ class ScalingAR(DecodingStrategy):
             if index + 1 in checkpoints:
                 keep = self._survivors(alive, owner, confidence_sum / lengths.clamp_min(1))
                 if keep.numel() < alive.numel():
-                    position = torch.searchsorted(alive, keep)
-                    rows = torch.cat([position + part * alive.numel() for part in range(copies)])
-                    cache.select(rows)
+                    run.select(torch.searchsorted(alive, keep))
                     alive = keep
         scores = confidence_sum / lengths.clamp_min(1)
         finished = torch.zeros(total, dtype=torch.bool, device=labels.device)
@@ -222,7 +215,7 @@ class ScalingAR(DecodingStrategy):
         selected = masked.argmax(dim=1)
         best = torch.arange(batch, device=labels.device) * trajectories + selected
         stats = {
-            "forward_passes": forward_passes,
+            "forward_passes": run.forward_passes,
             "tokens": batch * count,
             "tokens_consumed": int(lengths.sum()),
             "tokens_full": total * count,
@@ -325,17 +318,15 @@ class BestOfN(DecodingStrategy):
         conditions = model.guidance_labels(labels, self.sampler)
         copies = conditions.shape[0] // labels.shape[0]
         count = ids.shape[1]
-        cache = model.new_cache(conditions.shape[0], count)
-        logits = model.prefill(conditions, cache).unsqueeze(1)
-        calls = 1
+        run = model.start_decoding(conditions, copies, count)
+        logits = run.start().unsqueeze(1)
         if count > 1:
-            logits = torch.cat([logits, model.step(ids[:, :-1].repeat(copies, 1), cache)], dim=1)
-            calls += 1
+            logits = torch.cat([logits, run.feed(ids[:, :-1])], dim=1)
         scorer = _Scorer(self.sampler, self.entropy_weight, self.condition_weight)
         confidence = torch.stack(
             [scorer.step_confidence(logits[:, index], SamplingState(index, count)) for index in range(count)], dim=1
         )
-        return confidence.float().mean(dim=1), calls
+        return confidence.float().mean(dim=1), run.forward_passes
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "num_trajectories": self.num_trajectories,

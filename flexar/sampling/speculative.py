@@ -114,19 +114,22 @@ def acceptance_probability(target_probs: Tensor, draft_probs: Tensor) -> Tensor:
 
 
 class GeneratorDrafter:
-    """Drafts with a (smaller) generator through its own decoding hooks and KV cache."""
+    """Drafts with a (smaller) generator through its own decoding run (``model.start_decoding``) and KV cache."""
 
     needs_hidden = False
 
     def __init__(self, model) -> None:
         check_step_decoding(model, strategy="a speculative draft")
         self.model = model
-        self.forward_passes = 0
+        self.run = None
 
-    def start(self, conditions: Tensor, max_length: int, target_hidden: Tensor | None) -> None:
-        self.cache = self.model.new_cache(conditions.shape[0], max_length)
-        self.first_logits = self.model.prefill(conditions, self.cache)
-        self.forward_passes = 1
+    def start(self, conditions: Tensor, copies: int, max_length: int, target_hidden: Tensor | None) -> None:
+        self.run = self.model.start_decoding(conditions, copies, max_length)
+        self.first_logits = self.run.start()
+
+    @property
+    def forward_passes(self) -> int:
+        return 0 if self.run is None else self.run.forward_passes
 
     def ready(self, committed: int) -> bool:
         return True
@@ -134,25 +137,20 @@ class GeneratorDrafter:
     def propose(self, ids: Tensor, num_drafts: int, copies: int, sample) -> tuple[Tensor, Tensor]:
         """ids (B, n) committed -> drafts (B, g), q (B, g, V); `sample(logits, offset)` draws one position."""
         committed = ids.shape[1]
-        uncached = ids[:, self.cache.length - 1 : committed]
-        if uncached.shape[1]:
-            logits = self.model.step(uncached.repeat(copies, 1), self.cache)[:, -1]
-            self.forward_passes += 1
-        else:
-            logits = self.first_logits
+        uncached = ids[:, self.run.length - 1 : committed]
+        logits = self.run.feed(uncached)[:, -1] if uncached.shape[1] else self.first_logits
         drafts, probs = [], []
         for offset in range(num_drafts):
             token, q = sample(logits, offset)
             drafts.append(token)
             probs.append(q)
             if offset < num_drafts - 1:
-                logits = self.model.step(token.unsqueeze(1).repeat(copies, 1), self.cache)[:, -1]
-                self.forward_passes += 1
+                logits = self.run.feed(token.unsqueeze(1))[:, -1]
         return torch.stack(drafts, dim=1), torch.stack(probs, dim=1)
 
     def rollback(self, committed: int) -> None:
         # index k + 1 of the cache holds token k; fed drafts that were accepted stay valid
-        self.cache.truncate(min(self.cache.length, committed))
+        self.run.truncate(min(self.run.length, committed))
 
 
 class EagleDrafter:
@@ -169,7 +167,7 @@ class EagleDrafter:
         self.head_module, self.target = head, target
         self.forward_passes = 0
 
-    def start(self, conditions: Tensor, max_length: int, target_hidden: Tensor | None) -> None:
+    def start(self, conditions: Tensor, copies: int, max_length: int, target_hidden: Tensor | None) -> None:
         rows = conditions.shape[0]
         self.cache = self.head_module.new_cache(rows, max_length)
         self.features = target_hidden.new_zeros(rows, max_length, target_hidden.shape[-1])
@@ -306,13 +304,13 @@ class SpeculativeDecoder(DecodingStrategy):
         batch = labels.shape[0]
         length = count + 1
 
-        cache = model.new_cache(conditions.shape[0], length)
+        run = model.start_decoding(conditions, copies, length)
         if drafter.needs_hidden:
-            first_logits, first_hidden = model.prefill(conditions, cache, return_hidden=True)
+            first_logits, first_hidden = run.start(return_hidden=True)
         else:
-            first_logits, first_hidden = model.prefill(conditions, cache), None
-        drafter.start(conditions, length, first_hidden)
-        target_passes, rounds, drafted, accepted_total = 1, 0, 0, 0
+            first_logits, first_hidden = run.start(), None
+        drafter.start(conditions, copies, length, first_hidden)
+        rounds, drafted, accepted_total = 0, 0, 0
         ids = torch.empty(batch, count, dtype=torch.long, device=labels.device)
         committed = 0
         bar = _progress(count, progress)
@@ -331,13 +329,12 @@ class SpeculativeDecoder(DecodingStrategy):
                 draft_probs = first_logits.new_empty(batch, 0, model.vocab_size)
 
             # target verification: [uncached committed tokens; drafts] in one pass
-            uncached = ids[:, cache.length - 1 : committed]
+            uncached = ids[:, run.length - 1 : committed]
             feed = torch.cat([uncached, drafts], dim=1)
-            start = cache.length
+            start = run.length
             if feed.shape[1]:
-                out = model.step(feed.repeat(copies, 1), cache, return_hidden=drafter.needs_hidden)
+                out = run.feed(feed, return_hidden=drafter.needs_hidden)
                 logits, hidden = out if drafter.needs_hidden else (out, None)
-                target_passes += 1
                 if hidden is not None:
                     drafter.record(start, hidden)
                 if uncached.shape[1]:
@@ -369,7 +366,7 @@ class SpeculativeDecoder(DecodingStrategy):
             else:
                 ids[:, committed + keep] = next_token
             committed += keep + 1
-            cache.truncate(min(cache.length, committed))
+            run.truncate(min(run.length, committed))
             drafter.rollback(committed)
             rounds += 1
             drafted += batch * num_drafts
@@ -379,14 +376,14 @@ class SpeculativeDecoder(DecodingStrategy):
         if bar is not None:
             bar.close()
         stats = {
-            "forward_passes": target_passes,
+            "forward_passes": run.forward_passes,
             "draft_forward_passes": drafter.forward_passes,
             "rounds": rounds,
             "drafted": drafted,
             "accepted": accepted_total,
             "acceptance_rate": accepted_total / drafted if drafted else 0.0,
             "mean_accepted_length": (accepted_total + batch * rounds) / (batch * rounds),
-            "tokens_per_target_pass": count / target_passes,
+            "tokens_per_target_pass": count / run.forward_passes,
             "tokens": batch * count,
             "seconds": timer.seconds(),
             "batch_size": batch,

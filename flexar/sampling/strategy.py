@@ -2,9 +2,9 @@
 
 A plain :class:`~flexar.sampling.Sampler` turns logits into ids and leaves the loop to the generator family's
 ``generate``. A decoding strategy (speculative decoding, LANTERN, ScalingAR) changes the loop itself: it drives a
-generator through its decoding hooks (``new_cache`` / ``prefill`` / ``step``, see :mod:`flexar.generators.base`) and
-draws every token through the :class:`~flexar.sampling.Sampler` it wraps, so CFG, temperature, top-k / top-p and
-entropy-aware temperature apply unchanged.
+generator through a run of its decoding hooks (``model.start_decoding(...)`` over ``new_cache`` / ``prefill`` /
+``step``, see :mod:`flexar.generators.base`) and draws every token through the :class:`~flexar.sampling.Sampler` it
+wraps, so CFG, temperature, top-k / top-p and entropy-aware temperature apply unchanged.
 
 The protocol, which :meth:`flexar.generators.Generator.generate_with` and :meth:`flexar.Pipeline.generate` follow:
 
