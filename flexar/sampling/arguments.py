@@ -253,8 +253,8 @@ class SamplingFlags:
             options: dict[str, Any] = {"dest": name, "default": self.defaults.get(name)}
             if flag.is_module:
                 options.update(type=str, metavar="FOLDER")
-                text = (f"folder of a saved model, loaded with flexar.hub.load_model onto the run's device and passed "
-                        f"as the module {name}: {first_sentence(flag.help)}")
+                text = (f"folder of a saved model, loaded with flexar.hub.load_model onto the run's device "
+                        f"({flag.owners[0].__name__}.{name}: {first_sentence(flag.help)})")
             else:
                 element = _sequence_element(flag.annotation)
                 if element is not None:
