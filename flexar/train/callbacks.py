@@ -1,29 +1,63 @@
-"""Rank-zero callbacks that write image grids during training (previews only; evaluation is in scripts/).
+"""Callbacks that write image grids during training (previews only; evaluation is in scripts/).
 
-Both find their output folder (``<trainer.log_dir>/images``) on every rank when the stage starts: ``trainer.log_dir``
-broadcasts from rank zero, so asking for it on rank zero alone would leave the other ranks of a multi-process run
-waiting.
+Each grid is a PNG under ``<trainer.log_dir>/images`` and, when the trainer's logger takes images (TensorBoard's
+``add_image``, or a ``log_image(key, images, step)`` method as Weights & Biases' logger has), an image in the logger
+too; a CSV logger takes none, so there the PNG files are the previews.
+
+Both find their output folder on every rank when the stage starts: ``trainer.log_dir`` broadcasts from rank zero, so
+asking for it on rank zero alone would leave the other ranks of a multi-process run waiting. Every rank draws the
+preview, inside the module's ``full_weights()`` (FSDP holds only shards of each weight outside the forward pass and
+gathers them collectively; other strategies pay nothing), and rank zero writes it.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
-from torchvision.utils import save_image
+from lightning.pytorch.loggers import TensorBoardLogger
+from torchvision.utils import make_grid, save_image
+
+
+def image_grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
+    """Float images in [-1, 1] (B, C, H, W) -> one grid (3 or C, H', W') in [0, 1], with white padding."""
+    return make_grid((images.detach().float().cpu().clamp(-1, 1) + 1) / 2, nrow=nrow, padding=2, pad_value=1.0)
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
     """Save float images in [-1, 1] (B, C, H, W) as one PNG grid."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image((images.detach().float().clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=2, pad_value=1.0)
+    save_image(image_grid(images, nrow), path)
     return path
+
+
+def log_grid(trainer, key: str, grid: torch.Tensor) -> None:
+    """Send `grid` (C, H, W) in [0, 1] to every logger of `trainer` that takes images, at the current step."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(key, grid, global_step=trainer.global_step)
+        elif callable(getattr(logger, "log_image", None)):
+            logger.log_image(key=key, images=[grid], step=trainer.global_step)
 
 
 def _images_folder(trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir) / "images"
+
+
+def _full_weights(pl_module):
+    full_weights = getattr(pl_module, "full_weights", None)
+    return full_weights() if callable(full_weights) else contextlib.nullcontext()
+
+
+def _write_preview(trainer, images: torch.Tensor, name: str, key: str, nrow: int, folder: Path | None) -> None:
+    grid = image_grid(images, nrow)
+    path = (folder or _images_folder(trainer)) / f"{name}_epoch{trainer.current_epoch:03d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid, path)
+    log_grid(trainer, key, grid)
 
 
 class ReconstructionGrid(L.Callback):
@@ -44,21 +78,21 @@ class ReconstructionGrid(L.Callback):
         self._folder = _images_folder(trainer)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        if batch_idx == 0 and trainer.is_global_zero:
+        # every rank keeps its own first batch: all of them reconstruct (see the module docstring), rank zero's is shown
+        if batch_idx == 0:
             self._images = batch[0][: self.num_images]
 
     def on_validation_epoch_end(self, trainer, pl_module):
-        if not trainer.is_global_zero or self._images is None or trainer.sanity_checking:
-            return
-        if (trainer.current_epoch + 1) % self.every_n_epochs:
+        if self._images is None or trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         tokenizer = pl_module.averaged_network()
         rows = [self._images]
-        with torch.no_grad():
+        with torch.no_grad(), _full_weights(pl_module):
             for count in self.num_tokens or [None]:
                 rows.append(tokenizer.reconstruct(self._images, count))
-        folder = self._folder or _images_folder(trainer)
-        save_grid(torch.cat(rows), folder / f"reconstructions_epoch{trainer.current_epoch:03d}.png", nrow=len(self._images))
+        if trainer.is_global_zero:
+            _write_preview(trainer, torch.cat(rows), "reconstructions", "reconstructions", len(self._images),
+                           self._folder)
 
 
 class SampleGrid(L.Callback):
@@ -96,6 +130,11 @@ class SampleGrid(L.Callback):
             raise error
         if problem is not None:
             raise ValueError(problem)
+        if self._tokenizer is None:
+            # the other ranks draw the preview too (see the module docstring): the folder rank zero checked
+            from flexar.hub import load_model
+
+            self._tokenizer = load_model(self.tokenizer_folder(trainer)[0]).eval()
 
     def tokenizer_folder(self, trainer) -> tuple[Path, str | None, str]:
         """(folder, fingerprint recorded by the token cache or None, where the cache's meta.json is)."""
@@ -151,7 +190,7 @@ class SampleGrid(L.Callback):
         return tokenizer
 
     def on_validation_epoch_end(self, trainer, pl_module):
-        if not trainer.is_global_zero or trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         from flexar.sampling import Sampler
 
@@ -165,9 +204,10 @@ class SampleGrid(L.Callback):
         rng = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         was_training = generator_model.training
         generator_model.eval()
-        out = generator_model.generate(labels, sampler, generator=rng)
+        with torch.no_grad(), _full_weights(pl_module):
+            out = generator_model.generate(labels, sampler, generator=rng)
         generator_model.train(was_training)
-        with torch.no_grad():
-            images = tokenizer.decode(out.ids)
-        folder = self._folder or _images_folder(trainer)
-        save_grid(images, folder / f"samples_epoch{trainer.current_epoch:03d}.png", nrow=self.per_class * 2)
+        if trainer.is_global_zero:
+            with torch.no_grad():
+                images = tokenizer.decode(out.ids)
+            _write_preview(trainer, images, "samples", "samples", self.per_class * 2, self._folder)

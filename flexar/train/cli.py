@@ -17,8 +17,10 @@ import os
 import re
 import sys
 import warnings
+from pathlib import Path
 
 import lightning as L
+import torch
 from jsonargparse import ActionConfigFile
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -178,9 +180,43 @@ def _key_path(lines: list[str], index: int, match: re.Match) -> tuple[str, str |
     return ".".join(parts), owner
 
 
+# OmegaConf interpolation, resolved once every --config file and command-line option is merged: an overlay may
+# refer to a key of the base config (``${model.init_args.tokenizer.init_args.image_size}``), and a value set on the
+# command line reaches every key that interpolates it
+PARSER_MODE = "omegaconf+"
+
+
 class FlexarCLI(LightningCLI):
+    """LightningCLI with flexar's parser, OmegaConf interpolation and checkpoint hyperparameters as model defaults.
+
+    With ``--ckpt_path``, LightningCLI (2.6) parses the checkpoint's hyperparameters over the whole configuration,
+    so a module argument given in a config file or on the command line (an ``export_dir``, a ``predict_num_tokens``)
+    would be replaced by the one the checkpoint was trained with. Here the checkpoint's hyperparameters are the
+    defaults of ``model`` instead: below the config files and the command line, above the class defaults. A config
+    without ``model`` runs the checkpoint's model; one that names it keeps what it says.
+    """
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"seed_everything": 0})
+
+    def parse_arguments(self, parser, args) -> None:
+        self._arguments = args
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hparams = dict(torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        class_path = hparams.pop("_class_path", None)
+        if class_path is None:  # not a checkpoint of a LightningModule built from a class_path (not flexar's)
+            return
+        self._subcommand_parsers[subcommand].set_defaults({"model": {"class_path": class_path, "init_args": hparams}})
+        super().parse_arguments(self.parser, self._arguments)
 
 
 def run(args: list[str] | None = None) -> FlexarCLI:
@@ -197,8 +233,10 @@ def run(args: list[str] | None = None) -> FlexarCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=args,
+        # the modules own their optimiser and schedule (their optimizer / lr_scheduler arguments)
         auto_configure_optimizers=False,
         parser_class=FlexarArgumentParser,
+        parser_kwargs={"parser_mode": PARSER_MODE},
     )
 
 
