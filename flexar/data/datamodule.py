@@ -24,7 +24,7 @@ import lightning
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
-from flexar.data.datasets import build_dataset, dataset_info
+from flexar.data.datasets import SPLITS, build_dataset, dataset_info
 
 
 def _positive_int(name: str, value) -> int:
@@ -128,11 +128,16 @@ class StepLoader(DataLoader):
     ``state_dict`` / ``load_state_dict`` hold the position in the epoch, so Lightning treats it as resumable.
     """
 
-    def __init__(self, dataset: Dataset, sampler: GlobalBatchSampler, num_workers: int = 0, seed: int = 0):
+    def __init__(self, dataset: Dataset, sampler: GlobalBatchSampler, num_workers: int = 0, seed: int = 0,
+                 **loader_options):
         # a generator of its own: every iterator draws a base seed for its workers, which would otherwise come from
-        # the global RNG and shift the stream that class dropout and token drop read after a resume
+        # the global RNG and shift the stream that class dropout and token drop read after a resume.
+        # `loader_options`: Lightning rebuilds a predict loader to track its batches, passing DataLoader keywords
+        # (shuffle=False, batch_sampler=None) that agree with this loader's own
+        self.seed = seed
         super().__init__(dataset, batch_size=None, sampler=sampler, num_workers=num_workers,
-                         persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
+                         persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed),
+                         **loader_options)
 
     def __iter__(self):
         # Lightning creates a resumed run's first iterator before it sets the sampler's epoch, and worker processes
@@ -189,7 +194,8 @@ class GlobalBatchDataModule(lightning.LightningDataModule):
         loaders shuffle and are the ones whose position checkpoints record; evaluation loaders keep row order."""
         num_replicas, rank = self.replicas()
         sampler = GlobalBatchSampler(len(dataset), batch_size, num_replicas, rank, shuffle=train, seed=seed)
-        loader = StepLoader(dataset, sampler, num_workers=num_workers, seed=seed)
+        # keywords: Lightning, rebuilding a predict loader, passes its own sampler= (this very sampler) by keyword
+        loader = StepLoader(dataset, sampler=sampler, num_workers=num_workers, seed=seed)
         if train:
             loader.load_state_dict(self._resume_state)
             self._train_loader = loader
@@ -211,7 +217,8 @@ class GlobalBatchDataModule(lightning.LightningDataModule):
 
 
 class ImageDataModule(GlobalBatchDataModule):
-    """Train on a dataset's ``train`` split, validate (and test) on its ``test`` split.
+    """Train on a dataset's ``train`` split, validate (and test) on its ``test`` split, predict over
+    ``predict_split`` in row order (a tokenizer tokenizes it).
 
     Batches are ``(images (B, C, image_size, image_size) float32 in [-1, 1], labels (B,) long)``; every training
     epoch covers every image once, in a fresh order (see the module docstring for the split across ranks).
@@ -225,6 +232,7 @@ class ImageDataModule(GlobalBatchDataModule):
         num_workers: DataLoader worker processes.
         root: folder holding torchvision datasets; defaults to ``$FLEXAR_DATA``.
         seed: seed of the training order (epoch e uses seed + e).
+        predict_split: the split ``trainer.predict`` reads, ``train`` or ``test``.
     """
 
     def __init__(
@@ -236,9 +244,12 @@ class ImageDataModule(GlobalBatchDataModule):
         num_workers: int = 0,
         root: str | None = None,
         seed: int = 0,
+        predict_split: str = "train",
     ):
         super().__init__()
         self.save_hyperparameters()
+        if predict_split not in SPLITS:
+            raise ValueError(f"predict_split must be one of {list(SPLITS)}, got {predict_split!r}")
         info = dataset_info(dataset)
         self.dataset = dataset
         self.image_size = image_size
@@ -248,6 +259,7 @@ class ImageDataModule(GlobalBatchDataModule):
         self.num_workers = num_workers
         self.root = root
         self.seed = seed
+        self.predict_split = predict_split
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
 
@@ -267,3 +279,11 @@ class ImageDataModule(GlobalBatchDataModule):
 
     def test_dataloader(self) -> StepLoader:
         return self.val_dataloader()
+
+    def predict_dataloader(self) -> StepLoader:
+        dataset = build_dataset(self.dataset, self.predict_split, self.image_size, self.channels, self.root)
+        return self.step_loader(GatheredBatches(dataset), self.batch_size, self.num_workers, self.seed, train=False)
+
+    def predict_description(self) -> dict:
+        """meta.json keys of a token cache written from predictions over this module's ``predict_split``."""
+        return {"dataset": self.dataset, "split": self.predict_split, "num_classes": self.num_classes}

@@ -22,6 +22,7 @@ Shards are memory-mapped: a batch reads only its own rows, so a cache larger tha
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -31,10 +32,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from flexar.data.datamodule import GlobalBatchDataModule, _positive_int
+from flexar.data.datamodule import GlobalBatchDataModule, GlobalBatchSampler, _positive_int
 
 META_NAME = "meta.json"
 COLUMNS = ("ids", "lengths", "labels")
@@ -42,6 +44,38 @@ FINGERPRINT_KEY = "tokenizer_fingerprint"  # in each shard's safetensors header 
 # safetensors dtype names of the integer types a shard may hold (little-endian, as the format stores them)
 INTEGER_DTYPES = {"I8": "<i1", "U8": "<u1", "I16": "<i2", "U16": "<u2", "I32": "<i4", "U32": "<u4", "I64": "<i8"}
 RESERVED = ("tokenizer", "vocab_size", "max_tokens", "grid", "num_items", "shards")
+
+
+def encode_rows(tokenizer, images: torch.Tensor, num_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-cache rows of `images` (B, C, H, W): ids (B, max_tokens) int32, zero past lengths (B,) int32."""
+    with torch.no_grad():
+        encoded = tokenizer.encode(images, num_tokens)
+    ids = torch.zeros(images.shape[0], tokenizer.max_tokens, dtype=torch.int32, device=encoded.ids.device)
+    ids[:, : encoded.ids.shape[1]] = encoded.ids.int()
+    return ids, encoded.lengths.int()
+
+
+def tokenizer_meta(tokenizer, tokenizer_id: str | None, folder: Path | None) -> dict:
+    """The meta.json fields a tokenizer fills: ``tokenizer`` (class, kwargs, fingerprint, folder path or null),
+    ``vocab_size``, ``max_tokens``, ``grid``."""
+    return {
+        "tokenizer": {"class": type(tokenizer).__name__, "kwargs": tokenizer.config, "fingerprint": tokenizer_id,
+                      "path": None if folder is None else str(folder)},
+        "vocab_size": tokenizer.codebook_size,
+        "max_tokens": tokenizer.max_tokens,
+        "grid": tokenizer.grid,
+    }
+
+
+def _check_output(output: Path) -> None:
+    if output.exists() and not (output.is_dir() and ((output / META_NAME).is_file() or not any(output.iterdir()))):
+        raise FileExistsError(f"{output} exists and is not a token cache (no {META_NAME}); refusing to replace it")
+
+
+def _check_description(description: dict | None) -> None:
+    clashes = sorted(set(description or {}) & set(RESERVED))
+    if clashes:
+        raise ValueError(f"description may not set {clashes}: the token cache writer fills them")
 
 
 @torch.no_grad()
@@ -57,7 +91,9 @@ def write_token_cache(
     description: dict | None = None,
     tokenizer_folder: str | os.PathLike | None = None,
 ) -> Path:
-    """Encode every image of `dataset` and write shards of ids + lengths + labels as the cache folder `output`.
+    """Encode every image of `dataset` in this process and write shards of ids + lengths + labels as the cache
+    folder `output` (``flexar-tokenize`` and ``flexar-train predict`` do the same on every device, through
+    ``trainer.predict`` and :class:`TokenCacheWriter`, and write the same cache).
 
     `tokenizer_folder`: the folder `tokenizer` was loaded from; meta.json records its path and its fingerprint.
     Without it the fingerprint is that of the folder ``save_pretrained`` would write for `tokenizer`, and the path
@@ -68,72 +104,216 @@ def write_token_cache(
 
     _positive_int("shard_size", shard_size)
     _positive_int("batch_size", batch_size)
-    clashes = sorted(set(description or {}) & set(RESERVED))
-    if clashes:
-        raise ValueError(f"description may not set {clashes}: write_token_cache fills them")
+    _check_description(description)
     output = Path(output)
-    if output.exists() and not (output.is_dir() and ((output / META_NAME).is_file() or not any(output.iterdir()))):
-        raise FileExistsError(f"{output} exists and is not a token cache (no {META_NAME}); refusing to replace it")
+    _check_output(output)
     folder = None if tokenizer_folder is None else Path(tokenizer_folder).resolve()
     tokenizer_id = fingerprint(folder) if folder is not None else model_fingerprint(tokenizer)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
-        shards, total = _write_shards(tokenizer.eval().to(device), dataset, staging, num_tokens, batch_size,
-                                      shard_size, device, progress, tokenizer_id, output)
-        meta = {
-            **(description or {}),
-            "tokenizer": {"class": type(tokenizer).__name__, "kwargs": tokenizer.config, "fingerprint": tokenizer_id,
-                          "path": None if folder is None else str(folder)},
-            "vocab_size": tokenizer.codebook_size,
-            "max_tokens": tokenizer.max_tokens,
-            "grid": tokenizer.grid,
-            "num_items": total,
-            "shards": shards,
-        }
-        (staging / META_NAME).write_text(json.dumps(meta, indent=2))
-        _move_into_place(staging, output)
+        tokenizer = tokenizer.eval().to(device)
+        shards = ShardWriter(staging, shard_size, tokenizer_id)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        for images, labels in tqdm(loader, desc=f"tokenize -> {output}", disable=not progress):
+            ids, lengths = encode_rows(tokenizer, images.to(device), num_tokens)
+            shards.add(ids, lengths, torch.as_tensor(labels))
+        meta = {**(description or {}), **tokenizer_meta(tokenizer, tokenizer_id, folder)}
+        _finish(staging, output, shards, meta)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output
 
 
-def _write_shards(tokenizer, dataset, folder: Path, num_tokens, batch_size, shard_size, device, progress,
-                  tokenizer_id: str, output: Path) -> tuple[list[dict], int]:
-    from safetensors.torch import save_file
+class ShardWriter:
+    """Rows in, shards of `shard_size` rows out (``shard_00000.safetensors``, ...) in `folder`, each naming the
+    tokenizer fingerprint `tokenizer_id` in its header; :meth:`close` writes the last, partial shard."""
 
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    pending = {name: [] for name in COLUMNS}
-    shards, total = [], 0
+    def __init__(self, folder: Path, shard_size: int, tokenizer_id: str | None):
+        self.folder, self.shard_size, self.tokenizer_id = Path(folder), _positive_int("shard_size", shard_size), tokenizer_id
+        self.pending: dict[str, list[torch.Tensor]] = {name: [] for name in COLUMNS}
+        self.shards: list[dict] = []
+        self.total = 0
 
-    def flush(count: int) -> None:
+    def add(self, ids: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor) -> None:
+        """Append rows: ids (B, L), lengths (B,), labels (B,) (stored as int32, int32, int64)."""
+        self.pending["ids"].append(ids.detach().cpu().int())
+        self.pending["lengths"].append(lengths.detach().cpu().int())
+        self.pending["labels"].append(labels.detach().cpu().long())
+        self.total += ids.shape[0]
+        while self._pending_rows() >= self.shard_size:
+            self._flush(self.shard_size)
+
+    def close(self) -> list[dict]:
+        """Write what is pending; the shards ``[{"file", "count"}, ...]``."""
+        if self._pending_rows():
+            self._flush(self._pending_rows())
+        return self.shards
+
+    def _pending_rows(self) -> int:
+        return sum(t.shape[0] for t in self.pending["ids"])
+
+    def _flush(self, count: int) -> None:
         """Write the first `count` pending rows as one shard."""
-        merged = {k: torch.cat(v) for k, v in pending.items()}
-        name = f"shard_{len(shards):05d}.safetensors"
-        save_file({k: v[:count].contiguous() for k, v in merged.items()}, str(folder / name),
-                  metadata={FINGERPRINT_KEY: tokenizer_id})
-        shards.append({"file": name, "count": count})
-        for key, value in merged.items():
-            pending[key] = [value[count:]]
+        from safetensors.torch import save_file
 
-    for images, labels in tqdm(loader, desc=f"tokenize -> {output}", disable=not progress):
-        encoded = tokenizer.encode(images.to(device), num_tokens)
-        ids = torch.zeros(images.shape[0], tokenizer.max_tokens, dtype=torch.int32)
-        ids[:, : encoded.ids.shape[1]] = encoded.ids.cpu().int()
-        pending["ids"].append(ids)
-        pending["lengths"].append(encoded.lengths.cpu().int())
-        pending["labels"].append(torch.as_tensor(labels).long())
-        total += images.shape[0]
-        while sum(t.shape[0] for t in pending["ids"]) >= shard_size:
-            flush(shard_size)
-    remaining = sum(t.shape[0] for t in pending["ids"])
-    if remaining:
-        flush(remaining)
-    if not shards:
+        merged = {k: torch.cat(v) for k, v in self.pending.items()}
+        name = f"shard_{len(self.shards):05d}.safetensors"
+        metadata = {FINGERPRINT_KEY: self.tokenizer_id} if self.tokenizer_id is not None else None
+        save_file({k: v[:count].contiguous() for k, v in merged.items()}, str(self.folder / name), metadata=metadata)
+        self.shards.append({"file": name, "count": count})
+        for key, value in merged.items():
+            self.pending[key] = [value[count:]]
+
+
+def _finish(staging: Path, output: Path, shards: ShardWriter, meta: dict) -> None:
+    """Close the shards, write meta.json and rename the staging folder into place."""
+    files = shards.close()
+    if not files:
         raise ValueError(f"the dataset for {output} is empty: nothing to tokenize")
-    return shards, total
+    meta = {**meta, "num_items": shards.total, "shards": files}
+    (staging / META_NAME).write_text(json.dumps(meta, indent=2))
+    _move_into_place(staging, output)
+
+
+class TokenCacheWriter(BasePredictionWriter):
+    """Writes what ``trainer.predict`` returns, on every device, as one token cache at `output`.
+
+    The LightningModule's ``predict_step`` gives ``{"ids", "lengths", "labels"}`` per batch (a
+    :class:`flexar.train.TokenizerModule` tokenizes its data, a :class:`flexar.train.GeneratorModule` samples) and
+    its ``token_cache_meta()`` the tokenizer's fields of meta.json. Each rank writes its batches into the staging
+    folder beside `output`, which every rank must see (one filesystem); when the epoch ends rank zero merges them in
+    row order and renames the finished cache into place, as :func:`write_token_cache` does. With several ranks the
+    predict loader must be one of flexar's data modules' (a :class:`~flexar.data.GlobalBatchSampler` in row
+    order): rank r holds the r-th slice of every global batch, so step by step, rank by rank is the dataset's order,
+    and the cache equals the one a single process writes.
+
+    Args:
+        output: the cache folder; an existing cache there is replaced once the new one is complete, another folder
+            is refused.
+        shard_size: rows per shard file.
+        tokenizer_folder: the folder the module's tokenizer was loaded from (meta.json records its path and
+            fingerprint); None records the fingerprint of the folder the module would export, and no path.
+        description: extra meta.json keys; the data module's ``predict_description()`` (dataset, split, classes)
+            fills what it leaves out.
+    """
+
+    def __init__(self, output: str, shard_size: int = 65536, tokenizer_folder: str | None = None,
+                 description: dict | None = None):
+        super().__init__(write_interval="batch")
+        _check_description(description)
+        self.output = Path(output)
+        self.shard_size = _positive_int("shard_size", shard_size)
+        self.tokenizer_folder = tokenizer_folder
+        self.description = dict(description or {})
+        self._staging: Path | None = None
+        self._pending: dict[str, list[torch.Tensor]] = {}
+        self._steps: list[int] = []
+        self._parts = 0
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "predict":
+            return
+        staging, problem = None, None
+        if trainer.is_global_zero:
+            try:
+                _check_output(self.output)
+                self.output.parent.mkdir(parents=True, exist_ok=True)
+                staging = tempfile.mkdtemp(prefix=f".{self.output.name}.partial-", dir=self.output.parent)
+                (Path(staging) / "parts").mkdir()
+            except Exception as error:  # told to every rank, so that none waits for the others
+                problem = f"{type(error).__name__}: {error}"
+        staging, problem = trainer.strategy.broadcast((staging, problem))
+        if problem is not None:
+            raise RuntimeError(f"TokenCacheWriter: {problem}")
+        self._staging = Path(staging)
+        self._pending = {name: [] for name in COLUMNS}
+        self._steps, self._parts = [], 0
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        if trainer.world_size == 1:
+            return
+        for loader in trainer.predict_dataloaders if isinstance(trainer.predict_dataloaders, list) else [trainer.predict_dataloaders]:
+            sampler = getattr(loader, "sampler", None)
+            if not isinstance(sampler, GlobalBatchSampler) or sampler.shuffle:
+                raise ValueError(
+                    "TokenCacheWriter with several ranks needs a predict loader of flexar's data modules (a "
+                    f"GlobalBatchSampler in row order), got a {type(sampler).__name__}: the rows of the ranks could "
+                    "not be put back in the dataset's order"
+                )
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        missing = [name for name in COLUMNS if name not in (prediction or {})]
+        if missing:
+            raise ValueError(f"TokenCacheWriter: {type(pl_module).__name__}.predict_step must return a dict with "
+                             f"{list(COLUMNS)}; it lacks {missing}")
+        for name in COLUMNS:
+            self._pending[name].append(prediction[name].detach().cpu())
+        self._steps.append(int(prediction["ids"].shape[0]))
+        if sum(self._steps) >= self.shard_size:
+            self._write_part(trainer)
+
+    def _write_part(self, trainer) -> None:
+        """This rank's pending rows as one part file, with the row count of each of its steps."""
+        from safetensors.torch import save_file
+
+        if not self._steps:
+            return
+        part = {name: torch.cat(values).contiguous() for name, values in self._pending.items()}
+        part["steps"] = torch.tensor(self._steps, dtype=torch.int64)
+        save_file(part, str(self._staging / "parts" / f"rank{trainer.global_rank:05d}_{self._parts:05d}.safetensors"))
+        self._pending = {name: [] for name in COLUMNS}
+        self._steps, self._parts = [], self._parts + 1
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        self._write_part(trainer)
+        meta = pl_module.token_cache_meta(self.tokenizer_folder)  # every rank: the fingerprint may be a collective
+        trainer.strategy.barrier("token_cache_parts")
+        problem = None
+        if trainer.is_global_zero:
+            try:
+                self._merge(trainer.world_size, meta, trainer)
+            except Exception as error:
+                problem = f"{type(error).__name__}: {error}"
+                shutil.rmtree(self._staging, ignore_errors=True)
+        problem = trainer.strategy.broadcast(problem)
+        if problem is not None:
+            raise RuntimeError(f"TokenCacheWriter could not write {self.output}: {problem}")
+
+    def _merge(self, world_size: int, meta: dict, trainer) -> None:
+        parts = self._staging / "parts"
+        streams = [_steps_of(sorted(parts.glob(f"rank{rank:05d}_*.safetensors"))) for rank in range(world_size)]
+        shards = ShardWriter(self._staging, self.shard_size, (meta.get("tokenizer") or {}).get("fingerprint"))
+        for step, rows in enumerate(itertools.zip_longest(*streams)):
+            if any(row is None for row in rows):
+                counts = [rank for rank, row in enumerate(rows) if row is None]
+                raise ValueError(f"ranks {counts} wrote no rows for step {step} while others did (is {self._staging} "
+                                 "on a filesystem every rank sees?)")
+            for row in rows:
+                shards.add(row["ids"], row["lengths"], row["labels"])
+        shutil.rmtree(parts)
+        describe = getattr(trainer.datamodule, "predict_description", None)
+        description = {**(describe() if callable(describe) else {}), **self.description}
+        _finish(self._staging, self.output, shards, {**description, **meta})
+        print(f"wrote {shards.total} token sequences to {self.output}")
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if trainer.is_global_zero and self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+
+
+def _steps_of(files: list[Path]):
+    """The rows of each step, in order, from one rank's part files."""
+    from safetensors.torch import load_file
+
+    for file in files:
+        part = load_file(str(file))
+        start = 0
+        for count in part["steps"].tolist():
+            yield {name: part[name][start:start + count] for name in COLUMNS}
+            start += count
 
 
 def _move_into_place(staging: Path, output: Path) -> None:
@@ -347,7 +527,9 @@ class TokenDataModule(GlobalBatchDataModule):
 
     Every training epoch covers every row of the `train` cache once, split across data-parallel ranks as
     :mod:`flexar.data.datamodule` describes; `batch_size` is per process. A `val` cache must come from the same
-    tokenizer as `train`.
+    tokenizer as `train`. ``trainer.test`` reads the `val` cache (the test split's tokens, as the image data module
+    validates and tests on the test split); ``trainer.predict`` reads the rows of the `val` cache, else of `train`,
+    in order (a generator samples one image per row's label).
     """
 
     def __init__(self, train: str, val: str | None = None, batch_size: int = 64, num_workers: int = 0, seed: int = 0):
@@ -392,6 +574,21 @@ class TokenDataModule(GlobalBatchDataModule):
             return []
         return self.step_loader(self.val_set, self.batch_size, self.num_workers, self.seed, train=False)
 
+    def test_dataloader(self):
+        self.setup("test")
+        if self.val_set is None:
+            raise ValueError("TokenDataModule: testing reads the val cache, and none is given (--data.init_args.val)")
+        return self.step_loader(self.val_set, self.batch_size, self.num_workers, self.seed, train=False)
+
+    def predict_dataloader(self):
+        self.setup("predict")
+        rows = self.val_set if self.val_set is not None else self.train_set
+        return self.step_loader(rows, self.batch_size, self.num_workers, self.seed, train=False)
+
+    def predict_description(self) -> dict:
+        """meta.json keys of a cache written from predictions over this module's rows."""
+        return {"num_classes": self.num_classes, "labels_from": str(self.val_path or self.train_path)}
+
 
 def _positive_argument(text: str) -> int:
     try:
@@ -403,31 +600,54 @@ def _positive_argument(text: str) -> int:
     return value
 
 
+def _accelerator(device: str) -> tuple[str, int | list[int]]:
+    """``--device`` (cpu, cuda, cuda:1, mps) -> Lightning's (accelerator, devices) for one device."""
+    where = torch.device(device)
+    accelerator = {"cuda": "gpu"}.get(where.type, where.type)
+    return accelerator, [where.index] if where.index is not None else 1
+
+
 def main(argv: list[str] | None = None) -> None:
-    from flexar.data import build_dataset, dataset_info
+    import lightning as L
+
+    from flexar.data import ImageDataModule, dataset_info
     from flexar.hub import load_model
     from flexar.tokenizers import Tokenizer
+    from flexar.train import TokenizerModule
 
-    parser = argparse.ArgumentParser(prog="flexar-tokenize", description="Run a trained tokenizer over a dataset once and cache its ids.")
+    parser = argparse.ArgumentParser(
+        prog="flexar-tokenize",
+        description="Run a trained tokenizer over a dataset once and cache its ids (trainer.predict on every device).")
     parser.add_argument("--tokenizer", required=True, help="folder written by save_pretrained / flexar-train")
     parser.add_argument("--dataset", default="digits", help="digits, photos, mnist, cifar10 or imagefolder:PATH")
     parser.add_argument("--split", default="train", choices=["train", "test"])
     parser.add_argument("--root", default=None, help="dataset root (default: $FLEXAR_DATA)")
     parser.add_argument("--output", required=True, help="cache folder; an existing cache there is replaced when the new one is complete")
     parser.add_argument("--num-tokens", type=int, default=None, help="keep the first k tokens (flexible tokenizers)")
-    parser.add_argument("--batch-size", type=_positive_argument, default=256)
+    parser.add_argument("--batch-size", type=_positive_argument, default=256, help="images per batch and device")
     parser.add_argument("--shard-size", type=_positive_argument, default=65536, help="rows per shard file")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N: the kind of device (and one device)")
+    parser.add_argument("--devices", type=_positive_argument, default=None,
+                        help="how many devices of that kind (one process each, strategy ddp)")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per device")
     args = parser.parse_args(argv)
+    accelerator, devices = _accelerator(args.device)
+    if args.devices is not None:
+        if isinstance(devices, list):
+            parser.error(f"--devices {args.devices} with --device {args.device}: name a kind of device (cuda), not one")
+        devices = args.devices
     tokenizer = load_model(args.tokenizer, kind=Tokenizer)
-    dataset = build_dataset(args.dataset, args.split, image_size=tokenizer.image_size, channels=tokenizer.channels, root=args.root)
-    info = dataset_info(args.dataset)
-    path = write_token_cache(
-        tokenizer, dataset, args.output, num_tokens=args.num_tokens, batch_size=args.batch_size,
-        shard_size=args.shard_size, device=args.device, tokenizer_folder=args.tokenizer,
-        description={"dataset": args.dataset, "split": args.split, "num_classes": info["num_classes"]},
-    )
-    print(f"wrote {read_meta(path)['num_items']} token sequences to {path}")
+    data = ImageDataModule(args.dataset, image_size=tokenizer.image_size, channels=tokenizer.channels,
+                           batch_size=args.batch_size, num_workers=args.num_workers, root=args.root,
+                           predict_split=args.split)
+    writer = TokenCacheWriter(args.output, shard_size=args.shard_size, tokenizer_folder=args.tokenizer,
+                              description={"dataset": args.dataset, "split": args.split,
+                                           "num_classes": dataset_info(args.dataset)["num_classes"]})
+    strategy = "ddp" if isinstance(devices, int) and devices > 1 else "auto"
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, callbacks=[writer])
+    trainer.predict(TokenizerModule(tokenizer, predict_num_tokens=args.num_tokens), datamodule=data,
+                    return_predictions=False)
 
 
 if __name__ == "__main__":
