@@ -9,11 +9,11 @@ from torch import nn
 
 from flexar.hub import Configurable, PretrainedMixin, register
 from flexar.tokenizers import FlexTok
+from flexar.tokenizers.base import sample_lengths
 from flexar.tokenizers.flextok import (
     causal_last_mask,
     euler_sample,
     flow_interpolant,
-    sample_keep_k,
     sample_sigmas,
 )
 
@@ -54,7 +54,7 @@ class TestFlexTok(TokenizerContract):
 
 class TestFlexTokSharedModulation(TokenizerContract):
     def make_tokenizer(self):
-        return tiny_flextok(separate_modulation=False, k_sampling="uniform_pow2")
+        return tiny_flextok(separate_modulation=False, length_sampling="uniform_pow2")
 
 
 # -- encoder: causal_last --------------------------------------------------------------------------------------------
@@ -104,8 +104,8 @@ def test_flex_backend_matches_math(images):
 
 
 # -- nested dropout ----------------------------------------------------------------------------------------------------
-def test_k_sampler_supports():
-    draws = {mode: sample_keep_k(mode, 16, 4000, seeded(1)) for mode in ("uniform", "pow2", "uniform_pow2")}
+def test_length_sampler_supports():
+    draws = {mode: sample_lengths(4000, 16, mode, generator=seeded(1)) for mode in ("uniform", "pow2", "uniform_pow2")}
     assert set(draws["uniform"].tolist()) == set(range(1, 17))
     assert set(draws["pow2"].tolist()) == {1, 2, 4, 8, 16}
     assert set(draws["uniform_pow2"].tolist()) == {1, 2, 4, 8, 16}
@@ -115,12 +115,12 @@ def test_k_sampler_supports():
         assert abs(frequencies[value] - probability) < 0.03, (value, frequencies[value])
     frequencies = torch.bincount(draws["pow2"], minlength=17).float() / 4000
     assert all(abs(frequencies[v] - 0.2) < 0.03 for v in (1, 2, 4, 8, 16))
-    assert torch.equal(sample_keep_k("pow2", 16, 50, seeded(7)), sample_keep_k("pow2", 16, 50, seeded(7)))
+    assert torch.equal(sample_lengths(50, 16, "pow2", generator=seeded(7)), sample_lengths(50, 16, "pow2", generator=seeded(7)))
     with pytest.raises(ValueError, match="power-of-two"):
-        sample_keep_k("pow2", 12, 4)
-    with pytest.raises(ValueError, match="unknown k_sampling"):
-        sample_keep_k("geometric", 16, 4)
-    assert set(sample_keep_k("uniform", 12, 2000, seeded(2)).tolist()) == set(range(1, 13))
+        sample_lengths(4, 12, "pow2")
+    with pytest.raises(ValueError, match="unknown length sampling"):
+        sample_lengths(4, 16, "geometric")
+    assert set(sample_lengths(2000, 12, "uniform", generator=seeded(2)).tolist()) == set(range(1, 13))
 
 
 def test_decoder_output_at_k_ignores_ids_from_k_on():
@@ -145,8 +145,8 @@ def test_decoder_output_at_k_ignores_ids_from_k_on():
         torch.testing.assert_close(rows[row], uniform[row], atol=1e-5, rtol=1e-5)
 
 
-def test_eval_keep_k_and_decode_arguments(images):
-    tokenizer = wake(tiny_flextok(eval_keep_k=2))
+def test_default_num_tokens_and_decode_arguments(images):
+    tokenizer = wake(tiny_flextok(default_num_tokens=2))
     encoded = tokenizer.encode(images)
     assert encoded.ids.shape == (images.shape[0], 2) and torch.all(encoded.lengths == 2)
     assert tokenizer.encode(images, num_tokens=5).ids.shape[1] == 5
@@ -239,35 +239,35 @@ class TinyFeatureNet(Configurable, PretrainedMixin, nn.Module):
         return torch.tanh(self.conv(images))
 
 
-def test_repa_with_a_teacher_folder(images, tmp_path):
+def test_alignment_with_a_teacher_folder(images, tmp_path):
     torch.manual_seed(0)
     TinyFeatureNet().save_pretrained(tmp_path / "teacher")
-    tokenizer = tiny_flextok(repa_teacher=str(tmp_path / "teacher"), repa_weight=0.5, repa_layer=1, repa_projector_dim=16)
-    assert tokenizer.repa_projector[-1].out_features == 6
+    tokenizer = tiny_flextok(teacher=str(tmp_path / "teacher"), alignment_weight=0.5, alignment_layer=1, projector_dim=16)
+    assert tokenizer.projector[-1].out_features == 6
     assert not any("teacher" in name for name in tokenizer.state_dict())
     loss, logs = tokenizer.training_loss(images)
-    assert torch.isfinite(logs["repa"]) and 0 <= logs["repa"] <= 2
-    torch.testing.assert_close(loss.detach(), logs["flow"] + 0.5 * logs["repa"])
+    assert torch.isfinite(logs["alignment"]) and 0 <= logs["alignment"] <= 2
+    torch.testing.assert_close(loss.detach(), logs["flow"] + 0.5 * logs["alignment"])
     loss.backward()
-    assert tokenizer.repa_projector[0].weight.grad.abs().sum() > 0
-    assert all(p.grad is None for p in tokenizer._repa_teacher.parameters())
+    assert tokenizer.projector[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in tokenizer._teacher.parameters())
     tokenizer.save_pretrained(tmp_path / "tok")
     loaded = FlexTok.from_pretrained(tmp_path / "tok")
-    torch.testing.assert_close(loaded.state_dict()["repa_projector.0.weight"], tokenizer.repa_projector[0].weight.detach())
+    torch.testing.assert_close(loaded.state_dict()["projector.0.weight"], tokenizer.projector[0].weight.detach())
 
 
-def test_repa_with_a_callable_teacher(images):
-    tokenizer = tiny_flextok(repa_teacher_dim=4, repa_weight=1.0, repa_projector_dim=16)
+def test_alignment_with_a_callable_teacher(images):
+    tokenizer = tiny_flextok(teacher_dim=4, alignment_weight=1.0, projector_dim=16)
     with pytest.raises(ValueError, match="no REPA teacher"):
         tokenizer.training_loss(images)
     # tokens (B, h * w, C) are accepted too
-    tokenizer.set_repa_teacher(lambda x: torch.nn.functional.avg_pool2d(x, 4).flatten(2).transpose(1, 2).repeat(1, 1, 4))
+    tokenizer.set_teacher(lambda x: torch.nn.functional.avg_pool2d(x, 4).flatten(2).transpose(1, 2).repeat(1, 1, 4))
     loss, logs = tokenizer.training_loss(images)
-    assert "repa" in logs and torch.isfinite(loss)
-    with pytest.raises(ValueError, match="repa_teacher"):
-        tiny_flextok(repa_weight=1.0)
+    assert "alignment" in logs and torch.isfinite(loss)
+    with pytest.raises(ValueError, match="needs teacher"):
+        tiny_flextok(alignment_weight=1.0)
     with pytest.raises(ValueError, match="no REPA projector"):
-        tiny_flextok().set_repa_teacher(lambda x: x)
+        tiny_flextok().set_teacher(lambda x: x)
 
 
 # -- saved folders -----------------------------------------------------------------------------------------------------
@@ -306,17 +306,17 @@ def test_a_saved_vae_target_flextok_loads_without_its_vae_folder_from_any_direct
         tiny_flextok(patch_size=2, target="vae", vae_path="vae", vae_config=saved["vae_config"])
 
 
-def test_a_saved_flextok_does_not_reread_its_repa_teacher(images, tmp_path, monkeypatch):
+def test_a_saved_flextok_does_not_reread_its_teacher(images, tmp_path, monkeypatch):
     import shutil
 
     torch.manual_seed(0)
     TinyFeatureNet().save_pretrained(tmp_path / "teacher")
-    tokenizer = tiny_flextok(repa_teacher=str(tmp_path / "teacher"), repa_weight=0.5, repa_layer=1, repa_projector_dim=16)
+    tokenizer = tiny_flextok(teacher=str(tmp_path / "teacher"), alignment_weight=0.5, alignment_layer=1, projector_dim=16)
     tokenizer.save_pretrained(tmp_path / "tok")
     shutil.rmtree(tmp_path / "teacher")
     loaded = FlexTok.from_pretrained(tmp_path / "tok")
-    assert loaded.config["repa_teacher"] is None and loaded.config["repa_teacher_dim"] == 6
-    torch.testing.assert_close(loaded.repa_projector[-1].weight, tokenizer.repa_projector[-1].weight.detach())
+    assert loaded.config["teacher"] is None and loaded.config["teacher_dim"] == 6
+    torch.testing.assert_close(loaded.projector[-1].weight, tokenizer.projector[-1].weight.detach())
     with pytest.raises(ValueError, match="no REPA teacher"):
         loaded.training_loss(images)
 
@@ -333,12 +333,12 @@ def test_config_presets_and_bad_arguments():
     with pytest.raises(ValueError, match="unknown FlexTok preset"):
         FlexTok.from_preset("flextok-d99")
     for bad, message in (
-        (dict(k_sampling="pow2", num_registers=6), "power-of-two"),
-        (dict(k_sampling="exponential"), "unknown k_sampling"),
+        (dict(length_sampling="pow2", num_registers=6), "power-of-two"),
+        (dict(length_sampling="exponential"), "unknown length_sampling"),
         (dict(target="dino"), "unknown target"),
         (dict(target="vae"), "needs exactly one of vae_path"),
         (dict(patch_size=3), "divisible by patch_size"),
-        (dict(eval_keep_k=9), "eval_keep_k"),
+        (dict(default_num_tokens=9), "default_num_tokens"),
         (dict(null_condition_prob=1.0), "null_condition_prob"),
     ):
         with pytest.raises(ValueError, match=message):

@@ -133,3 +133,28 @@ def test_a_saved_config_naming_a_class_outside_flexar_is_refused(tmp_path):
         folder = edited(tmp_path / "ok", tmp_path / name.replace(".", "_"), lambda c: c.update({"class": name}))
         with pytest.raises(ValueError, match="not a registered flexar model"):
             load_model(folder)
+
+
+def test_forwarded_arguments_of_a_saved_subclass_are_checked_against_the_parent(tmp_path):
+    """ReTok and One-D-Piece take TiTok's arguments through **kwargs: a saved config's TiTok fields are still
+    checked by name and type, and a field neither class takes is still refused."""
+    from flexar.tokenizers import OneDPiece, ReTok
+
+    small = dict(image_size=16, channels=1, patch_size=4, num_latent_tokens=6, width=32, depth=1, num_heads=2,
+                 codebook_size=32, code_dim=8)
+    ReTok(**small, redundant_tokens=2).save_pretrained(tmp_path / "retok")
+    OneDPiece(**small).save_pretrained(tmp_path / "onedpiece")
+    saved = json.loads((tmp_path / "retok" / "config.json").read_text())["kwargs"]
+    assert saved["width"] == 32 and saved["mlp"] == "gelu" and saved["redundant_tokens"] == 2  # forwarded ones recorded
+    cases = [
+        ("retok", lambda c: c["kwargs"].update(width="32"), r"field 'kwargs.width' of ReTok must be int, got \"32\""),
+        ("retok", lambda c: c["kwargs"].update(class_token=1), r"field 'kwargs.class_token' of ReTok must be bool"),
+        ("retok", lambda c: c["kwargs"].update(redundant_tokens=2.5), r"'kwargs.redundant_tokens' of ReTok must be int"),
+        ("onedpiece", lambda c: c["kwargs"].update(fsq_levels="8"), r"'kwargs.fsq_levels' of OneDPiece must be list"),
+        ("onedpiece", lambda c: c["kwargs"].update(widht=32), r"OneDPiece does not take \['widht'\]"),
+    ]
+    for index, (source, edit, message) in enumerate(cases):
+        folder = edited(tmp_path / source, tmp_path / f"case{index}", edit)
+        with pytest.raises(ValueError, match=message):
+            load_model(folder)
+    assert load_model(tmp_path / "retok").config == ReTok(**small, redundant_tokens=2).config

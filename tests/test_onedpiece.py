@@ -6,7 +6,7 @@ import torch
 from flexar.data import build_dataset
 from flexar.hub import load_model
 from flexar.tokenizers import OneDPiece
-from flexar.tokenizers.onedpiece import sample_kept_counts
+from flexar.tokenizers.base import sample_lengths
 
 from common import TokenizerContract
 
@@ -24,7 +24,7 @@ class TestOneDPiece(TokenizerContract):
 
 class TestOneDPieceFSQ(TokenizerContract):
     def make_tokenizer(self):
-        return tiny_onedpiece(quantizer="fsq", fsq_levels=[5, 4, 4], tail_drop_per_sample=True)
+        return tiny_onedpiece(quantizer="fsq", fsq_levels=[5, 4, 4], lengths_per_sample=True)
 
 
 def digit_split(split, count):
@@ -59,7 +59,7 @@ def assert_error_non_increasing_in_k(tokenizer, tolerance=0.02):
 
 def test_reconstruction_error_non_increasing_in_k():
     torch.manual_seed(0)
-    untrained = tiny_onedpiece(quantizer="fsq", fsq_levels=[8, 8, 8], tail_drop_per_sample=True)
+    untrained = tiny_onedpiece(quantizer="fsq", fsq_levels=[8, 8, 8], lengths_per_sample=True)
     held_out = digit_split("test", 128)
     with torch.no_grad():
         before = torch.mean((untrained.eval().reconstruct(held_out) - held_out) ** 2).item()
@@ -68,7 +68,7 @@ def test_reconstruction_error_non_increasing_in_k():
 
 
 def test_per_batch_tail_drop_error_non_increasing_in_k():
-    """The paper's default, one kept count per batch (``tail_drop_per_sample=False``).
+    """The paper's default, one kept count per batch (``lengths_per_sample=False``).
 
     Measured shape, held-out MSE at k = 1, 2, 4, 8 after 600 steps (seeds 0, 1, 2): [0.150, 0.113, 0.087, 0.085],
     [0.150, 0.132, 0.129, 0.129], [0.132, 0.113, 0.105, 0.105]; after 800 steps [0.150, 0.103, 0.074, 0.074],
@@ -79,7 +79,7 @@ def test_per_batch_tail_drop_error_non_increasing_in_k():
     """
     torch.manual_seed(0)
     untrained = tiny_onedpiece(quantizer="fsq", fsq_levels=[8, 8, 8])
-    assert not untrained.tail_drop_per_sample  # the default under test
+    assert not untrained.lengths_per_sample  # the default under test
     held_out = digit_split("test", 128)
     with torch.no_grad():
         before = torch.mean((untrained.eval().reconstruct(held_out) - held_out) ** 2).item()
@@ -108,10 +108,10 @@ def test_tail_drop_sampler_support_is_one_to_k():
     assert set(draws.tolist()) == set(range(1, 9))
     # per batch (the paper): one k per batch; per sample: rows differ
     assert all(len(set(tokenizer.sample_lengths(16, "cpu").tolist())) == 1 for _ in range(20))
-    per_sample = tiny_onedpiece(tail_drop_per_sample=True).train()
+    per_sample = tiny_onedpiece(lengths_per_sample=True).train()
     assert any(len(set(per_sample.sample_lengths(16, "cpu").tolist())) > 1 for _ in range(20))
     # roughly uniform: each of the 8 values near 1/8 of 20000 seeded draws
-    counts = torch.bincount(sample_kept_counts(20000, 8, True, generator=torch.Generator().manual_seed(0)), minlength=9)
+    counts = torch.bincount(sample_lengths(20000, 8, generator=torch.Generator().manual_seed(0)), minlength=9)
     assert counts[0] == 0 and torch.all((counts[1:] - 2500).abs() < 250)
     # evaluation and tail_drop=False keep every token
     assert tokenizer.eval().sample_lengths(4, "cpu") is None
@@ -128,12 +128,12 @@ def test_encode_keeps_the_first_num_tokens():
 
 
 def test_config_presets_and_registry(tmp_path):
-    tokenizer = tiny_onedpiece(tail_drop_per_sample=True)
+    tokenizer = tiny_onedpiece(lengths_per_sample=True)
     assert OneDPiece(**tokenizer.config).config == tokenizer.config
     assert json.loads(json.dumps(tokenizer.config)) == tokenizer.config
     tokenizer.save_pretrained(tmp_path / "tok")
     loaded = load_model(tmp_path / "tok")
-    assert isinstance(loaded, OneDPiece) and loaded.tail_drop_per_sample
+    assert isinstance(loaded, OneDPiece) and loaded.lengths_per_sample
     assert {"onedpiece-s256", "onedpiece-b256", "onedpiece-l256"} <= set(OneDPiece.presets)
     assert OneDPiece.presets["onedpiece-l256"]["num_latent_tokens"] == 256
     with pytest.raises(ValueError, match="unknown OneDPiece preset"):

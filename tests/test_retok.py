@@ -38,7 +38,7 @@ class TestReTok(TokenizerContract):
 
 class TestReTokWithTeacher(TokenizerContract):
     def make_tokenizer(self):
-        tokenizer = tiny_retok(quantizer="fsq", fsq_levels=[5, 4, 4], teacher="module", teacher_dim=6, semantic_layer=1)
+        tokenizer = tiny_retok(quantizer="fsq", fsq_levels=[5, 4, 4], teacher="module", teacher_dim=6, alignment_layer=1)
         tokenizer.set_teacher(TinyTeacher())
         return tokenizer
 
@@ -92,43 +92,43 @@ def test_keep_rate_per_position():
     assert tokenizer.eval().sample_lengths(3, "cpu") is None
 
 
-def test_semantic_weight_non_increasing_in_position():
+def test_alignment_weight_non_increasing_in_position():
     for decay in ("linear", "none"):
-        weights = tiny_retok(semantic_decay=decay, semantic_weight=0.5).semantic_weights()
+        weights = tiny_retok(alignment_decay=decay, alignment_weight=0.5).alignment_weights()
         assert weights.shape == (14,) and torch.all(weights[1:] <= weights[:-1]) and torch.all(weights > 0)
         assert weights[0] == pytest.approx(0.5)
-    linear = tiny_retok().semantic_weights()
+    linear = tiny_retok().alignment_weights()
     assert torch.all(linear[1:] < linear[:-1])
-    with pytest.raises(ValueError, match="semantic_decay"):
-        tiny_retok(semantic_decay="cosine")
+    with pytest.raises(ValueError, match="alignment_decay"):
+        tiny_retok(alignment_decay="cosine")
 
 
-def test_semantic_term_uses_the_teacher_and_trains_the_projector(tmp_path):
+def test_alignment_term_uses_the_teacher_and_trains_the_projector(tmp_path):
     torch.manual_seed(0)
-    tokenizer = tiny_retok(teacher="module", teacher_dim=6, semantic_layer=1, semantic_weight=0.5)
+    tokenizer = tiny_retok(teacher="module", teacher_dim=6, alignment_layer=1, alignment_weight=0.5)
     tokenizer.set_teacher(TinyTeacher())
     images = digit_split("train", 8)
     loss, logs = tokenizer.train().training_loss(images)
-    assert -1.0 <= logs["semantic"] <= 1.0
+    assert -1.0 <= logs["alignment"] <= 1.0
     loss.backward()
     assert tokenizer.projector[0].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in tokenizer.teacher().parameters())
     # the teacher's contribution is the weighted alignment
-    without, _ = tiny_retok(semantic_weight=0.0).train().training_loss(images)
+    without, _ = tiny_retok(alignment_weight=0.0).train().training_loss(images)
     assert torch.isfinite(without)
     # a teacher loaded from a path: a narrow VGG stack in a safetensors file (channels of relu5_3: 64)
     torch.manual_seed(0)
     save_file(vgg_features(VGG_LAYOUTS["vgg16-narrow"]).state_dict(), str(tmp_path / "vgg.safetensors"))
-    from_path = tiny_retok(teacher=f"vgg16-narrow:{tmp_path / 'vgg.safetensors'}", teacher_dim=64, semantic_layer=1)
+    from_path = tiny_retok(teacher=f"vgg16-narrow:{tmp_path / 'vgg.safetensors'}", teacher_dim=64, alignment_layer=1)
     _, logs = from_path.train().training_loss(images)
-    assert "semantic" in logs
-    wrong_dim = tiny_retok(teacher=f"vgg16-narrow:{tmp_path / 'vgg.safetensors'}", teacher_dim=7, semantic_layer=1)
+    assert "alignment" in logs
+    wrong_dim = tiny_retok(teacher=f"vgg16-narrow:{tmp_path / 'vgg.safetensors'}", teacher_dim=7, alignment_layer=1)
     with pytest.raises(ValueError, match="teacher_dim is 7"):
         wrong_dim.train().training_loss(images)
     with pytest.raises(ValueError, match="unknown teacher kind"):
-        tiny_retok(teacher="dino:x", semantic_layer=1).train().training_loss(images)
-    with pytest.raises(ValueError, match="semantic_layer must lie in"):
-        tiny_retok(teacher="module", semantic_layer=2)
+        tiny_retok(teacher="dino:x", alignment_layer=1).train().training_loss(images)
+    with pytest.raises(ValueError, match="alignment_layer must lie in"):
+        tiny_retok(teacher="module", alignment_layer=2)
     with pytest.raises(ValueError, match="no projector"):
         tiny_retok().set_teacher(TinyTeacher())
 
@@ -146,7 +146,7 @@ def test_decoder_output_at_k_ignores_later_ids():
 
 def test_reconstruction_error_non_increasing_in_k():
     torch.manual_seed(0)
-    tokenizer = tiny_retok(quantizer="fsq", fsq_levels=[8, 8, 8], dropout_per_sample=True)
+    tokenizer = tiny_retok(quantizer="fsq", fsq_levels=[8, 8, 8], lengths_per_sample=True)
     held_out = digit_split("test", 128)
     with torch.no_grad():
         before = torch.mean((tokenizer.eval().reconstruct(held_out) - held_out) ** 2).item()
@@ -155,14 +155,14 @@ def test_reconstruction_error_non_increasing_in_k():
 
 
 def test_config_presets_and_registry(tmp_path):
-    tokenizer = tiny_retok(teacher="vgg16:/nowhere.safetensors", teacher_dim=16, semantic_layer=1)
+    tokenizer = tiny_retok(teacher="vgg16:/nowhere.safetensors", teacher_dim=16, alignment_layer=1)
     assert ReTok(**tokenizer.config).config == tokenizer.config
     assert json.loads(json.dumps(tokenizer.config)) == tokenizer.config
     # building and saving never reads the teacher's file
     tokenizer.save_pretrained(tmp_path / "tok")
     loaded = load_model(tmp_path / "tok")
     assert isinstance(loaded, ReTok) and loaded.redundant_tokens == 6
-    assert ReTok.presets["retok-s"]["num_latent_tokens"] == 256 and ReTok.presets["retok-s"]["redundant_tokens"] == 224
+    assert ReTok.presets["retok-s-s"]["num_latent_tokens"] == 256 and ReTok.presets["retok-s-s"]["redundant_tokens"] == 224
     with pytest.raises(ValueError, match="unknown ReTok preset"):
         ReTok.from_preset("retok-xxl")
 

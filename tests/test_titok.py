@@ -76,7 +76,7 @@ def test_config_rebuilds_and_presets():
     rebuilt = TiTok(**tokenizer.config)
     assert rebuilt.config == tokenizer.config
     assert json.loads(json.dumps(tokenizer.config)) == tokenizer.config
-    assert set(TiTok.presets) >= {"titok-s", "titok-b", "titok-l"}
+    assert set(TiTok.presets) >= {"titok-s128", "titok-b64", "titok-l32"}
     with pytest.raises(ValueError, match="unknown TiTok preset"):
         TiTok.from_preset("titok-xxl")
 

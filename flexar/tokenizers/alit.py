@@ -74,7 +74,14 @@ from ..hub import build_from_config, load_model, register
 from ..nn import Transformer
 from ..quantizers import VQ, QuantizerOutput
 from ..utils import psnr
-from .base import Encoded, Tokenizer
+from .base import Encoded, Tokenizer, check_criterion
+
+# the paper's base tokenizer, MAGE's VQGAN (the MaskGIT layout, VQGAN2D.presets["vq2d-maskgit-f16"]), as the
+# architecture record of KARL's and ALIT's paper presets; a run replaces it with the trained base's folder,
+# ``from_preset(name, base=FOLDER, base_config=None)``
+PAPER_BASE = {"class": "VQGAN2D", "kwargs": dict(image_size=256, channels=3, downsample=16, width=128,
+                                                  channel_multipliers=[1, 1, 2, 2, 4], num_res_blocks=2,
+                                                  codebook_size=1024, code_dim=256, l2_norm=False)}
 
 # the official per-iteration weights of the cross-entropy (adaptive_vqgan.py, lambda_loss_weight)
 OFFICIAL_LOSS_WEIGHTS = (2.5, 2.0, 1.5, 1.25, 1.0, 1.0, 1.0, 1.0)
@@ -270,10 +277,12 @@ class ALIT(LatentDistillation):
 
     normalize_image_tokens = True
     presets = {
-        # the paper's sizes (adaptive_tokenizers/__init__.py: alit_small, alit_base, alit_semilarge)
-        "alit-s": dict(width=1024, depth=8, num_heads=8),
-        "alit-b": dict(width=768, depth=12, num_heads=12),
-        "alit-l": dict(width=1024, depth=16, num_heads=16),
+        # the paper's sizes (adaptive_tokenizers/__init__.py: alit_small, alit_base, alit_semilarge) over the paper's
+        # base; the constructor's defaults are the paper's rollout (8 iterations of 32 tokens, 4096 x 12 codes,
+        # halting at 0.55, inference threshold 0.07)
+        "alit-s": dict(base_config=PAPER_BASE, width=1024, depth=8, num_heads=8),
+        "alit-b": dict(base_config=PAPER_BASE, width=768, depth=12, num_heads=12),
+        "alit-l": dict(base_config=PAPER_BASE, width=1024, depth=16, num_heads=16),
         # CPU-sized: tests (16x16, a 4x4 base grid) and 32x32 MNIST / photos crops (an 8x8 base grid)
         "alit-tiny": dict(width=32, depth=1, num_heads=2, tokens_per_iteration=2, max_iterations=4, codebook_size=64,
                           code_dim=8),
@@ -418,8 +427,9 @@ class ALIT(LatentDistillation):
         return Encoded(self.pad_past(kept, lengths), lengths)
 
     # -- objective -------------------------------------------------------------------------------------------------
-    def training_loss(self, images: Tensor) -> tuple[Tensor, dict]:
+    def training_loss(self, images: Tensor, criterion=None, step: int = 0) -> tuple[Tensor, dict]:
         """Sum over iterations of ``loss_weights[t]`` * cross-entropy + code MSE + VQ loss (module docstring)."""
+        check_criterion(self, criterion)
         self.check_images(images)
         tokens, ids = self.image_tokens(images)
         sample = self.training or self.inference_halting == "sampled"

@@ -2,7 +2,11 @@
 
 - ``encode(images (B, C, H, W) in [-1, 1], num_tokens=None) -> Encoded(ids (B, L) long, lengths (B,) long)``
 - ``decode(ids (B, L), lengths=None) -> images (B, C, H, W) in [-1, 1]``
-- ``training_loss(images) -> (loss, logs)``: the family's objective (the LightningModule only optimises it)
+- ``training_loss(images, criterion=None, step=0) -> (loss, logs)``: the family's objective (the LightningModule only
+  optimises it). ``criterion`` (a :class:`flexar.tokenizers.losses.ReconstructionLoss`) replaces the pixel term at
+  tokenizer step ``step`` in the families that reconstruct pixels (``takes_criterion = True``: TiTok and its
+  subclasses, VQGAN2D, MultiScaleVQ); the others (FlexTok's flow, ALIT's and KARL's distillation, the VAE) refuse
+  a criterion by name. Every family takes the same arguments, so a trainer calls them all alike.
 - attributes ``codebook_size``, ``max_tokens``, ``grid`` (None for 1D), ``image_size``, ``channels``
 - ``code_vectors() -> (V, D)``: the embedding of every id, for samplers that need token geometry (LANTERN)
 
@@ -84,6 +88,43 @@ def as_count(value) -> int | None:
         return None
 
 
+LENGTH_SAMPLING = ("uniform", "pow2", "uniform_pow2")
+
+
+def sample_lengths(batch_size: int, maximum: int, mode: str = "uniform", per_sample: bool = True,
+                   generator: torch.Generator | None = None, device=None) -> Tensor:
+    """Kept-token counts for training on prefixes (nested dropout, One-D-Piece's Tail Token Drop): (batch_size,)
+    long in [1, maximum], one draw per image, or one shared by the batch when ``per_sample`` is False.
+
+    ``mode``: ``"uniform"``, k ~ U{1..maximum}; ``"pow2"``, k uniform over the powers of two {1, 2, 4, ..., maximum};
+    ``"uniform_pow2"`` (FlexTok's official ``MaskedNestedDropout``), k ~ U{1..maximum} rounded up to the next power
+    of two. The pow2 modes need a power-of-two ``maximum``. The draw is made on the CPU (from ``generator``, else the
+    global stream) and then moved to ``device``, so the same seed gives the same counts on every device.
+    """
+    if mode not in LENGTH_SAMPLING:
+        raise ValueError(f"unknown length sampling {mode!r}; expected one of {LENGTH_SAMPLING}")
+    if mode != "uniform" and not (maximum > 0 and maximum & (maximum - 1) == 0):
+        raise ValueError(f"length sampling {mode!r} needs a power-of-two maximum length, got {maximum}")
+    draws = batch_size if per_sample else 1
+    if mode == "pow2":
+        lengths = 2 ** torch.randint(0, maximum.bit_length(), (draws,), generator=generator)
+    else:
+        lengths = torch.randint(1, maximum + 1, (draws,), generator=generator)
+        if mode == "uniform_pow2":
+            lengths = 2 ** torch.ceil(torch.log2(lengths.double())).long()
+    if not per_sample:
+        lengths = lengths.expand(batch_size).clone()
+    return lengths.to(device)
+
+
+def check_criterion(model: nn.Module, criterion) -> None:
+    """Refuse a reconstruction ``criterion`` given to a model whose objective has no pixel term to replace
+    (``takes_criterion`` False); see the module docstring."""
+    if criterion is not None and not getattr(model, "takes_criterion", False):
+        raise ValueError(f"{type(model).__name__}.training_loss takes no reconstruction criterion (its objective has "
+                         f"no pixel term to replace); train it without `loss`")
+
+
 class Tokenizer(Configurable, PretrainedMixin, nn.Module):
     codebook_size: int
     max_tokens: int
@@ -92,6 +133,8 @@ class Tokenizer(Configurable, PretrainedMixin, nn.Module):
     channels: int
     # whether decode draws random numbers (a sampling decoder such as FlexTok's flow); it then takes `generator=`
     decode_draws: bool = False
+    # whether training_loss uses a reconstruction `criterion` (pixel, perceptual and adversarial terms)
+    takes_criterion: bool = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

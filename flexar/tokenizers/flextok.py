@@ -6,7 +6,7 @@ attend patches only; register i attends every patch and registers <= i), so the 
 depend on the registers after them. The register outputs are projected to len(fsq_levels) channels and quantised
 with FSQ (levels [8, 8, 8, 5, 5, 5], 64,000 codes).
 
-Nested dropout: during training each image keeps its first k registers, k drawn by ``k_sampling``:
+Nested dropout: during training each image keeps its first k registers, k drawn by ``length_sampling``:
 
 - ``uniform``: k ~ U{1..N};
 - ``pow2``: k uniform over the powers of two {1, 2, 4, ..., N};
@@ -14,7 +14,7 @@ Nested dropout: during training each image keeps its first k registers, k drawn 
   so P(k = 2^j) = 2^(j-1) / N for j >= 1 and P(k = 1) = 1 / N (bias toward long sequences).
 
 Registers at positions >= k are replaced by ONE learned mask token. ``encode(images, num_tokens=k)`` keeps the first
-k ids (``eval_keep_k`` sets the default k); ``decode`` pads short or masked sequences with the same mask token.
+k ids (``default_num_tokens`` sets the default k); ``decode`` pads short or masked sequences with the same mask token.
 
 Decoder: a transformer over [P noised target patches; N kept registers] (full attention), AdaLN-zero conditioned on
 the flow time, predicting the rectified-flow velocity. With x_t = sigma * noise + (1 - sigma) * x and sigma
@@ -25,7 +25,7 @@ an image during training so that the null condition is learned (default 0, see b
 decoding with guidance). The target is either pixels (``target="pixels"``,
 tiny images) or the latents of a frozen :class:`flexar.tokenizers.VAE` loaded from ``vae_path``
 (``target="vae"``, as in the paper; a saved FlexTok records the VAE's own config instead, see below). An optional
-REPA loss aligns the decoder's patch features after block ``repa_layer`` (through an MLP projector) with a frozen
+REPA loss aligns the decoder's patch features after block ``alignment_layer`` (through an MLP projector) with a frozen
 teacher's features of the clean image (negative cosine).
 
 Shapes: images (B, C, H, W) in [-1, 1]; ids (B, L <= N) long; P = (target side / patch_size) ** 2.
@@ -46,15 +46,15 @@ Differences from the paper and its official code:
   at 0.33 for every k. A mean of 1.0 puts more of the training on noisy inputs, where x_t alone says little and the
   decoder has to read the registers. Guidance (``guidance_scale`` != 1) needs a learned null condition, so a model
   meant for it trains with ``null_condition_prob`` > 0.
-- default ``k_sampling`` is ``pow2`` (the paper trains on powers of two); the official module's default is
+- default ``length_sampling`` is ``pow2`` (the paper trains on powers of two); the official module's default is
   ``uniform``. The pow2 modes require N to be a power of two, as the official code does.
 - learned absolute position embeddings for patches and registers (the official code uses 2D sin-cos for patches).
 - ``guidance_scale`` defaults to 1 (plain Euler); the paper reports reconstructions with CFG 7.5 plus APG
   (adaptive projected guidance), which flexar does not implement.
-- ``repa_weight`` defaults to 0: the paper aligns with DINOv2-L (weight 1), which has no counterpart at CPU scale.
+- ``alignment_weight`` defaults to 0: the paper aligns with DINOv2-L (weight 1), which has no counterpart at CPU scale.
   The teacher is pluggable: a folder written by ``save_pretrained`` of any flexar-registered model mapping images to
-  features (B, C, h, w) or (B, h * w, C), or any callable through :meth:`FlexTok.set_repa_teacher`. It is frozen
-  and kept out of the state dict and out of the saved config (which records ``repa_teacher_dim`` instead): a
+  features (B, C, h, w) or (B, h * w, C), or any callable through :meth:`FlexTok.set_teacher`. It is frozen
+  and kept out of the state dict and out of the saved config (which records ``teacher_dim`` instead): a
   loaded FlexTok decodes without its teacher, and training it further with REPA needs the teacher attached again.
 - the frozen VAE is a submodule whose weights are saved with the tokenizer. The saved config records the VAE's own
   config (``vae_config``: class and keyword arguments) in place of ``vae_path``, so a saved folder rebuilds the
@@ -64,6 +64,12 @@ Differences from the paper and its official code:
 - with ``target="vae"`` the flow runs on the VAE's standardised latents: :class:`flexar.tokenizers.VAE` subtracts
   a shift and multiplies by 1 / std, both running estimates over its training posteriors, so the latents have about
   unit variance; the official FlexTok applies the fixed scaling and shift factors stored with its released VAE.
+- the paper presets (``flextok-d12-d12``, ``-d18-d18``, ``-d18-d28``) hold the official trunks: their attention and
+  MLP weights, 12 * depth * width ** 2 per transformer (170M, 573M and 1.37B for encoder + decoder), match the
+  official blocks within 0.1 % (``tests/test_tokenizer_presets.py``). The rest differs in form, so the totals do not
+  match the official ones: the AdaLN modulation is the per-token form above (a (2 * width + 2) -> 6 * width layer
+  per block where the official ``adaLN_expansion=2`` has width -> 12 * width), positions are learned tables, and the
+  frozen VAE (84M) is a submodule counted with the tokenizer.
 - ``decode`` runs without gradients; with ``generator=None`` image i of a batch draws its noise from the per-image
   stream (seed 0, index i) of :class:`flexar.sampling.streams.ImageStreams`, so ``decode`` and ``reconstruct`` are
   deterministic and an image's decode does not depend on the batch it is in (pass a seeded ``torch.Generator`` or
@@ -82,11 +88,29 @@ from ..hub import build_from_config, load_model, register
 from ..nn import Mask, Transformer
 from ..sampling.streams import ImageStreams, normal
 from ..quantizers import FSQ
-from .base import Encoded, Tokenizer
+from .base import LENGTH_SAMPLING, Encoded, Tokenizer, check_criterion, sample_lengths
 from .titok import patchify, unpatchify
 
 
-K_SAMPLING = ("uniform", "pow2", "uniform_pow2")
+def flextok_size(encoder_depth: int, decoder_depth: int) -> dict:
+    """The paper's "dE-dD" size: each transformer 64 * depth wide with heads of 64 channels."""
+    return dict(width=64 * encoder_depth, depth=encoder_depth, num_heads=encoder_depth, decoder_width=64 * decoder_depth,
+                decoder_depth=decoder_depth, decoder_heads=decoder_depth)
+
+
+# the paper's 16-channel f8 VAE (EPFL-VILAB/flextok_vae_c16, an SDXL-style KL autoencoder), as FlexTok records it
+FLEXTOK_VAE = {"class": "VAE", "kwargs": dict(image_size=256, channels=3, latent_channels=16,
+                                               block_out_channels=[128, 256, 512, 512], layers_per_block=2)}
+# the paper's layout around the transformers: 256 x 256 RGB through the frozen VAE (32 x 32 x 16 latents), 2 x 2
+# patches (256 of them), 256 registers, FSQ [8, 8, 8, 5, 5, 5], powers-of-two nested dropout, the official blocks
+# (GELU MLP, QK-norm, per-type AdaLN-zero), the SD3 logit-normal noise levels, a timestep embedding of period 256,
+# REPA toward DINOv2-L's 1024 channels (weight 1; the teacher is attached with set_teacher), and guidance 7.5
+# against a null condition trained on 10 % of the images
+FLEXTOK_LAYOUT = dict(image_size=256, channels=3, patch_size=2, num_registers=256, target="vae", vae_config=FLEXTOK_VAE,
+                      mlp="gelu", qk_norm=True, fsq_levels=[8, 8, 8, 5, 5, 5], length_sampling="pow2", sigma_mean=0.0,
+                      sigma_std=1.0, timestep_max_period=256.0, teacher_dim=1024, alignment_weight=1.0,
+                      guidance_scale=7.5, null_condition_prob=0.1)
+
 TARGETS = ("pixels", "vae")
 
 
@@ -98,23 +122,6 @@ def causal_last_mask(num_patches: int) -> Mask:
 
 def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
-
-
-def sample_keep_k(mode: str, num_registers: int, batch_size: int, generator: torch.Generator | None = None,
-                  device=None) -> Tensor:
-    """(batch_size,) long: registers kept per image under nested dropout (see the module docstring)."""
-    if mode not in K_SAMPLING:
-        raise ValueError(f"unknown k_sampling {mode!r}; expected one of {K_SAMPLING}")
-    if mode != "uniform" and not is_power_of_two(num_registers):
-        raise ValueError(f"k_sampling {mode!r} needs a power-of-two number of registers, got {num_registers}")
-    if mode == "pow2":
-        exponent = torch.randint(0, num_registers.bit_length(), (batch_size,), generator=generator)
-        keep = 2 ** exponent
-    else:
-        keep = torch.randint(1, num_registers + 1, (batch_size,), generator=generator)
-        if mode == "uniform_pow2":
-            keep = 2 ** torch.ceil(torch.log2(keep.double())).long()
-    return keep.to(device)
 
 
 def sample_sigmas(batch_size: int, mean: float = 0.0, std: float = 1.0, generator: torch.Generator | None = None,
@@ -158,11 +165,11 @@ class FlexTok(Tokenizer):
     """Flexible-length 1D tokenizer: ``encode(images, num_tokens=k)`` keeps the first k of ``num_registers`` ids."""
 
     presets = {
-        # the paper's sizes "dE-dD": encoder / decoder depth, width 64 * depth, head dim 64; the paper's runs use
-        # 256x256 images, a 16-channel f8 VAE, patch_size 2 and 256 registers
-        "flextok-d12-d12": dict(width=768, depth=12, num_heads=12, decoder_width=768, decoder_depth=12, decoder_heads=12),
-        "flextok-d18-d18": dict(width=1152, depth=18, num_heads=18, decoder_width=1152, decoder_depth=18, decoder_heads=18),
-        "flextok-d18-d28": dict(width=1152, depth=18, num_heads=18, decoder_width=1792, decoder_depth=28, decoder_heads=28),
+        # the paper's "dE-dD" tokenizers (encoder / decoder depth d, width 64 * d, head dim 64; apple/ml-flextok,
+        # EPFL-VILAB/flextok_d*_in1k) on the whole paper layout, FLEXTOK_LAYOUT
+        "flextok-d12-d12": dict(FLEXTOK_LAYOUT, **flextok_size(12, 12)),
+        "flextok-d18-d18": dict(FLEXTOK_LAYOUT, **flextok_size(18, 18)),
+        "flextok-d18-d28": dict(FLEXTOK_LAYOUT, **flextok_size(18, 28)),
         # CPU-sized presets for digits / MNIST
         "flextok-tiny": dict(width=64, depth=2, num_heads=4, decoder_width=64, decoder_depth=2, decoder_heads=4),
         "flextok-digits": dict(width=128, depth=3, num_heads=4, decoder_width=128, decoder_depth=3, decoder_heads=4),
@@ -186,8 +193,8 @@ class FlexTok(Tokenizer):
         norm: str = "layer",
         qk_norm: bool = False,
         fsq_levels: list[int] | None = None,
-        k_sampling: str = "pow2",
-        eval_keep_k: int | None = None,
+        length_sampling: str = "pow2",
+        default_num_tokens: int | None = None,
         target: str = "pixels",
         vae_path: str | None = None,
         vae_config: dict | None = None,
@@ -197,28 +204,28 @@ class FlexTok(Tokenizer):
         guidance_scale: float = 1.0,
         null_condition_prob: float = 0.0,
         separate_modulation: bool = True,
-        repa_teacher: str | None = None,
-        repa_teacher_dim: int | None = None,
-        repa_weight: float = 0.0,
-        repa_layer: int | None = None,
-        repa_projector_dim: int = 2048,
+        teacher: str | None = None,
+        teacher_dim: int | None = None,
+        alignment_weight: float = 0.0,
+        alignment_layer: int | None = None,
+        projector_dim: int = 2048,
         attention_backend: str = "auto",
         timestep_max_period: float = 10000.0,
     ):
         super().__init__()
-        if k_sampling not in K_SAMPLING:
-            raise ValueError(f"unknown k_sampling {k_sampling!r}; expected one of {K_SAMPLING}")
-        if k_sampling != "uniform" and not is_power_of_two(num_registers):
-            raise ValueError(f"k_sampling {k_sampling!r} needs a power-of-two num_registers, got {num_registers}")
+        if length_sampling not in LENGTH_SAMPLING:
+            raise ValueError(f"unknown length_sampling {length_sampling!r}; expected one of {LENGTH_SAMPLING}")
+        if length_sampling != "uniform" and not is_power_of_two(num_registers):
+            raise ValueError(f"length_sampling {length_sampling!r} needs a power-of-two num_registers, got {num_registers}")
         if target not in TARGETS:
             raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
-        if eval_keep_k is not None and not 1 <= eval_keep_k <= num_registers:
-            raise ValueError(f"eval_keep_k must lie in [1, {num_registers}], got {eval_keep_k}")
+        if default_num_tokens is not None and not 1 <= default_num_tokens <= num_registers:
+            raise ValueError(f"default_num_tokens must lie in [1, {num_registers}], got {default_num_tokens}")
         if not 0.0 <= null_condition_prob < 1.0:
             raise ValueError(f"null_condition_prob must lie in [0, 1), got {null_condition_prob}")
         self.image_size, self.channels, self.patch_size = image_size, channels, patch_size
         self.max_tokens = num_registers
-        self.k_sampling, self.eval_keep_k, self.target = k_sampling, eval_keep_k, target
+        self.length_sampling, self.default_num_tokens, self.target = length_sampling, default_num_tokens, target
         self.sigma_mean, self.sigma_std = sigma_mean, sigma_std
         self.num_steps, self.guidance_scale = num_steps, guidance_scale
         self.timestep_max_period = timestep_max_period
@@ -278,22 +285,22 @@ class FlexTok(Tokenizer):
         nn.init.zeros_(self.to_velocity.bias)
 
         # REPA
-        self.repa_weight = repa_weight
-        self.repa_layer = repa_layer or max(1, decoder_depth // 3)
-        if not 1 <= self.repa_layer <= decoder_depth:
-            raise ValueError(f"repa_layer must lie in [1, {decoder_depth}], got {repa_layer}")
-        object.__setattr__(self, "_repa_teacher", None)  # frozen, deliberately not a submodule (not saved)
-        if repa_teacher is not None:
-            teacher = load_model(repa_teacher).requires_grad_(False).eval()
-            object.__setattr__(self, "_repa_teacher", teacher)
-            repa_teacher_dim = repa_teacher_dim or self._teacher_features(torch.zeros(1, channels, image_size, image_size)).shape[-1]
-        if repa_weight > 0 and repa_teacher_dim is None:
-            raise ValueError("repa_weight > 0 needs repa_teacher (a folder) or repa_teacher_dim with set_repa_teacher()")
-        self.repa_projector = None
-        if repa_teacher_dim is not None:
-            self.repa_projector = nn.Sequential(
-                nn.Linear(decoder_width, repa_projector_dim), nn.SiLU(), nn.Linear(repa_projector_dim, repa_projector_dim),
-                nn.SiLU(), nn.Linear(repa_projector_dim, repa_teacher_dim),
+        self.alignment_weight = alignment_weight
+        self.alignment_layer = alignment_layer or max(1, decoder_depth // 3)
+        if not 1 <= self.alignment_layer <= decoder_depth:
+            raise ValueError(f"alignment_layer must lie in [1, {decoder_depth}], got {alignment_layer}")
+        object.__setattr__(self, "_teacher", None)  # frozen, deliberately not a submodule (not saved)
+        if teacher is not None:
+            teacher = load_model(teacher).requires_grad_(False).eval()
+            object.__setattr__(self, "_teacher", teacher)
+            teacher_dim = teacher_dim or self._teacher_features(torch.zeros(1, channels, image_size, image_size)).shape[-1]
+        if alignment_weight > 0 and teacher_dim is None:
+            raise ValueError("alignment_weight > 0 needs teacher (a folder) or teacher_dim with set_teacher()")
+        self.projector = None
+        if teacher_dim is not None:
+            self.projector = nn.Sequential(
+                nn.Linear(decoder_width, projector_dim), nn.SiLU(), nn.Linear(projector_dim, projector_dim),
+                nn.SiLU(), nn.Linear(projector_dim, teacher_dim),
             )
 
     def _saved_config(self, config: dict) -> dict:
@@ -303,9 +310,9 @@ class FlexTok(Tokenizer):
         if self.vae is not None:
             config["vae_path"] = None
             config["vae_config"] = {"class": type(self.vae).__name__, "kwargs": self.vae.config}
-        if config.get("repa_teacher") is not None:
-            config["repa_teacher"] = None
-            config["repa_teacher_dim"] = self.repa_projector[-1].out_features
+        if config.get("teacher") is not None:
+            config["teacher"] = None
+            config["teacher_dim"] = self.projector[-1].out_features
         return config
 
     def train(self, mode: bool = True):
@@ -344,7 +351,7 @@ class FlexTok(Tokenizer):
 
     @torch.no_grad()
     def encode(self, images: Tensor, num_tokens: int | None = None) -> Encoded:
-        keep = self.check_num_tokens(num_tokens if num_tokens is not None else self.eval_keep_k)
+        keep = self.check_num_tokens(num_tokens if num_tokens is not None else self.default_num_tokens)
         ids = self.quantizer(self.encode_latents(images, keep)).ids  # causal_last: k registers suffice for k ids
         return Encoded(ids, torch.full((images.shape[0],), keep, dtype=torch.long, device=images.device))
 
@@ -372,13 +379,13 @@ class FlexTok(Tokenizer):
 
     def velocity(self, noised: Tensor, registers: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
         """noised patches (B, P, patch_dim), registers (B, N, width), sigma (B,) -> (velocity (B, P, patch_dim),
-        patch features after block ``repa_layer`` (B, P, width))."""
+        patch features after block ``alignment_layer`` (B, P, width))."""
         hidden = torch.cat([self.noised_embed(noised) + self.decoder_patch_pos, registers], dim=1)
         cond = self.condition(sigma)
         features = None
         for index, block in enumerate(self.decoder.blocks):
             hidden = block(hidden, cond=cond, layer_index=index)
-            if index + 1 == self.repa_layer:
+            if index + 1 == self.alignment_layer:
                 features = hidden[:, : self.num_patches]
         hidden = self.decoder.final_norm(hidden)
         shift, scale = self.decoder.final_modulation(cond if cond.dim() == 3 else cond[:, None]).chunk(2, dim=-1)
@@ -419,17 +426,17 @@ class FlexTok(Tokenizer):
         return self.quantizer.code_vectors()
 
     # -- REPA ------------------------------------------------------------------------------------------------------
-    def set_repa_teacher(self, teacher: Callable[[Tensor], Tensor]) -> None:
+    def set_teacher(self, teacher: Callable[[Tensor], Tensor]) -> None:
         """Attach a frozen feature network (any callable images -> (B, C, h, w) or (B, h * w, C)); not saved."""
-        if self.repa_projector is None:
-            raise ValueError("this FlexTok has no REPA projector: build it with repa_teacher_dim (the teacher's channels)")
+        if self.projector is None:
+            raise ValueError("this FlexTok has no REPA projector: build it with teacher_dim (the teacher's channels)")
         if isinstance(teacher, nn.Module):
             teacher.requires_grad_(False).eval()
-        object.__setattr__(self, "_repa_teacher", teacher)
+        object.__setattr__(self, "_teacher", teacher)
 
     def _teacher_features(self, images: Tensor) -> Tensor:
         """Frozen teacher features resampled to the decoder's patch grid: (B, P, C_teacher)."""
-        teacher = self._repa_teacher
+        teacher = self._teacher
         if isinstance(teacher, nn.Module):
             teacher.to(images.device)
         with torch.no_grad():
@@ -444,12 +451,18 @@ class FlexTok(Tokenizer):
         return features.flatten(2).transpose(1, 2)
 
     # -- objective -------------------------------------------------------------------------------------------------
-    def training_loss(self, images: Tensor) -> tuple[Tensor, dict]:
+    def sample_lengths(self, batch_size: int, device) -> Tensor:
+        """Training: registers kept per image under nested dropout, (B,) long, drawn by ``length_sampling``
+        (:func:`flexar.tokenizers.base.sample_lengths`, one count per image as the official module draws)."""
+        return sample_lengths(batch_size, self.max_tokens, self.length_sampling, per_sample=True, device=device)
+
+    def training_loss(self, images: Tensor, criterion=None, step: int = 0) -> tuple[Tensor, dict]:
+        check_criterion(self, criterion)
         grid = self.to_target(images)
         target = patchify(grid, self.patch_size)
         batch, device = images.shape[0], images.device
         quantized = self.quantizer(self.to_code(self.encoder_hidden(grid)[1]))
-        keep = sample_keep_k(self.k_sampling, self.max_tokens, batch, device=device)
+        keep = self.sample_lengths(batch, device)
         if self.null_condition_prob > 0:
             keep = torch.where(torch.rand(batch, device=device) < self.null_condition_prob, 0, keep)
         registers = self.decoder_registers(quantized.codes, keep)
@@ -458,13 +471,13 @@ class FlexTok(Tokenizer):
         velocity, features = self.velocity(noised, registers, sigma)
         flow = F.mse_loss(velocity, velocity_target)
         loss = flow
-        logs = {"flow": flow.detach(), "keep_k": keep.float().mean()}
-        if self.repa_weight > 0:
-            if self._repa_teacher is None:
-                raise ValueError("repa_weight > 0 but no REPA teacher is attached (repa_teacher or set_repa_teacher)")
-            aligned = F.cosine_similarity(self.repa_projector(features), self._teacher_features(images), dim=-1)
-            repa = (1 - aligned).mean()
-            loss = loss + self.repa_weight * repa
-            logs["repa"] = repa.detach()
+        logs = {"flow": flow.detach(), "lengths": keep.float().mean()}
+        if self.alignment_weight > 0:
+            if self._teacher is None:
+                raise ValueError("alignment_weight > 0 but no REPA teacher is attached (teacher or set_teacher)")
+            aligned = F.cosine_similarity(self.projector(features), self._teacher_features(images), dim=-1)
+            alignment = (1 - aligned).mean()
+            loss = loss + self.alignment_weight * alignment
+            logs["alignment"] = alignment.detach()
         logs = {"loss": loss.detach(), **logs, **{f"codebook_{k}": v for k, v in quantized.logs.items()}}
         return loss, logs

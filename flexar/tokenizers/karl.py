@@ -66,8 +66,8 @@ from torch import Tensor, nn
 
 from ..hub import register
 from ..utils import psnr
-from .alit import LatentDistillation
-from .base import Encoded
+from .alit import PAPER_BASE, LatentDistillation
+from .base import Encoded, check_criterion
 
 # the official error bins (karl_vqgan.py, rec_losses): mean absolute error on the [0, 1] scale
 OFFICIAL_ERROR_BINS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.09, 0.1, 0.12, 0.14, 0.16, 0.18, 0.2, 0.24,
@@ -80,10 +80,12 @@ class KARL(LatentDistillation):
     latents per image for a desired error (see the module docstring)."""
 
     presets = {
-        # the paper's sizes (kolmogorov_tokenizers/__init__.py: karl_small, karl_base, karl_semilarge)
-        "karl-s": dict(width=1024, depth=8, num_heads=8),
-        "karl-b": dict(width=768, depth=12, num_heads=12),
-        "karl-l": dict(width=1024, depth=16, num_heads=16),
+        # the paper's sizes (kolmogorov_tokenizers/__init__.py: karl_small, karl_base, karl_semilarge) over the
+        # paper's base (flexar.tokenizers.alit.PAPER_BASE); the constructor's defaults are the paper's budget (256
+        # tokens, phase-1 budgets 16..368), codes (4096 x 12), halting head and error bins
+        "karl-s": dict(base_config=PAPER_BASE, width=1024, depth=8, num_heads=8),
+        "karl-b": dict(base_config=PAPER_BASE, width=768, depth=12, num_heads=12),
+        "karl-l": dict(base_config=PAPER_BASE, width=1024, depth=16, num_heads=16),
         # CPU-sized: tests (16x16, a 4x4 base grid) and 32x32 MNIST / photos crops (an 8x8 base grid); the phase-1
         # range keeps the official ratio 368 / 256 of the budget
         "karl-tiny": dict(width=32, depth=1, num_heads=2, max_tokens=8, token_step=1, estimate_max_tokens=11,
@@ -245,8 +247,9 @@ class KARL(LatentDistillation):
         self.error_bin_probs[decayed] *= self.error_decay
         self.error_bin_probs /= self.error_bin_probs.sum()
 
-    def training_loss(self, images: Tensor) -> tuple[Tensor, dict]:
+    def training_loss(self, images: Tensor, criterion=None, step: int = 0) -> tuple[Tensor, dict]:
         """The two-phase step of the module docstring: (loss, logs)."""
+        check_criterion(self, criterion)
         self.check_images(images)
         batch = images.shape[0]
         tokens, ids = self.image_tokens(images)

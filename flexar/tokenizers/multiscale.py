@@ -248,6 +248,8 @@ class MultiScaleVQ(Tokenizer):
     ``grid`` is the list of scale sides; ids (B, sum side ** 2) concatenate the maps coarse to fine.
     """
 
+    takes_criterion = True
+
     presets = {
         # VAR's VQVAE layout: f16, ch 160, ch_mult (1, 1, 2, 2, 4), 2 res blocks, 4096 codes of 32 dims, 10 scales
         "msvq-f16": dict(image_size=256, channels=3, downsample=16, width=160, channel_multipliers=[1, 1, 2, 2, 4],

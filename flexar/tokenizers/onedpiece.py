@@ -12,25 +12,21 @@ Differences from the paper and its official code:
 - dropped positions take TiTok's learned pad embedding in the decoder; the official code truncates the sequence,
   so the decoder attends to k latent tokens only. A learned constant in every dropped slot carries no information
   about the image, so the decoder sees the same evidence either way; the fixed-length input lets one batch mix
-  lengths (``tail_drop_per_sample``) and keeps the decoder identical to TiTok's.
-- ``tail_drop_per_sample`` (default False, the paper's one k per batch, as ``torch.randint(1, K + 1, (1,))`` in
+  lengths (``lengths_per_sample``) and keeps the decoder identical to TiTok's.
+- ``lengths_per_sample`` (default False, the paper's one k per batch, as ``torch.randint(1, K + 1, (1,))`` in
   the official code) draws one k per image instead.
+
+The constructor takes the two Tail Token Drop switches; every other keyword argument is TiTok's, forwarded to
+:class:`flexar.tokenizers.TiTok` (and recorded in the saved config like the switches).
 - single-stage pixel training, as flexar's TiTok (see its docstring); the paper fine-tunes TiTok's two-stage recipe.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ..hub import register
-from .titok import TiTok
-
-
-def sample_kept_counts(batch_size: int, maximum: int, per_sample: bool, device=None, generator=None) -> Tensor:
-    """k ~ U{1, ..., maximum}: (batch_size,) long, one draw shared by the batch unless ``per_sample``."""
-    draws = batch_size if per_sample else 1
-    counts = torch.randint(1, maximum + 1, (draws,), generator=generator, device=device)
-    return counts.expand(batch_size).clone() if not per_sample else counts
+from .base import sample_lengths
+from .titok import PAPER_LAYOUT, VIT_SIZES, TiTok
 
 
 @register
@@ -38,51 +34,25 @@ class OneDPiece(TiTok):
     """Flexible-length 1D tokenizer: TiTok trained with Tail Token Drop. See the module docstring."""
 
     presets = {
-        # the paper's S/B/L-256: TiTok's ViT sizes with 256 tokens
-        "onedpiece-s256": dict(TiTok.presets["titok-s"], num_latent_tokens=256),
-        "onedpiece-b256": dict(TiTok.presets["titok-b"], num_latent_tokens=256),
-        "onedpiece-l256": dict(TiTok.presets["titok-l"], num_latent_tokens=256),
+        # the paper's S/B/L-256 (turingmotors/One-D-Piece configs/one-d-piece_{s,b,l}256.yaml): TiTok's layout and
+        # ViT sizes with 256 tokens
+        "onedpiece-s256": dict(PAPER_LAYOUT, num_latent_tokens=256, **VIT_SIZES["small"]),
+        "onedpiece-b256": dict(PAPER_LAYOUT, num_latent_tokens=256, **VIT_SIZES["base"]),
+        "onedpiece-l256": dict(PAPER_LAYOUT, num_latent_tokens=256, **VIT_SIZES["large"]),
         "onedpiece-digits": dict(TiTok.presets["titok-digits"], num_latent_tokens=16),
     }
 
     drops_tokens_in_training = True
 
-    def __init__(
-        self,
-        image_size: int = 32,
-        channels: int = 1,
-        patch_size: int = 4,
-        num_latent_tokens: int = 32,
-        width: int = 128,
-        depth: int = 4,
-        num_heads: int = 4,
-        decoder_width: int | None = None,
-        decoder_depth: int | None = None,
-        mlp: str = "gelu",
-        norm: str = "layer",
-        quantizer: str = "vq",
-        codebook_size: int = 1024,
-        code_dim: int = 12,
-        fsq_levels: list[int] | None = None,
-        commitment: float = 0.25,
-        dead_code_threshold: int = 0,
-        reconstruction_loss: str = "l2",
-        attention_backend: str = "auto",
-        tail_drop: bool = True,
-        tail_drop_per_sample: bool = False,
-    ):
-        super().__init__(
-            image_size=image_size, channels=channels, patch_size=patch_size, num_latent_tokens=num_latent_tokens,
-            width=width, depth=depth, num_heads=num_heads, decoder_width=decoder_width, decoder_depth=decoder_depth,
-            mlp=mlp, norm=norm, quantizer=quantizer, codebook_size=codebook_size, code_dim=code_dim,
-            fsq_levels=fsq_levels, commitment=commitment, dead_code_threshold=dead_code_threshold,
-            reconstruction_loss=reconstruction_loss, attention_backend=attention_backend,
-        )  # fmt: skip
+    def __init__(self, tail_drop: bool = True, lengths_per_sample: bool = False, **kwargs):
+        """``tail_drop``: train on random prefixes (the paper's Tail Token Drop); ``lengths_per_sample``: one kept
+        count per image instead of one per batch; ``kwargs``: :class:`~flexar.tokenizers.TiTok`'s arguments."""
+        super().__init__(**kwargs)
         self.tail_drop = tail_drop
-        self.tail_drop_per_sample = tail_drop_per_sample
+        self.lengths_per_sample = lengths_per_sample
 
     def sample_lengths(self, batch_size: int, device) -> Tensor | None:
         """Training: kept counts k ~ U{1..K} (B,); evaluation (or ``tail_drop=False``): None, all tokens kept."""
         if not (self.training and self.tail_drop):
             return None
-        return sample_kept_counts(batch_size, self.max_tokens, self.tail_drop_per_sample, device)
+        return sample_lengths(batch_size, self.max_tokens, per_sample=self.lengths_per_sample, device=device)

@@ -7,13 +7,16 @@
   redundant draws all keep every token, so token i (1-based) is kept with probability (N + M - i + 1) / (N + M)
   instead of (N - i + 1) / N, and the tail tokens are trained far more often. ``encode`` returns the first N ids.
 - Hierarchical Semantic Regularisation (HSR): a REPA-style term (Yu et al. 2025): the decoder's patch features at
-  layer ``semantic_layer`` go through an MLP projector and are pulled toward a frozen teacher's features at the same
+  layer ``alignment_layer`` go through an MLP projector and are pulled toward a frozen teacher's features at the same
   grid by negative cosine similarity. A sample decoded from its first k tokens has the term scaled by w(k),
-  non-increasing in k (``semantic_weights``), so the leading tokens are the ones made semantic.
+  non-increasing in k (``alignment_weights``), so the leading tokens are the ones made semantic.
 - The teacher is pluggable: ``teacher="vgg16:PATH"`` / ``"vgg16-narrow:PATH"`` (a VGG feature stack from a
   safetensors file, last tap), ``"classifier:FOLDER"`` (a :class:`flexar.eval.DigitClassifier`, its last conv
   map), or any frozen module set with :meth:`ReTok.set_teacher`. It is loaded on the first training step, never
   saved with the tokenizer, and not needed to encode or decode.
+
+The constructor takes ReTok's own switches; every other keyword argument is TiTok's, forwarded to
+:class:`flexar.tokenizers.TiTok` (and recorded in the saved config with them).
 
 Shapes: images (B, C, H, W) in [-1, 1]; ids (B, k) long with 1 <= k <= N = ``num_latent_tokens``; teacher
 features (B, ``teacher_dim``, h, w), pooled to the (H / patch_size) ** 2 decoder grid.
@@ -23,13 +26,13 @@ Differences from the paper and its official code:
   self-attention encoder, [mask tokens; latents] decoder) carries the two ideas; at digit/MNIST scale the CNN
   stages (f16 downsampling) have nothing to downsample. The 1D queries are learned, not initialised by multi-level
   pooling of CNN features.
-- w(k) decays linearly, w(k) = semantic_weight * (N + M - k + 1) / (N + M) (``semantic_decay="linear"``): the
-  paper decays the strength toward the tail without the released code doing so; ``semantic_decay="none"`` is the
+- w(k) decays linearly, w(k) = alignment_weight * (N + M - k + 1) / (N + M) (``alignment_decay="linear"``): the
+  paper decays the strength toward the tail without the released code doing so; ``alignment_decay="none"`` is the
   released code's constant weight (0.5).
 - the teacher is DINOv2-B in the paper; any frozen feature network here (``teacher_dim`` = 768 matches DINOv2-B).
   The projector's hidden width is 4x the decoder width (REPA: 2048).
 - the notes do not fix whether k is drawn per batch or per image: one k per batch by default, as One-D-Piece
-  (``dropout_per_sample`` switches).
+  (``lengths_per_sample`` switches).
 - for a drawn k > N the decoder reads the first N tokens only: the M redundant queries' outputs are never decoded
   (they act on the encoder's attention alone), where the official decoder also reads them.
 - the redundant queries' content is its own parameter (``padding_tokens``), initialised as a copy of the tail
@@ -39,6 +42,9 @@ Differences from the paper and its official code:
   smaller weights than k = N.
 - the shipped configs use a fixed GAN weight (``adaptive_weight: false``), as the official training does; VQGAN's
   adaptive weight is one switch away in :class:`flexar.tokenizers.losses.ReconstructionLoss`.
+- the paper presets (``retok-s-s``, ``retok-s-b``) set the paper's token counts, codebook, GigaTok transformer
+  sizes and HSR settings on this CNN-free network, so their parameter counts are those of the transformers alone
+  (39M and 106M here; the paper's tokenizers add the f16 CNN encoder and decoder).
 - single-stage training as flexar's TiTok; the paper's losses (L2 1.0, LPIPS 1.0, PatchGAN hinge 0.5) come from
   :class:`flexar.tokenizers.losses.ReconstructionLoss` passed to the training module.
 """
@@ -50,9 +56,18 @@ from torch import Tensor, nn
 
 from ..hub import register
 from .losses import VGG_LAYOUTS, VGGFeatures
-from .onedpiece import sample_kept_counts
+from .base import sample_lengths
 from .titok import TiTok
 
+
+# GigaTok's transformer sizes, which ReTok's encoder and decoder take (ReTok's modelling code: "small" is 512 wide)
+GIGATOK_SIZES = {
+    "small": dict(width=512, depth=6, num_heads=8),
+    "base": dict(width=768, depth=12, num_heads=12),
+}
+RETOK_LAYOUT = dict(image_size=256, channels=3, patch_size=16, num_latent_tokens=256, redundant_tokens=224,
+                    quantizer="vq", codebook_size=16384, code_dim=8, commitment=0.25, teacher_dim=768,
+                    alignment_weight=0.5, alignment_layer=3)
 
 class TeacherFeatures(nn.Module):
     """A frozen feature network named by ``kind:PATH``: forward(images in [-1, 1]) -> (B, C, h, w)."""
@@ -93,9 +108,14 @@ class ReTok(TiTok):
     """Flexible-length 1D tokenizer with redundant token padding and hierarchical semantic regularisation."""
 
     presets = {
-        # ReTok's N = 256 with M = 224 redundant queries, on TiTok's ViT sizes
-        "retok-s": dict(TiTok.presets["titok-s"], num_latent_tokens=256, redundant_tokens=224),
-        "retok-b": dict(TiTok.presets["titok-b"], num_latent_tokens=256, redundant_tokens=224),
+        # the paper's ReTok-S-S / ReTok-S-B (zfu006/ReTok configs/vq/VQ_{SS,SB}256.yaml): 256 px RGB at f16, N = 256
+        # tokens with M = 224 redundant queries, an l2-normalised VQ of 16384 codes of 8 dims, GigaTok's
+        # transformer sizes (small: 512 wide, 6 blocks, 8 heads; base: 768, 12, 12) for the encoder / decoder, and
+        # HSR at decoder block 3 with weight 0.5 toward DINOv2-B's 768 channels (the teacher is given with
+        # ``teacher=``; without one no projector is built)
+        "retok-s-s": dict(RETOK_LAYOUT, **GIGATOK_SIZES["small"]),
+        "retok-s-b": dict(RETOK_LAYOUT, **GIGATOK_SIZES["small"], decoder_width=GIGATOK_SIZES["base"]["width"],
+                          decoder_depth=GIGATOK_SIZES["base"]["depth"]),
         "retok-digits": dict(TiTok.presets["titok-digits"], num_latent_tokens=16, redundant_tokens=14),
     }
 
@@ -103,53 +123,32 @@ class ReTok(TiTok):
 
     def __init__(
         self,
-        image_size: int = 32,
-        channels: int = 1,
-        patch_size: int = 4,
-        num_latent_tokens: int = 32,
-        width: int = 128,
-        depth: int = 4,
-        num_heads: int = 4,
-        decoder_width: int | None = None,
-        decoder_depth: int | None = None,
-        mlp: str = "gelu",
-        norm: str = "layer",
-        quantizer: str = "vq",
-        codebook_size: int = 1024,
-        code_dim: int = 12,
-        fsq_levels: list[int] | None = None,
-        commitment: float = 0.25,
-        dead_code_threshold: int = 0,
-        reconstruction_loss: str = "l2",
-        attention_backend: str = "auto",
         redundant_tokens: int = 28,
         nested_dropout: bool = True,
-        dropout_per_sample: bool = False,
+        lengths_per_sample: bool = False,
         teacher: str | None = None,
         teacher_dim: int = 768,
-        semantic_weight: float = 0.5,
-        semantic_layer: int = 3,
-        semantic_decay: str = "linear",
+        alignment_weight: float = 0.5,
+        alignment_layer: int = 3,
+        alignment_decay: str = "linear",
         tie_padding_tokens: bool = False,
+        **kwargs,
     ):
-        super().__init__(
-            image_size=image_size, channels=channels, patch_size=patch_size, num_latent_tokens=num_latent_tokens,
-            width=width, depth=depth, num_heads=num_heads, decoder_width=decoder_width, decoder_depth=decoder_depth,
-            mlp=mlp, norm=norm, quantizer=quantizer, codebook_size=codebook_size, code_dim=code_dim,
-            fsq_levels=fsq_levels, commitment=commitment, dead_code_threshold=dead_code_threshold,
-            reconstruction_loss=reconstruction_loss, attention_backend=attention_backend,
-        )  # fmt: skip
+        """ReTok's own switches (module docstring); ``kwargs``: :class:`~flexar.tokenizers.TiTok`'s arguments
+        (``num_latent_tokens`` is N, the number of ids per image)."""
+        super().__init__(**kwargs)
+        num_latent_tokens, width, decoder_width = self.max_tokens, self.width, self.decoder_width
         if not 0 <= redundant_tokens <= num_latent_tokens:
             raise ValueError(f"redundant_tokens must lie in [0, {num_latent_tokens}], got {redundant_tokens}")
-        if semantic_decay not in ("linear", "none"):
-            raise ValueError(f"semantic_decay must be 'linear' or 'none', got {semantic_decay!r}")
-        decoder_width = decoder_width or width
-        if teacher is not None and not 1 <= semantic_layer <= self.decoder.depth:
-            raise ValueError(f"semantic_layer must lie in [1, {self.decoder.depth}] (decoder depth), got {semantic_layer}")
+        if alignment_decay not in ("linear", "none"):
+            raise ValueError(f"alignment_decay must be 'linear' or 'none', got {alignment_decay!r}")
+        if teacher is not None and not 1 <= alignment_layer <= self.decoder.depth:
+            raise ValueError(f"alignment_layer must lie in [1, {self.decoder.depth}] (decoder depth), got "
+                             f"{alignment_layer}")
         self.redundant_tokens = redundant_tokens
-        self.nested_dropout, self.dropout_per_sample = nested_dropout, dropout_per_sample
+        self.nested_dropout, self.lengths_per_sample = nested_dropout, lengths_per_sample
         self.teacher_spec, self.teacher_dim = teacher, teacher_dim
-        self.semantic_weight, self.semantic_layer, self.semantic_decay = semantic_weight, semantic_layer, semantic_decay
+        self.alignment_weight, self.alignment_layer, self.alignment_decay = alignment_weight, alignment_layer, alignment_decay
         # redundant queries start as copies of the tail queries; their own position embeddings tell them apart
         self.tie_padding_tokens = tie_padding_tokens
         tail = self.latent_tokens.detach()[num_latent_tokens - redundant_tokens :]
@@ -187,23 +186,23 @@ class ReTok(TiTok):
         """Training: k ~ U{1..N+M} (B,); the decoder keeps min(k, N) tokens. Evaluation: None (all N kept)."""
         if not (self.training and self.nested_dropout):
             return None
-        return sample_kept_counts(batch_size, self.num_queries, self.dropout_per_sample, device)
+        return sample_lengths(batch_size, self.num_queries, per_sample=self.lengths_per_sample, device=device)
 
     def keep_probabilities(self) -> Tensor:
         """P(token i is kept) = (N + M - i + 1) / (N + M) for i = 1..N: (N,)."""
         positions = torch.arange(1, self.max_tokens + 1, dtype=torch.float64)
         return (self.num_queries - positions + 1) / self.num_queries
 
-    def semantic_weights(self) -> Tensor:
+    def alignment_weights(self) -> Tensor:
         """w(k) for kept counts k = 1..N+M: (N + M,), non-increasing in k."""
         counts = torch.arange(1, self.num_queries + 1, dtype=torch.float32)
-        if self.semantic_decay == "none":
-            return torch.full_like(counts, self.semantic_weight)
-        return self.semantic_weight * (self.num_queries - counts + 1) / self.num_queries
+        if self.alignment_decay == "none":
+            return torch.full_like(counts, self.alignment_weight)
+        return self.alignment_weight * (self.num_queries - counts + 1) / self.num_queries
 
     # -- teacher -------------------------------------------------------------------------------------------------------
     def set_teacher(self, teacher: nn.Module) -> None:
-        """Use ``teacher`` (images in [-1, 1] -> (B, teacher_dim, h, w)) as the frozen semantic target."""
+        """Use ``teacher`` (images in [-1, 1] -> (B, teacher_dim, h, w)) as the frozen representation target."""
         if self.projector is None:
             raise ValueError("this ReTok was built with teacher=None and has no projector; pass teacher= to build one")
         self.__dict__["_teacher"] = teacher.requires_grad_(False).eval()
@@ -213,7 +212,7 @@ class ReTok(TiTok):
             self.set_teacher(TeacherFeatures(self.teacher_spec, self.channels))
         return self._teacher
 
-    def semantic_alignment(self, features: Tensor, images: Tensor) -> Tensor:
+    def alignment_loss(self, features: Tensor, images: Tensor) -> Tensor:
         """Negative cosine similarity between projected decoder patch features (B, N_patches, width) and the
         teacher's features pooled to the patch grid, averaged over patches: (B,)."""
         teacher = self.teacher().to(images.device)
@@ -234,15 +233,15 @@ class ReTok(TiTok):
         features = None
         for index, block in enumerate(self.decoder.blocks, start=1):
             hidden = block(hidden)
-            if index == self.semantic_layer:
+            if index == self.alignment_layer:
                 features = hidden[:, : self.num_patches]
         recon = self.to_image(self.decoder.final_norm(hidden)[:, : self.num_patches])
         loss, logs = self.reconstruction_objective(images, recon, quantized, criterion, step)
-        if self.projector is not None and self.semantic_weight > 0:
-            alignment = self.semantic_alignment(features, images)
+        if self.projector is not None and self.alignment_weight > 0:
+            alignment = self.alignment_loss(features, images)
             if counts is None:
                 counts = torch.full((images.shape[0],), self.max_tokens, device=images.device)
-            weights = self.semantic_weights().to(images.device)[counts - 1]
+            weights = self.alignment_weights().to(images.device)[counts - 1]
             loss = loss + (weights * alignment).mean()
-            logs.update(loss=loss.detach(), semantic=alignment.mean().detach())
+            logs.update(loss=loss.detach(), alignment=alignment.mean().detach())
         return loss, logs

@@ -32,7 +32,16 @@ Differences from the paper and its official code:
   digit scale the extra layers change nothing measurable). ``class_token=True``, ``ln_pre=True`` and
   ``conv_out=True`` restore each. With full attention and learned positions the sequence order does not matter, so
   the class token is appended after the other tokens rather than prepended, which keeps every slice of the sequence
-  where the subclasses read it.
+  where the subclasses read it. The paper presets (``titok-l32``, ``titok-b64``, ``titok-s128``) turn the class
+  token and ``ln_pre`` on.
+- the decoder's head is not the paper's: flexar's decoder maps each mask-token output to its pixel patch with one
+  linear layer. The official decoder predicts 1024-way logits of MaskGIT-VQGAN proxy codes at every patch (a
+  two-layer 1x1-conv head) and decodes their soft codes with the MaskGIT-VQGAN pixel decoder (30.7M parameters),
+  fine-tuned in its second stage. So a paper preset holds the official encoder, quantiser and decoder ViT (their
+  parameter count matches the official one within 0.2 %; ``tests/test_tokenizer_presets.py``) but not the official
+  head and pixel decoder: TiTok-L-32 is 606M parameters here against 641M officially.
+- the official encoder adds a second position table to the latent tokens (``latent_token_positional_embedding``);
+  here the learned latent tokens carry their position themselves (the sum of two learned tables is one table).
 """
 from __future__ import annotations
 
@@ -48,6 +57,17 @@ from .base import Encoded, Tokenizer
 
 # how decode fills latent positions past `lengths` (see the module docstring)
 FILLS = ("pad", "cut", "mean")
+
+# the official ViT sizes (1d-tokenizer modeling/modules/blocks.py), used by the encoder and the decoder alike
+VIT_SIZES = {
+    "small": dict(width=512, depth=8, num_heads=8),
+    "base": dict(width=768, depth=12, num_heads=12),
+    "large": dict(width=1024, depth=24, num_heads=16),
+}
+# the paper's layout around the ViTs: 256 x 256 RGB, 16 x 16 patches, an l2-normalised VQ of 4096 codes of 12 dims
+# (commitment 0.25), and the official sequences' class token and pre-transformer LayerNorm
+PAPER_LAYOUT = dict(image_size=256, channels=3, patch_size=16, quantizer="vq", codebook_size=4096, code_dim=12,
+                    commitment=0.25, class_token=True, ln_pre=True)
 
 
 def patchify(images: Tensor, patch_size: int) -> Tensor:
@@ -72,11 +92,14 @@ def build_quantizer(quantizer: str, codebook_size: int, code_dim: int, fsq_level
 class TiTok(Tokenizer):
     """Fixed-length 1D tokenizer: ``max_tokens`` = ``num_latent_tokens`` ids per image."""
 
+    takes_criterion = True
+
     presets = {
-        # width, depth, heads per the paper's ViT sizes (encoder and decoder alike)
-        "titok-s": dict(width=512, depth=8, num_heads=8),
-        "titok-b": dict(width=768, depth=12, num_heads=12),
-        "titok-l": dict(width=1024, depth=24, num_heads=16),
+        # the paper's tokenizers at 256 px (bytedance/1d-tokenizer configs/titok_{l32,b64,s128}.yaml): the whole
+        # layout is PAPER_LAYOUT, the encoder and the decoder are the same ViT size
+        "titok-l32": dict(PAPER_LAYOUT, num_latent_tokens=32, **VIT_SIZES["large"]),
+        "titok-b64": dict(PAPER_LAYOUT, num_latent_tokens=64, **VIT_SIZES["base"]),
+        "titok-s128": dict(PAPER_LAYOUT, num_latent_tokens=128, **VIT_SIZES["small"]),
         # CPU-sized presets for digits / MNIST
         "titok-tiny": dict(width=64, depth=2, num_heads=4),
         "titok-digits": dict(width=128, depth=4, num_heads=4),
@@ -121,6 +144,7 @@ class TiTok(Tokenizer):
         self.reconstruction_loss = reconstruction_loss
         decoder_width = decoder_width or width
         decoder_depth = decoder_depth or depth
+        self.width, self.decoder_width = width, decoder_width
         patch_dim = channels * patch_size * patch_size
 
         self.quantizer = build_quantizer(

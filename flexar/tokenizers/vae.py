@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..hub import Configurable, PretrainedMixin, register
 from ..utils import psnr
+from .base import check_criterion
 
 
 def _autoencoder_kl():
@@ -44,6 +45,9 @@ def _autoencoder_kl():
 @register
 class VAE(Configurable, PretrainedMixin, nn.Module):
     """KL autoencoder with ``training_loss``, ``encode_latents`` / ``decode_latents`` and ``reconstruct``."""
+
+    # training_loss takes the tokenizers' arguments; its objective (reconstruction + KL) has no criterion to use
+    takes_criterion = False
 
     def __init__(
         self,
@@ -123,7 +127,8 @@ class VAE(Configurable, PretrainedMixin, nn.Module):
         self.latent_scale.copy_(1.0 / torch.lerp(1.0 / self.latent_scale, std, momentum))
         self.stats_updates.add_(1)
 
-    def training_loss(self, images: Tensor) -> tuple[Tensor, dict]:
+    def training_loss(self, images: Tensor, criterion=None, step: int = 0) -> tuple[Tensor, dict]:
+        check_criterion(self, criterion)
         posterior = self.posterior(images)
         if self.training:
             self._update_stats(posterior.mean.detach().float())

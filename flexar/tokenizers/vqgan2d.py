@@ -111,12 +111,20 @@ class Decoder(nn.Module):
 class VQGAN2D(Tokenizer):
     """Convolutional VQ tokenizer: an image becomes an (H / downsample) x (W / downsample) grid of ids."""
 
+    takes_criterion = True
+
     presets = {
-        # LlamaGen's VQ-8 / VQ-16 layouts (ch=128, z 8-dim l2-normalised codes, 16384 entries)
-        "vq2d-f8": dict(downsample=8, width=128, channel_multipliers=[1, 2, 2, 4], num_res_blocks=2,
-                        codebook_size=16384, code_dim=8),
-        "vq2d-f16": dict(downsample=16, width=128, channel_multipliers=[1, 1, 2, 2, 4], num_res_blocks=2,
-                         codebook_size=16384, code_dim=8),
+        # LlamaGen's VQ-8 / VQ-16 tokenizers at 256 px RGB (LlamaGen tokenizer/vq_model.py: ch 128, 2 res blocks,
+        # 16384 l2-normalised codes of 8 dims)
+        "vq2d-f8": dict(image_size=256, channels=3, downsample=8, width=128, channel_multipliers=[1, 2, 2, 4],
+                        num_res_blocks=2, codebook_size=16384, code_dim=8, l2_norm=True),
+        "vq2d-f16": dict(image_size=256, channels=3, downsample=16, width=128, channel_multipliers=[1, 1, 2, 2, 4],
+                         num_res_blocks=2, codebook_size=16384, code_dim=8, l2_norm=True),
+        # the MaskGIT VQGAN layout (MAGE and ALIT / KARL use it as their base tokenizer, TiTok as its proxy-code
+        # teacher): f16 at 256 px, ch 128, multipliers (1, 1, 2, 2, 4), 2 res blocks, 1024 codes of 256 dims, L2 lookup
+        "vq2d-maskgit-f16": dict(image_size=256, channels=3, downsample=16, width=128,
+                                 channel_multipliers=[1, 1, 2, 2, 4], num_res_blocks=2, codebook_size=1024,
+                                 code_dim=256, l2_norm=False),
         # CPU-sized presets for tests, digits and MNIST
         "vq2d-tiny": dict(downsample=4, width=8, channel_multipliers=[1, 2, 2], num_res_blocks=1,
                           codebook_size=32, code_dim=8),
