@@ -11,7 +11,7 @@ import yaml
 
 from flexar.hub import load_model, presets
 from flexar.tokenizers import ALIT, KARL, VAE, VQGAN2D, FlexTok, MultiScaleVQ, OneDPiece, ReTok, TiTok, Tokenizer
-from flexar.train.cli import FlexarArgumentParser, FlexarCLI
+from flexar.train.cli import PARSER_MODE, FlexarArgumentParser, FlexarCLI
 from test_train import tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter")
@@ -143,15 +143,15 @@ def test_flextok_presets_have_the_official_trunk_parameter_count(name):
 
 # -- from YAML -----------------------------------------------------------------------------------------------------
 def parsed_cli(tmp_path, tokenizer: dict, arguments=()) -> FlexarCLI:
-    """The CLI of ``flexar-train`` after parsing a tiny run whose tokenizer entry is `tokenizer`: the model and the
-    data are built, nothing trains."""
+    """The CLI of ``flexar-train`` (:func:`flexar.train.cli.run`'s parser and mode) after parsing a tiny run whose
+    tokenizer entry is `tokenizer`: the model and the data are built, nothing trains."""
     config = yaml.safe_load(tiny_config(tmp_path).read_text())
     config["model"]["init_args"]["tokenizer"] = tokenizer
     path = tmp_path / "preset.yaml"
     path.write_text(yaml.safe_dump(config))
     return FlexarCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                      args=["--config", str(path), *arguments], auto_configure_optimizers=False,
-                     parser_class=FlexarArgumentParser, run=False)
+                     parser_class=FlexarArgumentParser, parser_kwargs={"parser_mode": PARSER_MODE}, run=False)
 
 
 TINY = dict(image_size=16, channels=1, patch_size=4, num_latent_tokens=8, depth=1, codebook_size=64, code_dim=8)
