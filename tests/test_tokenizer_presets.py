@@ -227,3 +227,13 @@ def test_a_family_without_a_pixel_term_refuses_a_criterion_by_name():
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="FlexTok.training_loss takes no reconstruction criterion"):
         tokenizer.training_loss(images, criterion=object(), step=3)
+
+
+def test_the_flextok_paper_presets_hold_the_paper_vae():
+    vae = on_meta(VAE, "vae-f8c16")
+    assert (vae.latent_channels, vae.downsample, vae.latent_size) == (16, 8, 32)
+    tokenizer = on_meta(FlexTok, "flextok-d12-d12")
+    assert contained(VAE.presets["vae-f8c16"], tokenizer.vae.config)
+    # 32 x 32 latents in 2 x 2 patches: 256 patches, as many as the registers
+    assert (tokenizer.target_size, tokenizer.num_patches, tokenizer.max_tokens) == (32, 256, 256)
+    assert on_meta(VAE, "vae-digits").latent_size == 8

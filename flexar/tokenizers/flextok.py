@@ -90,6 +90,7 @@ from ..sampling.streams import ImageStreams, normal
 from ..quantizers import FSQ
 from .base import LENGTH_SAMPLING, Encoded, Tokenizer, check_criterion, sample_lengths
 from .titok import patchify, unpatchify
+from .vae import VAE
 
 
 def flextok_size(encoder_depth: int, decoder_depth: int) -> dict:
@@ -99,8 +100,7 @@ def flextok_size(encoder_depth: int, decoder_depth: int) -> dict:
 
 
 # the paper's 16-channel f8 VAE (EPFL-VILAB/flextok_vae_c16, an SDXL-style KL autoencoder), as FlexTok records it
-FLEXTOK_VAE = {"class": "VAE", "kwargs": dict(image_size=256, channels=3, latent_channels=16,
-                                               block_out_channels=[128, 256, 512, 512], layers_per_block=2)}
+FLEXTOK_VAE = {"class": "VAE", "kwargs": VAE.presets["vae-f8c16"]}
 # the paper's layout around the transformers: 256 x 256 RGB through the frozen VAE (32 x 32 x 16 latents), 2 x 2
 # patches (256 of them), 256 registers, FSQ [8, 8, 8, 5, 5, 5], powers-of-two nested dropout, the official blocks
 # (GELU MLP, QK-norm, per-type AdaLN-zero), the SD3 logit-normal noise levels, a timestep embedding of period 256,
@@ -238,8 +238,6 @@ class FlexTok(Tokenizer):
                 raise ValueError('target="vae" needs exactly one of vae_path (the folder of a trained flexar VAE) and '
                                  'vae_config (its {"class", "kwargs"}, as a saved FlexTok records it), got '
                                  f"vae_path={vae_path!r}, vae_config={vae_config!r}")
-            from .vae import VAE
-
             if vae_path is not None:
                 source, self.vae = f"the VAE in {vae_path}", load_model(vae_path, kind=VAE)
             else:  # untrained here: a saved FlexTok fills it from its own weights file

@@ -46,6 +46,16 @@ def _autoencoder_kl():
 class VAE(Configurable, PretrainedMixin, nn.Module):
     """KL autoencoder with ``training_loss``, ``encode_latents`` / ``decode_latents`` and ``reconstruct``."""
 
+    presets = {
+        # FlexTok's 16-channel f8 VAE at 256 px (EPFL-VILAB/flextok_vae_c16, an SDXL-style KL autoencoder: four
+        # levels of 128, 256, 512, 512 channels, two ResNet blocks each, attention in the middle block)
+        "vae-f8c16": dict(image_size=256, channels=3, latent_channels=16, block_out_channels=[128, 256, 512, 512],
+                          layers_per_block=2, norm_num_groups=32, mid_block_attention=True),
+        # CPU-sized: 32 px digits / MNIST to an 8 x 8 x 4 latent (configs/tokenizers/vae_digits.yaml)
+        "vae-digits": dict(image_size=32, channels=1, latent_channels=4, block_out_channels=[32, 64, 64],
+                           layers_per_block=1, norm_num_groups=16, mid_block_attention=False),
+    }
+
     # training_loss takes the tokenizers' arguments; its objective (reconstruction + KL) has no criterion to use
     takes_criterion = False
 
