@@ -202,6 +202,11 @@ def test_subclasses_take_their_own_switches_and_forward_titok_arguments():
     # ReTok gained TiTok's newer switches; every argument is recorded, the forwarded defaults too
     tokenizer = ReTok(**TINY, width=32, num_heads=2, redundant_tokens=4, class_token=True, ln_pre=True, conv_out=True)
     assert tokenizer.decoder_class_token is not None and isinstance(tokenizer.conv_out, torch.nn.Conv2d)
+    images = torch.rand(2, 1, 16, 16) * 2 - 1
+    loss, _ = tokenizer.train().training_loss(images)
+    loss.backward()
+    assert tokenizer.encoder_class_token.grad is not None and tokenizer.conv_out.weight.grad is not None
+    assert tokenizer.eval().reconstruct(images, num_tokens=3).shape == images.shape
     assert set(tokenizer.config) == set(inspect.signature(ReTok.__init__).parameters) - {"self", "kwargs"} | set(
         inspect.signature(TiTok.__init__).parameters) - {"self"}
     assert tokenizer.config["mlp"] == "gelu" and tokenizer.config["redundant_tokens"] == 4
