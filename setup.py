@@ -30,6 +30,7 @@ setup(
             "flexar-tokenize=flexar.data.token_cache:main",
             "flexar-sample=flexar.cli.sample:main",
             "flexar-fid=flexar.cli.fid:main",
+            "flexar-export=flexar.cli.export:main",
         ]
     },
 )

@@ -125,18 +125,27 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, output: str | os.PathL
                       overwrite: bool = False) -> Path:
     """Write the network of a flexar Lightning checkpoint as a ``save_pretrained`` folder.
 
-    `ema`: the EMA weights when the run kept an EMA (else the trained weights, with a note); False takes the trained
-    weights. An `output` folder that already holds files is refused unless `overwrite`.
+    `ema`: the EMA weights when the run kept an EMA (else the trained weights, the only ones there are); False takes
+    the trained weights. An `output` folder that already holds files is refused unless `overwrite`.
     """
-    from flexar.hub import save_model
+    refuse_existing_output(output, overwrite)
+    folder, _ = export_loaded(read_checkpoint(checkpoint_path), os.fspath(checkpoint_path), output, ema)
+    return folder
 
-    source = os.fspath(checkpoint_path)
+
+def refuse_existing_output(output: str | os.PathLike, overwrite: bool) -> None:
     output = Path(output)
     if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
         raise FileExistsError(f"export folder {output} already holds files; refusing to overwrite it (pass --overwrite)")
-    checkpoint = read_checkpoint(checkpoint_path)
+
+
+def export_loaded(checkpoint: dict, source: str, output: str | os.PathLike, ema: bool = True) -> tuple[Path, str]:
+    """:func:`export_checkpoint` of a checkpoint already read; returns the folder and which weights it holds
+    (``"ema"`` or ``"trained"``)."""
+    from flexar.hub import save_model
+
     entry = checkpoint_description(checkpoint, source)
     use_ema = ema and entry["ema"]
     prefix = EMA_PREFIX if use_ema else entry["network"] + "."
     model = rebuild(entry["model"], network_weights(checkpoint["state_dict"], prefix, source), source)
-    return save_model(model, output)
+    return save_model(model, output), "ema" if use_ema else "trained"

@@ -123,8 +123,14 @@ def class_path_config(value) -> dict | None:
     if isinstance(value, nn.Module) and isinstance(getattr(value, "config", None), dict):
         cls = type(value)
         return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": copy.deepcopy(value.config)}
-    if isinstance(value, functools.partial) and isinstance(value.func, type) and not value.args:
-        cls = value.func
+    if isinstance(value, functools.partial):
+        # partial(SomeClass, **keywords), or jsonargparse's partial(instantiator, SomeClass, **keywords)
+        if isinstance(value.func, type) and not value.args:
+            cls = value.func
+        elif len(value.args) == 1 and isinstance(value.args[0], type):
+            cls = value.args[0]
+        else:
+            return None
         return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(value.keywords)}
     if callable(getattr(value, "to_dict", None)) and callable(getattr(type(value), "from_dict", None)):
         cls = type(value)  # a Sampler: to_dict gives its constructor arguments
