@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flexar import Pipeline
-from flexar.generators import GENERATORS, MVAR, MVAR_PRESETS
+from flexar.generators import MVAR
 from flexar.generators.mvar import neighbourhood_mask
 from flexar.hub import fingerprint
 from flexar.sampling import Sampler
@@ -204,8 +204,8 @@ def test_bad_arguments_are_refused():
 
 
 def test_presets_registry_and_config():
-    assert {"mvar-d16", "mvar-d20", "mvar-d24", "mvar-tiny", "mvar-digits"} <= set(GENERATORS)
-    preset = MVAR_PRESETS["mvar-d16"]
+    assert {"mvar-d16", "mvar-d20", "mvar-d24", "mvar-tiny", "mvar-digits"} <= set(MVAR.presets)
+    preset = MVAR.presets["mvar-d16"]
     assert (preset["dim"], preset["depth"], preset["kernel_size"], preset["refine_step"]) == (1024, 16, 7, 8)
     layout = MVAR.from_preset("mvar-d16", depth=1, dim=64, num_heads=1)  # MVAR's 256 px layout, one narrow block
     assert layout.max_tokens == 680 and layout.grid == VAR_SCALES

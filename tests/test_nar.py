@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import yaml
 
 from flexar import Pipeline
-from flexar.generators import GENERATORS, NAR, NAR_PRESETS, RasterAR
+from flexar.generators import NAR, RasterAR
 from flexar.generators.nar import decode_order, neighbour_logits, neighbour_sources, proximity_mask
 from flexar.nn import Block, make_norm
 from flexar.sampling import BestOfN, LanternDecoder, Sampler, ScalingAR, SpeculativeDecoder
@@ -265,8 +265,8 @@ def test_decoding_strategies_refuse_nar_by_name_before_any_work():
 
 
 def test_presets_config_and_pipeline(tmp_path):
-    assert set(NAR_PRESETS) <= set(GENERATORS)
-    assert NAR_PRESETS["nar-l"] == dict(dim=1024, depth=24, num_heads=16)
+    assert {"nar-b", "nar-m", "nar-l", "nar-xl", "nar-xxl", "nar-tiny", "nar-digits"} <= set(NAR.presets)
+    assert NAR.presets["nar-l"].items() >= dict(dim=1024, depth=24, num_heads=16).items()
     model = NAR.from_preset("nar-tiny", vocab_size=32, max_tokens=16, grid=[4, 4]).eval()
     assert json.loads(json.dumps(model.config)) == model.config and NAR(**model.config).config == model.config
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import yaml
 
-from flexar.generators import GENERATORS, NPP, NPP_PRESETS, RasterAR
+from flexar.generators import NPP, RasterAR
 from flexar.generators.npp import stage_boundaries
 from flexar.nn import causal_mask
 from flexar.sampling import Sampler
@@ -187,7 +187,8 @@ def test_reloaded_model_keeps_the_stage_it_was_saved_in(tmp_path):
 
 
 def test_presets_and_configs():
-    assert set(NPP_PRESETS) <= set(GENERATORS) and NPP_PRESETS["npp-xl"] == dict(dim=1280, depth=36, num_heads=20)
+    assert {"npp-b", "npp-l", "npp-xl", "npp-xxl", "npp-tiny", "npp-digits"} <= set(NPP.presets)
+    assert NPP.presets["npp-xl"].items() >= dict(dim=1280, depth=36, num_heads=20, patch_sizes=[2, 1]).items()
     model = NPP.from_preset("npp-tiny", vocab_size=32, max_tokens=64, grid=[8, 8], patch_sizes=[4, 2, 1])
     assert NPP(**model.config).config == model.config
     with pytest.raises(ValueError, match="NPP needs a token grid"):

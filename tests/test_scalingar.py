@@ -1,6 +1,6 @@
-import argparse
 import math
 
+import jsonargparse
 import pytest
 import torch
 
@@ -106,7 +106,7 @@ def test_threshold_one_keeps_only_the_best_and_guidance_follows_confidence():
 
 
 def test_selectable_from_flags_and_reproducible():
-    parser = argparse.ArgumentParser()
+    parser = jsonargparse.ArgumentParser()
     add_sampler_arguments(parser)
     args = parser.parse_args(["--decoding", "scalingar", "--num-trajectories", "3", "--cfg-scale", "2",
                               "--threshold", "0.9", "--checkpoints", "0.3", "--entropy-temperature"])

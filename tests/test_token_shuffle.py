@@ -4,7 +4,7 @@ import pytest
 import torch
 import yaml
 
-from flexar.generators import GENERATORS, TokenShuffleAR
+from flexar.generators import TokenShuffleAR
 from flexar.generators.token_shuffle import shuffle_tokens, unshuffle_tokens
 from flexar.sampling import Sampler, ScalingAR, SpeculativeDecoder
 
@@ -146,7 +146,7 @@ def test_config_builds_the_model_and_one_token_strategies_refuse_it():
     assert generator["class_path"] == "flexar.generators.TokenShuffleAR"
     model = TokenShuffleAR(**{**generator["init_args"], "dim": 32, "depth": 1, "num_heads": 2})
     assert model.num_windows == 16 and model.tokens_per_step == 4 and model.cfg_schedule == "linear"
-    assert {"token-shuffle-tiny", "token-shuffle-digits"} <= set(GENERATORS)
+    assert {"token-shuffle-2.7b", "token-shuffle-tiny", "token-shuffle-digits"} <= set(TokenShuffleAR.presets)
     for strategy in (ScalingAR(Sampler()), SpeculativeDecoder(tiny_shuffle())):
         with pytest.raises(ValueError, match="tokens per step"):
             model.generate_with(torch.tensor([0]), strategy, seeded())

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import yaml
 
 from flexar import Pipeline
-from flexar.generators import GENERATORS, MVAR, VAR, VAR_PRESETS
+from flexar.generators import MVAR, VAR
 from flexar.generators.var import CosineAttention
 from flexar.hub import fingerprint
 from flexar.sampling import BestOfN, Sampler
@@ -230,9 +230,9 @@ def test_training_needs_the_tokenizers_pyramid(tmp_path):
 
 
 def test_presets_registry_and_config():
-    assert {"var-d16", "var-d20", "var-d24", "var-d30", "var-tiny", "var-digits"} <= set(GENERATORS)
+    assert {"var-d16", "var-d20", "var-d24", "var-d30", "var-tiny", "var-digits"} <= set(VAR.presets)
     for depth in (16, 20, 24, 30):
-        preset = VAR_PRESETS[f"var-d{depth}"]
+        preset = VAR.presets[f"var-d{depth}"]
         assert (preset["dim"], preset["num_heads"], preset["depth"]) == (64 * depth, depth, depth)
         assert preset["scales"] == VAR_SCALES and preset["vocab_size"] == 4096 and preset["code_dim"] == 32
     layout = VAR.from_preset("var-d16", depth=1, dim=64, num_heads=1)  # VAR's 256 px layout, one narrow block

@@ -1,15 +1,16 @@
-"""Autoregressive generators: one family per file, all keeping the interface of :class:`Generator`."""
-from .base import GenerationOutput, Generator
-from .raster import RASTER_PRESETS, RasterAR
-from .nar import NAR, NAR_PRESETS
-from .npp import NPP, NPP_PRESETS
-from .token_shuffle import TOKEN_SHUFFLE_PRESETS, TokenShuffleAR
+"""Autoregressive generators: one family per file, all keeping the interface of :class:`Generator`.
+
+Every family class carries its own size presets (``RasterAR.presets``, built with ``RasterAR.from_preset(name,
+**overrides)``); ``flexar.hub.presets(Generator)`` lists them all.
+"""
+from .base import GenerationOutput, Generator, StepDecoding
+from .raster import RasterAR
+from .nar import NAR
+from .npp import NPP
+from .token_shuffle import TokenShuffleAR
 from .eagle import EagleDraftHead
-from .var import VAR, VAR_PRESETS
-from .mvar import MVAR, MVAR_PRESETS
+from .var import VAR
+from .mvar import MVAR
 
-GENERATORS = {**RASTER_PRESETS, **NAR_PRESETS, **NPP_PRESETS, **TOKEN_SHUFFLE_PRESETS, **VAR_PRESETS, **MVAR_PRESETS}
-
-__all__ = ["GENERATORS", "GenerationOutput", "Generator", "RASTER_PRESETS", "RasterAR", "NAR", "NAR_PRESETS", "NPP", "NPP_PRESETS"]
-__all__ += ["TOKEN_SHUFFLE_PRESETS", "TokenShuffleAR", "EagleDraftHead"]
-__all__ += ["VAR", "VAR_PRESETS", "MVAR", "MVAR_PRESETS"]
+__all__ = ["GenerationOutput", "Generator", "StepDecoding", "RasterAR", "NAR", "NPP", "TokenShuffleAR",
+           "EagleDraftHead", "VAR", "MVAR"]

@@ -61,7 +61,6 @@ class Generator(Configurable, PretrainedMixin, nn.Module):
     num_classes: int
     grid: tuple[int, int] | None = None
     class_dropout: float = 0.0
-    presets: dict[str, dict] = {}
 
     # -- capabilities: what a family declares it supports; decoding strategies read these, never the methods ---------
     supports_step_decoding: ClassVar[bool] = False
@@ -77,13 +76,6 @@ class Generator(Configurable, PretrainedMixin, nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "Generator":
-        """Build a named size preset of this family; keyword arguments override or complete it."""
-        if name not in cls.presets:
-            raise ValueError(f"unknown {cls.__name__} preset {name!r}; known: {sorted(cls.presets)}")
-        return cls(**{**cls.presets[name], **overrides})
 
     # -- argument checks -----------------------------------------------------------------------------------------------
     def check_labels(self, labels) -> Tensor:

@@ -41,7 +41,7 @@ from torch import Tensor
 from ..hub import register
 from ..nn import Mask
 from ..tokenizers.multiscale import check_scales, scale_levels
-from .var import VAR, VAR_PRESETS, var_size
+from .var import VAR, var_size
 
 
 def neighbourhood_mask(scales: list[int], kernel_size: int, refine_step: int, device=None) -> Mask:
@@ -67,49 +67,37 @@ def neighbourhood_mask(scales: list[int], kernel_size: int, refine_step: int, de
     return Mask(allowed, name=f"scale_markov_k{kernel_size}")
 
 
-MVAR_PRESETS = {
-    # MVAR-d16/d20/d24: VAR's sizes with 7 x 7 neighbourhoods on scales 8 and 9 (13 x 13, 16 x 16)
-    **{f"mvar-d{depth}": dict(var_size(depth), kernel_size=7, refine_step=8) for depth in (16, 20, 24)},
-    # CPU-sized presets: 3 x 3 neighbourhoods on the two largest maps
-    "mvar-tiny": dict(VAR_PRESETS["var-tiny"], kernel_size=3, refine_step=3),
-    "mvar-digits": dict(VAR_PRESETS["var-digits"], kernel_size=3, refine_step=4),
-}
-
-
 @register
 class MVAR(VAR):
     """Next-scale prediction with block-diagonal (scale-Markov) and neighbourhood (spatial-Markov) attention."""
 
-    presets = MVAR_PRESETS
+    presets = {
+        # MVAR-d16 / d20 / d24 (Zhang et al. 2026): VAR's networks (310M, 600M, 1.0B; MVAR adds no parameters and
+        # fine-tunes VAR's checkpoints) with 7 x 7 neighbourhoods on scales 8 and 9 (13 x 13, 16 x 16)
+        **{f"mvar-d{depth}": dict(var_size(depth), kernel_size=7, refine_step=8) for depth in (16, 20, 24)},
+        # CPU-sized presets: 3 x 3 neighbourhoods on the two largest maps
+        "mvar-tiny": dict(VAR.presets["var-tiny"], kernel_size=3, refine_step=3),
+        "mvar-digits": dict(VAR.presets["var-digits"], kernel_size=3, refine_step=4),
+    }
 
     def __init__(
         self,
-        vocab_size: int = 4096,
-        code_dim: int = 32,
-        scales: list[int] | None = None,
-        num_classes: int = 1000,
-        depth: int = 16,
-        dim: int | None = None,
-        num_heads: int | None = None,
-        mlp_ratio: float = 4.0,
-        class_dropout: float = 0.1,
-        attn_l2_norm: bool = True,
-        phi_ratio: float = 0.5,
-        shared_phi: int = 4,
-        tokenizer: str | None = None,
-        norm_eps: float = 1e-6,
-        init_std: float | None = None,
-        head_init_scale: float = 0.02,
-        attention_backend: str = "auto",
-        cfg_schedule: str | None = "linear",
         kernel_size: int = 7,
         refine_step: int = 8,
         joint_steps: int = 8,
         cycle: bool = True,
+        **kwargs,
     ):
-        super().__init__(vocab_size, code_dim, scales, num_classes, depth, dim, num_heads, mlp_ratio, class_dropout,
-                         attn_l2_norm, phi_ratio, shared_phi, tokenizer, norm_eps, init_std, head_init_scale,
-                         attention_backend, cfg_schedule)
+        """MVAR's own switches; every other keyword argument (sizes, scales, tokenizer, guidance schedule) is
+        :class:`~flexar.generators.VAR`'s, forwarded unchanged.
+
+        Args:
+            kernel_size: side k of the neighbourhood on the refined scales (MVAR: 7).
+            refine_step: index of the first scale with neighbourhood attention (MVAR: 8, the 13 x 13 map).
+            joint_steps: training steps on the scales below ``refine_step`` per cycle (MVAR's ratio_k, 8).
+            cycle: train by MVAR's cycle; False trains every scale every step.
+        """
+        super().__init__(**kwargs)
         scales = check_scales(self.grid)
         if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be an odd int >= 1 (7 in MVAR), got {kernel_size!r}")

@@ -33,6 +33,9 @@ Shapes: ids (B, N = h * w) long, raster order; labels (B,) long; head logits (B,
 
 Differences from the paper and its official code:
 - no token, residual or FFN dropout (the official code trains with 0.1 each), as in flexar's :class:`RasterAR`.
+- SwiGLU widths round to multiples of 8 and norms use eps 1e-6 by default, as in :class:`RasterAR`; the official code
+  (LlamaGen's) rounds to 256 with eps 1e-5, which ``mlp_multiple_of=256`` and ``norm_eps=1e-5`` restore and the paper
+  presets (``nar-b`` ... ``nar-xxl``) set, so they count the paper's parameters (tests/test_generator_presets.py).
 - the official code zero-initialises the horizontal output layer only; here both output layers use normal(0, 0.02)
   (``zero_init_head=True`` zeroes both), so that a fresh model does not favour one head.
 - the official generation loop only supports square grids and reorders the decoded tokens row by row; here any h x w
@@ -52,17 +55,7 @@ from ..hub import register
 from ..nn import Block, KVCache, Mask, RotaryEmbedding, Transformer, grid_positions, make_norm
 from ..sampling import SamplingState
 from .base import GenerationOutput, Generator
-
-NAR_PRESETS = {
-    # the paper's NAR-B/L/XL/XXL: LlamaGen's GPT sizes plus the vertical-head block
-    "nar-b": dict(dim=768, depth=12, num_heads=12),
-    "nar-l": dict(dim=1024, depth=24, num_heads=16),
-    "nar-xl": dict(dim=1280, depth=36, num_heads=20),
-    "nar-xxl": dict(dim=1536, depth=48, num_heads=24),
-    # CPU-sized presets for tests, digits and MNIST
-    "nar-tiny": dict(dim=64, depth=2, num_heads=4),
-    "nar-digits": dict(dim=256, depth=6, num_heads=8),
-}
+from .raster import llamagen_size
 
 def proximity_mask(distance: Tensor) -> Mask:
     """The NAR mask over a sequence whose index k holds a token at grid distance ``distance[k]`` (r + c; -1 for the
@@ -122,7 +115,19 @@ class NAR(Generator):
     ``vertical_block``, ``vertical_norm`` and ``vertical_head``.
     """
 
-    presets = NAR_PRESETS
+    presets = {
+        # NAR-B / M / L / XL / XXL (He et al. 2025, Table 1: 130M, 290M, 372M, 816M, 1.46B): LlamaGen's GPT-B / M / L /
+        # XL / XXL in LlamaGen's ImageNet 256 setting (the official gpt.py is LlamaGen's with its GPT_models, GPT-M
+        # included: GPT-L's width with 6 fewer layers), plus the vertical head's block, norm and output layer
+        "nar-b": llamagen_size(768, 12, 12),
+        "nar-m": llamagen_size(1024, 18, 16),
+        "nar-l": llamagen_size(1024, 24, 16),
+        "nar-xl": llamagen_size(1280, 36, 20),
+        "nar-xxl": llamagen_size(1536, 48, 24),
+        # CPU-sized presets for tests, digits and MNIST (the caller gives the tokenizer's sizes)
+        "nar-tiny": dict(dim=64, depth=2, num_heads=4),
+        "nar-digits": dict(dim=256, depth=6, num_heads=8),
+    }
 
     def __init__(
         self,
@@ -140,6 +145,8 @@ class NAR(Generator):
         init_std: float = 0.02,
         zero_init_head: bool = False,
         attention_backend: str = "auto",
+        norm_eps: float = 1e-6,
+        mlp_multiple_of: int = 8,
     ):
         super().__init__()
         self.set_sizes(vocab_size, max_tokens, num_classes, class_dropout, grid, require_grid=True)
@@ -148,39 +155,46 @@ class NAR(Generator):
         self.class_embed = nn.Embedding(num_classes + 1, dim)
         self.token_embed = nn.Embedding(vocab_size, dim)
         self.transformer = Transformer(
-            dim, depth, num_heads, mlp_ratio, mlp="swiglu", norm="rms", qk_norm=qk_norm, backend=attention_backend
+            dim, depth, num_heads, mlp_ratio, mlp="swiglu", norm="rms", qk_norm=qk_norm, backend=attention_backend,
+            norm_eps=norm_eps, mlp_multiple_of=mlp_multiple_of,
         )
         self.head = nn.Linear(dim, vocab_size, bias=False)
         self.vertical_block = Block(dim, num_heads, mlp_ratio, mlp="swiglu", norm="rms", qk_norm=qk_norm,
-                                    backend=attention_backend)
-        self.vertical_norm = make_norm("rms", dim)
+                                    backend=attention_backend, norm_eps=norm_eps, mlp_multiple_of=mlp_multiple_of)
+        self.vertical_norm = make_norm("rms", dim, eps=norm_eps)
         self.vertical_head = nn.Linear(dim, vocab_size, bias=False)
         self.rope = RotaryEmbedding(dim // num_heads, axes=2, base=rope_base)
 
+        # the index tables are computed on the CPU, also under a meta-device context (a model built on the meta
+        # device to count its parameters), where bincount and tolist cannot run; they then join the parameters' device
         height, width = grid
-        cells = grid_positions(height, width)
-        order = decode_order(height, width)
-        no_position = torch.full((1, 2), -1)
-        distance = cells.sum(-1)
-        self.register_buffer("order", order, persistent=False)
-        # per sequence order: rotary position and grid distance of every input index (index 0 = class token)
-        self.register_buffer("raster_positions", torch.cat([no_position, cells]), persistent=False)
-        self.register_buffer("decode_positions", torch.cat([no_position, cells[order]]), persistent=False)
-        self.register_buffer("raster_distance", torch.cat([torch.tensor([-1]), distance]), persistent=False)
-        self.register_buffer("decode_distance", torch.cat([torch.tensor([-1]), distance[order]]), persistent=False)
-        horizontal, vertical = neighbour_sources(torch.arange(max_tokens), height, width)
-        self.register_buffer("horizontal_source", horizontal, persistent=False)
-        self.register_buffer("vertical_source", vertical, persistent=False)
-        # the same sources in decode order, indexed by the target's decode-sequence index (entry 0 unused)
-        horizontal, vertical = neighbour_sources(order, height, width)
-        unused = torch.tensor([-1])
-        self.register_buffer("decode_horizontal_source", torch.cat([unused, horizontal[order]]), persistent=False)
-        self.register_buffer("decode_vertical_source", torch.cat([unused, vertical[order]]), persistent=False)
-        # decode-sequence index where each diagonal starts: pass t feeds [bounds[t], bounds[t+1]) and samples
-        # [bounds[t+1], bounds[t+2]), i.e. the cells of distance t
-        counts = torch.bincount(distance, minlength=height + width - 1)
-        self.bounds = [0] + (1 + torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])).tolist()
-        self.decode_diagonals = self.decode_distance.tolist()
+        with torch.device("cpu"):
+            cells = grid_positions(height, width)
+            order = decode_order(height, width)
+            no_position, unused = torch.full((1, 2), -1), torch.tensor([-1])
+            distance = cells.sum(-1)
+            raster_horizontal, raster_vertical = neighbour_sources(torch.arange(max_tokens), height, width)
+            decode_horizontal, decode_vertical = neighbour_sources(order, height, width)
+            tables = {
+                "order": order,
+                # per sequence order: rotary position and grid distance of every input index (index 0 = class token)
+                "raster_positions": torch.cat([no_position, cells]),
+                "decode_positions": torch.cat([no_position, cells[order]]),
+                "raster_distance": torch.cat([unused, distance]),
+                "decode_distance": torch.cat([unused, distance[order]]),
+                "horizontal_source": raster_horizontal,
+                "vertical_source": raster_vertical,
+                # the same sources in decode order, indexed by the target's decode-sequence index (entry 0 unused)
+                "decode_horizontal_source": torch.cat([unused, decode_horizontal[order]]),
+                "decode_vertical_source": torch.cat([unused, decode_vertical[order]]),
+            }
+            # decode-sequence index where each diagonal starts: pass t feeds [bounds[t], bounds[t+1]) and samples
+            # [bounds[t+1], bounds[t+2]), i.e. the cells of distance t
+            counts = torch.bincount(distance, minlength=height + width - 1)
+            self.bounds = [0] + (1 + torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])).tolist()
+            self.decode_diagonals = tables["decode_distance"].tolist()
+        for name, table in tables.items():
+            self.register_buffer(name, table.to(self.head.weight.device), persistent=False)
         self._masks: dict = {}
 
         self.reset_parameters(init_std, zero_init_head)

@@ -38,19 +38,7 @@ from torch import Tensor
 
 from ..hub import register
 from ..nn import grid_positions
-from .raster import RasterAR
-
-NPP_PRESETS = {
-    # the paper's NPP-B/L/XL/XXL share LlamaGen's GPT sizes (width, depth, heads)
-    "npp-b": dict(dim=768, depth=12, num_heads=12),
-    "npp-l": dict(dim=1024, depth=24, num_heads=16),
-    "npp-xl": dict(dim=1280, depth=36, num_heads=20),
-    "npp-xxl": dict(dim=1536, depth=48, num_heads=24),
-    # CPU-sized presets for tests, digits and MNIST
-    "npp-tiny": dict(dim=64, depth=2, num_heads=4),
-    "npp-digits": dict(dim=256, depth=6, num_heads=8),
-}
-
+from .raster import RasterAR, llamagen_size
 
 def stage_boundaries(num_levels: int, max_epochs: int, epoch_rate: float = 0.5) -> list[int]:
     """The epoch at which each stage ends: [int(E * r^i) for i in range(levels)] reversed (the paper's rule)."""
@@ -61,36 +49,35 @@ def stage_boundaries(num_levels: int, max_epochs: int, epoch_rate: float = 0.5) 
 class NPP(RasterAR):
     """A raster generator trained with next-patch prediction; the same parameters as :class:`RasterAR`.
 
-    Args (beyond :class:`RasterAR`'s): ``patch_sizes`` and ``epoch_rate``, the schedule (module docstring);
-    ``patch_size``, the current stage (None: ``patch_sizes[0]``), kept up to date in ``config`` by every change.
+    Args (its own; :class:`RasterAR`'s are forwarded): ``patch_sizes`` and ``epoch_rate``, the schedule (module
+    docstring); ``patch_size``, the current stage (None: ``patch_sizes[0]``), kept up to date in ``config`` by every
+    change.
     """
 
-    presets = NPP_PRESETS
+    presets = {
+        # NPP-B / L / XL / XXL (Pang et al. 2024): LlamaGen's GPT-B / L / XL / XXL in LlamaGen's ImageNet 256 setting,
+        # "without introducing additional trainable parameters" (111M, 343M, 775M, 1.4B), on the two-level schedule
+        # (2 x 2 patches, then single tokens) over the paper's 300 epochs (epoch_rate 0.5: stages end at 150 and 300)
+        **{f"npp-{name}": dict(llamagen_size(dim, depth, heads), patch_sizes=[2, 1], epoch_rate=0.5)
+           for name, (dim, depth, heads) in {"b": (768, 12, 12), "l": (1024, 24, 16), "xl": (1280, 36, 20),
+                                             "xxl": (1536, 48, 24)}.items()},
+        # CPU-sized presets for tests, digits and MNIST (the caller gives the tokenizer's sizes)
+        "npp-tiny": dict(dim=64, depth=2, num_heads=4),
+        "npp-digits": dict(dim=256, depth=6, num_heads=8),
+    }
 
     def __init__(
         self,
-        vocab_size: int,
-        max_tokens: int,
-        grid: list[int],
-        num_classes: int = 10,
         patch_sizes: list[int] | None = None,
         epoch_rate: float = 0.5,
         patch_size: int | None = None,
-        dim: int = 256,
-        depth: int = 6,
-        num_heads: int = 8,
-        mlp_ratio: float = 4.0,
-        class_dropout: float = 0.1,
-        rope_base: float = 10000.0,
-        qk_norm: bool = False,
-        init_std: float = 0.02,
-        zero_init_head: bool = False,
-        attention_backend: str = "auto",
+        **kwargs,
     ):
-        if grid is None:
+        """NPP's schedule; every other keyword argument is :class:`RasterAR`'s, forwarded unchanged (``grid`` is
+        required: patches are p x p blocks of it)."""
+        if kwargs.get("grid") is None:
             raise ValueError("NPP needs a token grid (h, w): patches are p x p blocks of it")
-        super().__init__(vocab_size, max_tokens, num_classes, grid, dim, depth, num_heads, mlp_ratio, class_dropout,
-                         rope_base, qk_norm, init_std, zero_init_head, attention_backend)
+        super().__init__(**kwargs)
         patch_sizes = [2, 1] if patch_sizes is None else [int(size) for size in patch_sizes]
         if not patch_sizes or patch_sizes[-1] != 1 or any(a <= b for a, b in zip(patch_sizes, patch_sizes[1:])):
             raise ValueError(

@@ -25,10 +25,11 @@ Decoding hooks, which loop-changing decoders (speculative decoding, LANTERN, Sca
 
 Differences from LlamaGen's official code:
 - no token, residual or FFN dropout (LlamaGen trains with 0.1 each); the shared transformer blocks have none.
-- the SwiGLU hidden width is 2/3 of ``mlp_ratio * dim`` rounded to a multiple of 8, not of 256, so the L and XL
-  presets are 1.7 % and 3.0 % smaller than LlamaGen's GPT-L and GPT-XL (B and XXL are unchanged: their widths are
-  already multiples of 256). ``mlp_multiple_of=256`` restores LlamaGen's widths.
-- norms use eps 1e-6 (LlamaGen: 1e-5); ``norm_eps=1e-5`` restores it.
+- the SwiGLU hidden width is 2/3 of ``mlp_ratio * dim`` rounded to a multiple of 8, not of 256, so a GPT-L or GPT-XL
+  width would be 1.7 % and 3.0 % smaller than LlamaGen's (B and XXL are unchanged: their widths are already multiples
+  of 256). ``mlp_multiple_of=256`` restores LlamaGen's widths; the paper presets (``raster-b`` ... ``raster-3b``) set
+  it, so they count LlamaGen's parameters (tests/test_generator_presets.py).
+- norms use eps 1e-6 (LlamaGen: 1e-5); ``norm_eps=1e-5`` restores it (the paper presets set it).
 - the class token's rotary tables are the identity (cos 1, sin 0: its query and key pass unrotated). LlamaGen
   prepends zero tables (cos 0, sin 0) for the class token, which zeroes its query and key in every layer, so no
   position attends to it through a non-zero logit and its own query sees uniform weights; its value still reaches
@@ -49,16 +50,16 @@ from ..nn import KVCache, RotaryEmbedding, Transformer, causal_mask, grid_positi
 from ..utils import IGNORE_INDEX
 from .base import Generator
 
-RASTER_PRESETS = {
-    # LlamaGen's GPT_models: width, depth, heads
-    "raster-b": dict(dim=768, depth=12, num_heads=12),
-    "raster-l": dict(dim=1024, depth=24, num_heads=16),
-    "raster-xl": dict(dim=1280, depth=36, num_heads=20),
-    "raster-xxl": dict(dim=1536, depth=48, num_heads=24),
-    # CPU-sized presets for tests, digits and MNIST
-    "raster-tiny": dict(dim=64, depth=2, num_heads=4),
-    "raster-digits": dict(dim=256, depth=6, num_heads=8),
-}
+# LlamaGen's class-conditional ImageNet setting: its VQ-16 tokenizer (16384 codes) at 256 px gives a 16 x 16 grid,
+# 1000 classes, class dropout 0.1, SwiGLU widths rounded to multiples of 256 and RMSNorm eps 1e-5 (gpt.py ModelArgs).
+LLAMAGEN_C2I = dict(vocab_size=16384, max_tokens=256, grid=[16, 16], num_classes=1000, class_dropout=0.1,
+                    mlp_multiple_of=256, norm_eps=1e-5)
+
+
+def llamagen_size(dim: int, depth: int, num_heads: int) -> dict:
+    """One of LlamaGen's GPT_models (width, depth, heads) in its class-conditional ImageNet 256 setting."""
+    return dict(LLAMAGEN_C2I, dim=dim, depth=depth, num_heads=num_heads)
+
 
 CLASS_TOKEN_ROTARY = ("identity", "zero")
 
@@ -71,7 +72,18 @@ class RasterAR(Generator):
     logits (B, L_in, vocab_size).
     """
 
-    presets = RASTER_PRESETS
+    presets = {
+        # LlamaGen's GPT-B / L / XL / XXL / 3B (Sun et al. 2024, Table 1: 111M, 343M, 775M, 1.4B, 3.1B); flexar's own
+        # departures (class-token rotary tables, head initialisation) keep their defaults, see the module docstring
+        "raster-b": llamagen_size(768, 12, 12),
+        "raster-l": llamagen_size(1024, 24, 16),
+        "raster-xl": llamagen_size(1280, 36, 20),
+        "raster-xxl": llamagen_size(1536, 48, 24),
+        "raster-3b": llamagen_size(3200, 24, 32),
+        # CPU-sized presets for tests, digits and MNIST (the caller gives the tokenizer's sizes)
+        "raster-tiny": dict(dim=64, depth=2, num_heads=4),
+        "raster-digits": dict(dim=256, depth=6, num_heads=8),
+    }
     supports_step_decoding = True
 
     def __init__(

@@ -44,12 +44,6 @@ from ..sampling import check_cfg_schedule
 from ..sampling.processors import classifier_free_guidance
 from .base import GenerationOutput, Generator
 
-TOKEN_SHUFFLE_PRESETS = {
-    "token-shuffle-tiny": dict(dim=64, depth=2, num_heads=4),
-    "token-shuffle-digits": dict(dim=256, depth=6, num_heads=8),
-}
-
-
 def shuffle_tokens(x: Tensor, grid: tuple[int, int], shuffle: int) -> Tensor:
     """Concatenate every ``s x s`` window: (B, N, C) raster order -> (B, N / s^2, s^2 C), windows in raster order."""
     height, width = grid
@@ -96,7 +90,18 @@ class TokenShuffleAR(Generator):
         cfg_schedule: a key of ``flexar.sampling.CFG_SCHEDULES`` that overrides the sampler's schedule, or None.
     """
 
-    presets = TOKEN_SHUFFLE_PRESETS
+    presets = {
+        # the paper's model (Ma et al. 2025, section 4): a 2.7B Llama, 20 blocks of width 3072, shuffle window 2, at
+        # its 1024 px stage (64 x 64 tokens, 1024 merged positions). The paper does not give the heads (24: Llama's
+        # head width 128) or the codebook here (8192 assumed); it conditions on text through the LLM's own
+        # vocabulary, which this class-conditional model (1000 classes) does not have, so its count (2.63B with the
+        # shuffle MLPs) is not the paper's 2.7B
+        "token-shuffle-2.7b": dict(vocab_size=8192, max_tokens=64 * 64, grid=[64, 64], num_classes=1000, shuffle=2,
+                                   dim=3072, depth=20, num_heads=24),
+        # CPU-sized presets for tests, digits and MNIST (the caller gives the tokenizer's sizes)
+        "token-shuffle-tiny": dict(dim=64, depth=2, num_heads=4),
+        "token-shuffle-digits": dict(dim=256, depth=6, num_heads=8),
+    }
     supports_step_decoding = True  # with tokens_per_step = s^2, which the one-token strategies refuse
 
     def __init__(

@@ -73,14 +73,6 @@ def var_size(depth: int) -> dict:
                 num_classes=1000)
 
 
-VAR_PRESETS = {
-    **{f"var-d{depth}": var_size(depth) for depth in (16, 20, 24, 30)},
-    # CPU-sized presets for tests, digits and MNIST (32 px tokenizers: 6 scales, 130 tokens)
-    "var-tiny": dict(depth=2, dim=32, num_heads=2, scales=[1, 2, 3, 4], vocab_size=32, code_dim=8, num_classes=10),
-    "var-digits": dict(depth=4, dim=256, num_heads=4, scales=[1, 2, 3, 4, 6, 8], vocab_size=256, code_dim=8,
-                       num_classes=10),
-}
-
 MAX_ATTENTION_SCALE = math.log(100.0)
 
 
@@ -126,7 +118,15 @@ class VAR(Generator):
     ``grid`` is the list of scale sides (as the tokenizer's); ``max_tokens`` = sum side ** 2.
     """
 
-    presets = VAR_PRESETS
+    presets = {
+        # VAR-d16 / d20 / d24 / d30 (Tian et al. 2024, Table 1 and the official model zoo: 310M, 600M, 1.0B, 2.0B) on
+        # VAR's 256 px tokenizer: 10 scales (680 tokens), 4096 codes of dimension 32, 1000 classes
+        **{f"var-d{depth}": var_size(depth) for depth in (16, 20, 24, 30)},
+        # CPU-sized presets for tests, digits and MNIST (32 px tokenizers)
+        "var-tiny": dict(depth=2, dim=32, num_heads=2, scales=[1, 2, 3, 4], vocab_size=32, code_dim=8, num_classes=10),
+        "var-digits": dict(depth=4, dim=256, num_heads=4, scales=[1, 2, 3, 4, 6, 8], vocab_size=256, code_dim=8,
+                           num_classes=10),
+    }
 
     def __init__(
         self,
