@@ -97,11 +97,11 @@ def caches(tmp_path_factory):
     return root
 
 
-def tiny_generator_run(tmp_path, caches, callbacks=(), train="train", max_epochs=1, **module_args):
+def tiny_generator_run(tmp_path, caches, callbacks=(), train="train", max_epochs=1, logger=False, **module_args):
     torch.manual_seed(0)
     generator = RasterAR(vocab_size=32, max_tokens=6, num_classes=10, dim=32, depth=1, num_heads=2)
     module = GeneratorModule(generator, warmup_steps=1, export_dir=str(tmp_path / "generator"), **module_args)
-    trainer = L.Trainer(max_epochs=max_epochs, limit_train_batches=3, limit_val_batches=1, logger=False,
+    trainer = L.Trainer(max_epochs=max_epochs, limit_train_batches=3, limit_val_batches=1, logger=logger,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                         callbacks=list(callbacks), accelerator="cpu")
     data = TokenDataModule(str(caches / train), str(caches / "test"), batch_size=16)
@@ -288,3 +288,135 @@ def test_sample_grid_and_default_export_under_two_process_ddp(tmp_path, caches):
     assert process.returncode == 0, output[-3000:]
     assert list(tmp_path.rglob("samples_epoch000.png"))
     assert RasterAR.from_pretrained(next(tmp_path.rglob("pretrained"))).max_tokens == 6
+
+
+# ----------------------------------------------------------------------------- optimiser and schedule from the config
+
+
+def tiny_tokenizer_module(**module_args) -> tuple[TokenizerModule, L.Trainer]:
+    from flexar.data import ImageDataModule
+
+    torch.manual_seed(0)
+    module = TokenizerModule(tiny_titok(), warmup_steps=2, **module_args)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0, logger=False, accelerator="cpu",
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(module, ImageDataModule("digits", image_size=16, channels=1, batch_size=8))
+    return module, trainer
+
+
+def test_an_explicit_adamw_trains_exactly_like_the_default_recipe(tmp_path):
+    import functools
+
+    default, _ = tiny_tokenizer_module(export_dir=str(tmp_path / "a"))
+    explicit, trainer = tiny_tokenizer_module(
+        export_dir=str(tmp_path / "b"), optimizer=functools.partial(torch.optim.AdamW, lr=3e-4, betas=(0.9, 0.95),
+                                                                    weight_decay=1e-4))
+    # the optimiser's own weight decay goes to the two-or-more-dimensional parameters, none to the others
+    assert [group["weight_decay"] for group in trainer.optimizers[0].param_groups] == [1e-4, 0.0]
+    for (name, ours), theirs in zip(default.tokenizer.state_dict().items(), explicit.tokenizer.state_dict().values()):
+        assert torch.equal(ours, theirs), name
+
+
+def test_optimizer_and_schedule_from_yaml(tmp_path):
+    config = yaml.safe_load(tiny_config(tmp_path).read_text())
+    config["model"]["init_args"].update(
+        optimizer={"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}},
+        lr_scheduler={"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1, "gamma": 0.5}})
+    (tmp_path / "sgd.yaml").write_text(yaml.safe_dump(config))
+    cli = run(["fit", "--config", str(tmp_path / "sgd.yaml")])
+    optimizer = cli.trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.01, 0.0]
+    assert isinstance(cli.trainer.lr_scheduler_configs[0].scheduler, torch.optim.lr_scheduler.StepLR)
+    # stepped after each of the 3 optimiser steps
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 3)
+
+
+# ----------------------------------------------------------------------------- configs that compose
+
+
+def test_configs_interpolate_within_and_across_files(tmp_path):
+    config = yaml.safe_load(tiny_config(tmp_path).read_text())
+    config["data"]["init_args"]["image_size"] = "${model.init_args.tokenizer.init_args.image_size}"
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(config))
+    # an overlay that sets a value for the base's keys to follow, and one of its own from the base
+    overlay = {"model": {"init_args": {"tokenizer": {"init_args": {"image_size": 24, "patch_size": 6}},
+                                       "warmup_steps": "${trainer.log_every_n_steps}"}}}
+    (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overlay))
+    cli = run(["fit", "--config", str(tmp_path / "base.yaml"), "--config", str(tmp_path / "overlay.yaml"),
+               "--trainer.log_every_n_steps", "2", "--model.init_args.export_dir", str(tmp_path / "export24")])
+    assert cli.datamodule.image_size == cli.model.tokenizer.image_size == 24
+    assert cli.model.warmup_steps == 2
+    assert TiTok.from_pretrained(tmp_path / "export24").image_size == 24
+
+
+def test_a_csv_logger_by_default(tmp_path):
+    config = yaml.safe_load(tiny_config(tmp_path).read_text())
+    del config["trainer"]["logger"]
+    (tmp_path / "default_logger.yaml").write_text(yaml.safe_dump(config))
+    run(["fit", "--config", str(tmp_path / "default_logger.yaml")])
+    metrics = tmp_path / "lightning_logs" / "version_0" / "metrics.csv"
+    assert "train/loss" in metrics.read_text()
+    # a CSV logger takes no images: the previews are the PNG files
+    assert list((tmp_path / "lightning_logs" / "version_0" / "images").glob("reconstructions_epoch000.png"))
+
+
+class ImageLogger(L.pytorch.loggers.Logger):
+    """A logger with ``log_image`` (as Weights & Biases' has): records what it is sent."""
+
+    def __init__(self):
+        super().__init__()
+        self.images = []
+
+    @property
+    def name(self):
+        return "images"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_image(self, key, images, step=None):
+        self.images.append((key, images, step))
+
+
+def test_preview_grids_go_to_a_logger_that_takes_images(tmp_path, caches):
+    from flexar.data import ImageDataModule
+    from flexar.train import ReconstructionGrid
+
+    logger = ImageLogger()
+    torch.manual_seed(0)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=logger, accelerator="cpu",
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        default_root_dir=tmp_path, callbacks=[ReconstructionGrid(num_images=4)])
+    trainer.fit(TokenizerModule(tiny_titok(), warmup_steps=1, export_dir=str(tmp_path / "tokenizer")),
+                ImageDataModule("digits", image_size=16, channels=1, batch_size=8))
+    [(key, [grid], step)] = logger.images
+    # originals and reconstructions: two rows of four 16x16 images with 2-pixel padding
+    assert key == "reconstructions" and step == 2 and grid.shape == (3, 2 + 2 * 18, 2 + 4 * 18)
+    assert 0.0 <= float(grid.min()) and float(grid.max()) <= 1.0
+    assert list(tmp_path.rglob("reconstructions_epoch000.png")), "the PNG is written as well"
+    logger = ImageLogger()
+    tiny_generator_run(tmp_path / "generator_run", caches, [SampleGrid(per_class=1)], logger=logger)
+    assert [key for key, _, _ in logger.images] == ["samples"]
+
+
+@pytest.mark.parametrize("strategy", ["bf16", "ddp", "fsdp"])
+def test_gpu_configs_parse_over_a_family_config(strategy, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run(["fit", "--config", str(ROOT / "configs" / "tokenizers" / "titok_mnist.yaml"),
+             "--config", str(ROOT / "configs" / "gpu" / f"{strategy}.yaml"), "--print_config"])
+    assert stop.value.code == 0
+    trainer = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    assert trainer["precision"] == "bf16-mixed" and trainer["accelerator"] == "gpu"
+    if strategy == "ddp":
+        assert trainer["strategy"] == "ddp"
+    if strategy == "fsdp":
+        assert trainer["strategy"]["class_path"] == "lightning.pytorch.strategies.FSDPStrategy"
+        assert trainer["strategy"]["init_args"]["state_dict_type"] == "full"

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import jsonargparse
 from jsonargparse import ActionConfigFile
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -180,10 +181,18 @@ def _key_path(lines: list[str], index: int, match: re.Match) -> tuple[str, str |
     return ".".join(parts), owner
 
 
-# OmegaConf interpolation, resolved once every --config file and command-line option is merged: an overlay may
-# refer to a key of the base config (``${model.init_args.tokenizer.init_args.image_size}``), and a value set on the
-# command line reaches every key that interpolates it
-PARSER_MODE = "omegaconf+"
+def parser_mode() -> str:
+    """OmegaConf interpolation, resolved once every --config file and command-line option is merged
+    (jsonargparse's ``omegaconf+``): a base config may refer to a key an overlay sets
+    (``${data.init_args.image_size}``), and a value set on the command line reaches every key that interpolates it.
+    Paths are written from the top of a config file, as in plain ``omegaconf`` mode (jsonargparse rewrites them
+    relative to where they appear, which puts them under the subcommand). A jsonargparse without that setting gets
+    plain ``omegaconf``: interpolation within each file."""
+    try:
+        jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    except TypeError:
+        return "omegaconf"
+    return "omegaconf+"
 
 
 class FlexarCLI(LightningCLI):
@@ -236,7 +245,7 @@ def run(args: list[str] | None = None) -> FlexarCLI:
         # the modules own their optimiser and schedule (their optimizer / lr_scheduler arguments)
         auto_configure_optimizers=False,
         parser_class=FlexarArgumentParser,
-        parser_kwargs={"parser_mode": PARSER_MODE},
+        parser_kwargs={"parser_mode": parser_mode()},
     )
 
 
