@@ -4,14 +4,13 @@ forward their parent's arguments, and one ``training_loss`` signature."""
 import inspect
 import json
 
-import lightning as L
 import pytest
 import torch
 import yaml
 
 from flexar.hub import load_model, presets
 from flexar.tokenizers import ALIT, KARL, VAE, VQGAN2D, FlexTok, MultiScaleVQ, OneDPiece, ReTok, TiTok, Tokenizer
-from flexar.train.cli import PARSER_MODE, FlexarArgumentParser, FlexarCLI
+from flexar.train.cli import FlexarCLI, run
 from test_train import tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter")
@@ -143,15 +142,16 @@ def test_flextok_presets_have_the_official_trunk_parameter_count(name):
 
 # -- from YAML -----------------------------------------------------------------------------------------------------
 def parsed_cli(tmp_path, tokenizer: dict, arguments=()) -> FlexarCLI:
-    """The CLI of ``flexar-train`` (:func:`flexar.train.cli.run`'s parser and mode) after parsing a tiny run whose
-    tokenizer entry is `tokenizer`: the model and the data are built, nothing trains."""
+    """The CLI of ``flexar-train`` (:func:`flexar.train.cli.run`, its parser and settings) after parsing a tiny run
+    whose tokenizer entry is `tokenizer`: the model and the data are built, nothing trains."""
     config = yaml.safe_load(tiny_config(tmp_path).read_text())
     config["model"]["init_args"]["tokenizer"] = tokenizer
     path = tmp_path / "preset.yaml"
     path.write_text(yaml.safe_dump(config))
-    return FlexarCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                     args=["--config", str(path), *arguments], auto_configure_optimizers=False,
-                     parser_class=FlexarArgumentParser, parser_kwargs={"parser_mode": PARSER_MODE}, run=False)
+    build = FlexarCLI.__init__
+    with pytest.MonkeyPatch.context() as patch:  # LightningCLI(run=False): parse and instantiate, no subcommand
+        patch.setattr(FlexarCLI, "__init__", lambda self, *args, **kwargs: build(self, *args, **kwargs, run=False))
+        return run(["--config", str(path), *arguments])
 
 
 TINY = dict(image_size=16, channels=1, patch_size=4, num_latent_tokens=8, depth=1, codebook_size=64, code_dim=8)
