@@ -3,7 +3,7 @@ import pytest
 import yaml
 
 from flexar.train.cli import closest, run
-from test_train import tiny_config
+from test_train import caches, tiny_config  # noqa: F401 (caches is a fixture)
 
 
 def refused(arguments, capsys) -> str:
@@ -66,3 +66,94 @@ def test_no_close_key_lists_the_valid_ones(tmp_path, capsys):
 def test_closest_keys():
     assert closest("max_epocs", ["max_epochs", "min_epochs", "precision"]) == ["max_epochs", "min_epochs"]
     assert closest("xyzzy", ["max_epochs"]) == []
+
+
+# ----------------------------------------------------------------------------- test and predict
+
+
+def checkpointed(config_path, folder):
+    config = yaml.safe_load(config_path.read_text())
+    config["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                           "init_args": {"dirpath": str(folder), "save_last": True}})
+    config_path.write_text(yaml.safe_dump(config))
+    return config_path
+
+
+def writer_arguments(output):
+    """A TokenCacheWriter appended to the config's callbacks, from the command line."""
+    return ["--trainer.callbacks+=flexar.data.TokenCacheWriter", f"--trainer.callbacks.output={output}",
+            "--return_predictions=false"]
+
+
+def test_test_and_predict_a_tokenizer_through_the_cli(tmp_path):
+    import torch
+
+    from flexar.data import TokenDataset, build_dataset, read_meta, write_token_cache
+    from flexar.hub import fingerprint
+    from flexar.tokenizers import TiTok
+
+    config = checkpointed(tiny_config(tmp_path), tmp_path / "checkpoints")
+    run(["fit", "--config", str(config)])
+    last = str(tmp_path / "checkpoints" / "last.ckpt")
+    # test: the validation metrics on the test split, from the checkpoint's (EMA) weights
+    tested = run(["test", "--config", str(config), "--ckpt_path", last])
+    metrics = tested.trainer.callback_metrics
+    assert {"test/loss", "test/psnr"} <= set(metrics) and float(metrics["test/psnr"]) > 0
+    # predict: tokenize the test split into a token cache, the one write_token_cache writes with the export
+    run(["predict", "--config", str(config), "--ckpt_path", last, "--data.init_args.predict_split=test",
+         *writer_arguments(tmp_path / "tokens")])
+    meta = read_meta(tmp_path / "tokens")
+    assert meta["tokenizer"]["fingerprint"] == fingerprint(tmp_path / "export") and meta["tokenizer"]["path"] is None
+    assert meta["dataset"] == "digits" and meta["split"] == "test" and meta["num_classes"] == 10
+    exported = TiTok.from_pretrained(tmp_path / "export")
+    test_split = build_dataset("digits", "test", image_size=16, channels=1)
+    write_token_cache(exported, test_split, tmp_path / "expected", batch_size=8, progress=False,
+                      description={"dataset": "digits", "split": "test", "num_classes": 10})
+    ours, expected = TokenDataset(tmp_path / "tokens"), TokenDataset(tmp_path / "expected")
+    assert len(ours) == len(test_split) == 297
+    for column in ("ids", "labels", "lengths"):
+        assert torch.equal(ours.column(column), expected.column(column)), column
+
+
+def test_test_and_predict_a_generator_through_the_cli(tmp_path, caches):
+    import torch
+
+    from flexar.data import TokenDataset, read_meta
+    from flexar.hub import fingerprint, load_model
+
+    generator = {"class_path": "flexar.generators.RasterAR",
+                 "init_args": {"vocab_size": 32, "max_tokens": 6, "num_classes": 10, "dim": 32, "depth": 1,
+                               "num_heads": 2}}
+    config = {"trainer": {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1, "logger": False,
+                          "enable_progress_bar": False, "enable_model_summary": False,
+                          "default_root_dir": str(tmp_path), "callbacks": []},
+              "model": {"class_path": "flexar.train.GeneratorModule",
+                        "init_args": {"generator": generator, "warmup_steps": 1,
+                                      "export_dir": str(tmp_path / "generator")}},
+              "data": {"class_path": "flexar.data.TokenDataModule",
+                       "init_args": {"train": str(caches / "train"), "val": str(caches / "test"), "batch_size": 16}}}
+    path = checkpointed(_write(tmp_path / "generator.yaml", config), tmp_path / "checkpoints")
+    run(["fit", "--config", str(path)])
+    last = str(tmp_path / "checkpoints" / "last.ckpt")
+    # without a logger every run writes its config.yaml into default_root_dir: each subcommand gets its own
+    metrics = run(["test", "--config", str(path), "--ckpt_path", last,
+                   f"--trainer.default_root_dir={tmp_path / 'test'}"]).trainer.callback_metrics
+    assert {"test/loss", "test_loss"} <= set(metrics)
+    # predict: one sample per row of the val cache, with its label, as a token cache of the same tokenizer
+    run(["predict", "--config", str(path), "--ckpt_path", last, f"--trainer.default_root_dir={tmp_path / 'predict'}",
+         "--model.init_args.predict_sampler=flexar.sampling.Sampler", "--model.init_args.predict_sampler.top_k=4",
+         *writer_arguments(tmp_path / "samples")])
+    meta, source = read_meta(tmp_path / "samples"), read_meta(caches / "test")
+    assert meta["tokenizer"] == source["tokenizer"] and meta["num_items"] == source["num_items"] == 48
+    assert meta["generator"]["fingerprint"] == fingerprint(tmp_path / "generator")
+    samples = TokenDataset(tmp_path / "samples")
+    assert torch.equal(samples.labels, TokenDataset(caches / "test").labels)
+    assert int(samples.ids.max()) < 32 and torch.equal(samples.lengths, torch.full((48,), 6))
+    # the samples decode with the cache's tokenizer
+    tokenizer = load_model(caches / "tokenizer")
+    assert tokenizer.decode(samples.ids[:4]).shape == (4, 1, 16, 16)
+
+
+def _write(path, config):
+    path.write_text(yaml.safe_dump(config))
+    return path
