@@ -1,9 +1,11 @@
-"""Real multi-process training: ``flexar-train fit`` with ``strategy=ddp`` on 2 CPU processes (gloo).
+"""Real multi-process runs on 2 CPU processes (gloo): ``flexar-train fit`` with ``strategy=ddp``, and
+``flexar-tokenize --devices 2`` (``trainer.predict``).
 
 Each run is a child process (Lightning's DDP launcher re-executes its command line for rank 1). A probe callback
 records the rows every rank trains on; the test checks that each epoch covers every row exactly once across the
-ranks, that both ranks run the same number of steps, and that the exported weights equal those of one process
-trained with the same global batch.
+ranks, that both ranks run the same number of steps, and that the exported weights (gathered on every rank, written
+by rank zero) equal those of one process trained with the same global batch. Tokenizing on two processes writes
+the very files one process writes.
 """
 import collections
 import os
@@ -126,3 +128,33 @@ def test_generator_trains_with_two_processes_on_uneven_shards(tmp_path):
 def write(config: dict, path: Path) -> Path:
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def test_tokenizing_with_two_processes_writes_the_cache_of_one(tmp_path):
+    """flexar-tokenize --devices 2: each rank encodes its slice of every global batch, rank zero merges them in row
+    order; the files equal those one process writes."""
+    from flexar.data import write_token_cache
+    from flexar.tokenizers import TiTok
+
+    torch.manual_seed(0)
+    TiTok(image_size=16, channels=1, patch_size=4, num_latent_tokens=6, width=32, depth=1, num_heads=2,
+          codebook_size=32, code_dim=8).save_pretrained(tmp_path / "tokenizer")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    # 297 test images at 32 per rank: 4 global batches of 64 and a last one of 41 rows, split 20 / 21
+    command = [sys.executable, "-m", "flexar.data.token_cache", "--tokenizer", str(tmp_path / "tokenizer"),
+               "--split", "test", "--output", str(tmp_path / "two"), "--batch-size", "32", "--shard-size", "100",
+               "--devices", "2"]
+    try:
+        done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=150)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"the 2-process tokenizing did not finish in 150 s (ranks waiting on each other?)\n{error.stderr}")
+    assert done.returncode == 0, done.stderr[-4000:]
+    tokenizer = TiTok.from_pretrained(tmp_path / "tokenizer")
+    write_token_cache(tokenizer, build_dataset("digits", "test", image_size=16, channels=1), tmp_path / "one",
+                      batch_size=32, shard_size=100, progress=False, tokenizer_folder=tmp_path / "tokenizer",
+                      description={"dataset": "digits", "split": "test", "num_classes": 10})
+    files = sorted(path.name for path in (tmp_path / "one").iterdir())
+    assert len(files) == 4 and sorted(path.name for path in (tmp_path / "two").iterdir()) == files
+    for name in files:
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert not list(tmp_path.glob(".two.*")), "no staging folder is left behind"

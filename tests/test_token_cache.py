@@ -288,3 +288,68 @@ def test_a_validation_cache_of_another_tokenizer_is_refused(cache, images, tmp_p
     module = TokenDataModule(str(cache), val=str(tmp_path / "val"))
     with pytest.raises(ValueError, match=r"come from different tokenizers: tokenizer.fingerprint"):
         module.setup("fit")
+
+
+# ---------------------------------------------------------------- through trainer.predict
+
+
+def test_flexar_tokenize_runs_trainer_predict_and_writes_the_same_cache(tmp_path):
+    """flexar-tokenize (TokenizerModule.predict_step + TokenCacheWriter) and write_token_cache give identical files."""
+    from flexar.data.token_cache import main
+
+    tiny_tokenizer().save_pretrained(tmp_path / "tokenizer")
+    main(["--tokenizer", str(tmp_path / "tokenizer"), "--split", "test", "--output", str(tmp_path / "predicted"),
+          "--batch-size", "64", "--shard-size", "100", "--num-tokens", "4"])
+    tokenizer = TiTok.from_pretrained(tmp_path / "tokenizer")
+    write_token_cache(tokenizer, build_dataset("digits", "test", image_size=16, channels=1), tmp_path / "direct",
+                      num_tokens=4, batch_size=64, shard_size=100, progress=False, tokenizer_folder=tmp_path / "tokenizer",
+                      description={"dataset": "digits", "split": "test", "num_classes": 10})
+    files = sorted(path.name for path in (tmp_path / "direct").iterdir())
+    assert files == ["meta.json", "shard_00000.safetensors", "shard_00001.safetensors", "shard_00002.safetensors"]
+    assert sorted(path.name for path in (tmp_path / "predicted").iterdir()) == files
+    for name in files:
+        assert (tmp_path / "predicted" / name).read_bytes() == (tmp_path / "direct" / name).read_bytes(), name
+    assert int(TokenDataset(tmp_path / "predicted").lengths.max()) == 4
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["direct", "predicted", "tokenizer"], "no staging left"
+
+
+def test_the_prediction_writer_refuses_a_foreign_folder_and_cleans_up_after_a_failure(tmp_path):
+    import lightning as L
+
+    from flexar.data import ImageDataModule, TokenCacheWriter
+    from flexar.train import TokenizerModule
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+
+    def predict(output, data):
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[TokenCacheWriter(str(output))])
+        trainer.predict(TokenizerModule(tiny_tokenizer()), datamodule=data, return_predictions=False)
+
+    data = ImageDataModule("digits", image_size=16, channels=1, batch_size=64, predict_split="test")
+    with pytest.raises(RuntimeError, match="notes exists and is not a token cache"):
+        predict(tmp_path / "notes", data)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+    class Broken(Dataset):
+        def __init__(self, images):
+            self.images = images
+
+        def __len__(self):
+            return len(self.images)
+
+        def __getitem__(self, index):
+            if index == 100:  # the second batch: the first one is written by then
+                raise RuntimeError("interrupted while tokenizing")
+            return self.images[index]
+
+    class Failing(ImageDataModule):
+        def predict_dataloader(self):
+            loader = super().predict_dataloader()
+            loader.dataset.dataset = Broken(loader.dataset.dataset)
+            return loader
+
+    with pytest.raises(RuntimeError, match="interrupted while tokenizing"):
+        predict(tmp_path / "cache", Failing("digits", image_size=16, channels=1, batch_size=64, predict_split="test"))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes"], "nothing written, no staging left"
