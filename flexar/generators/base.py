@@ -3,7 +3,8 @@
 - ``training_loss(ids (B, L) long, labels (B,) long, lengths (B,) long | None) -> (loss, logs)``: the family's
   objective; ``lengths`` marks the valid prefix of each row for flexible- and adaptive-length tokenizers.
 - ``generate(labels (B,), sampler, generator=None, num_tokens=None, use_cache=True, progress=False)
-  -> GenerationOutput(ids (B, num_tokens) long, stats)``: the family's decoding schedule.
+  -> GenerationOutput(ids (B, num_tokens) long, stats, lengths (B,) long)``: the family's decoding schedule; ids are
+  zero past ``lengths``, which is ``num_tokens`` for every row unless the model ends rows itself (``eos_token``).
 - attributes ``vocab_size``, ``max_tokens``, ``num_classes``, ``grid`` (None for 1D sequences, (h, w) for a token
   grid in raster order) and ``null_class`` (= ``num_classes``, the label of the unconditional branch of
   classifier-free guidance).
@@ -24,6 +25,12 @@ hooks: the KV cache, the CFG copies, rollback and row selection, or a full recom
 best-of-N) drive the same :class:`StepDecoding` through :meth:`Generator.start_decoding`; they read the declared
 capabilities, never which methods a family overrides.
 
+Adaptive lengths. A model with ``eos_token`` (trained on a cache of adaptive-length tokens, KARL or ALIT) has logits
+over ``vocab_size + 1`` entries, the last the end-of-sequence token (``eos_id = vocab_size``). A row that draws it
+ends: its length is the number of tokens before it, it leaves the decoding run (``StepDecoding.select``), and the
+loop stops when every row has ended or ``num_tokens`` is reached. It is never drawn as the first token, and never
+written into the returned ids. The decoding strategies end rows the same way (:mod:`flexar.sampling.strategy`).
+
 Randomness: ``generate`` draws only from its ``torch.Generator``; when none is given it seeds a fresh one from the OS,
 so the global random state is never read or advanced. Class dropout during training is the one exception: like
 ``nn.Dropout`` it uses the default generator unless it is given one.
@@ -39,7 +46,8 @@ from torch import Tensor, nn
 from ..hub import Configurable, PretrainedMixin
 from ..nn import KVCache
 from ..sampling import SamplingState
-from ..sampling.strategy import GenerationOutput
+from ..sampling.strategy import GenerationOutput, end_of_sequence, forbid_empty, rows_generator
+from ..sampling.streams import ImageStreams
 
 
 class GenerationStart(NamedTuple):
@@ -68,6 +76,9 @@ class Generator(Configurable, PretrainedMixin, nn.Module):
     the loop over them): speculative decoding, LANTERN, ScalingAR and best-of-N drive such families only."""
     tokens_per_step: int = 1
     """Tokens one ``step`` position emits (Token-Shuffle: a window of s^2); the strategies drive 1."""
+    eos_token: bool = False
+    """The network's logits carry one entry more, the end-of-sequence token (id ``vocab_size``): trained on
+    adaptive-length tokens, the model chooses each row's length and every decoding loop stops the row there."""
 
     @property
     def null_class(self) -> int:
@@ -76,6 +87,11 @@ class Generator(Configurable, PretrainedMixin, nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    @property
+    def eos_id(self) -> int | None:
+        """The end-of-sequence id (``vocab_size``) when the model has one (``eos_token``), else None."""
+        return end_of_sequence(self)
 
     # -- argument checks -----------------------------------------------------------------------------------------------
     def check_labels(self, labels) -> Tensor:
@@ -299,7 +315,12 @@ class Generator(Configurable, PretrainedMixin, nn.Module):
         ``num_tokens / tokens_per_step`` passes in all. With CFG the batch is doubled as [labels; null] and both
         halves are fed the unit sampled from the guided logits. `whole` as in :meth:`begin_generation`.
 
-        labels: (B,) long; sampler: a :class:`flexar.sampling.Sampler`; returns ids (B, num_tokens) and stats.
+        With an end-of-sequence token (``eos_token``) a row that draws it ends there: it leaves the batch
+        (``StepDecoding.select``), so it costs no further forward pass, and the loop stops once every row has ended.
+        The token cannot be drawn first (a row holds at least one token); ``num_tokens`` caps the rest.
+
+        labels: (B,) long; sampler: a :class:`flexar.sampling.Sampler`; returns ids (B, num_tokens), zero past
+        ``lengths`` (B,), and stats.
         """
         labels, count, generator, timer, conditions, copies = self.begin_generation(
             labels, sampler, generator, num_tokens, whole)
@@ -307,16 +328,53 @@ class Generator(Configurable, PretrainedMixin, nn.Module):
         units = self.ids_to_steps(torch.empty(batch, count, dtype=torch.long, device=labels.device))
         steps = units.shape[1]
         run = self.start_decoding(conditions, copies, steps, use_cache)
-        for index in self.progress_range(steps, progress, f"{type(self).__name__} decoding"):
-            logits = run.start() if index == 0 else run.feed(units[:, index - 1 : index])[:, -1]
-            units[:, index] = sampler.sample(logits, SamplingState(step=index, num_steps=steps), generator)
+        eos = self.eos_id
+        if eos is None:
+            for index in self.progress_range(steps, progress, f"{type(self).__name__} decoding"):
+                logits = run.start() if index == 0 else run.feed(units[:, index - 1 : index])[:, -1]
+                units[:, index] = sampler.sample(logits, SamplingState(step=index, num_steps=steps), generator)
+            lengths, tokens = None, batch * count
+        else:
+            lengths = self.decode_until_end(run, units, sampler, generator, progress)
+            tokens = int(lengths.sum())
         stats = {
             "forward_passes": run.forward_passes,
-            "tokens": batch * count,
+            "row_passes": run.row_passes,
+            "tokens": tokens,
             "seconds": timer.seconds(),
             "batch_size": batch,
         }
-        return GenerationOutput(ids=self.steps_to_ids(units), stats=stats)
+        return GenerationOutput(ids=self.steps_to_ids(units), stats=stats, lengths=lengths)
+
+    def decode_until_end(self, run: "StepDecoding", ids: Tensor, sampler, generator, progress: bool = False) -> Tensor:
+        """The loop of :meth:`decode_steps` for a model with an end-of-sequence token: fills ids (B, count) in place,
+        zero past each row's end, and returns the lengths (B,). One host synchronisation per step reads which rows
+        ended, the price of dropping them from the batch."""
+        if self.tokens_per_step != 1:
+            raise NotImplementedError(f"{type(self).__name__}: an end-of-sequence token needs one token per step, "
+                                      f"this family emits {self.tokens_per_step}")
+        batch, count = ids.shape
+        if isinstance(generator, ImageStreams) and generator.num_streams != batch:
+            # rows that are several draws of one image (best-of-N) each get a stream, so any of them can end alone
+            generator = generator.split(batch // generator.num_streams)
+        lengths = torch.full((batch,), count, dtype=torch.long, device=ids.device)
+        active = torch.arange(batch, device=ids.device)  # the label rows still decoding, in the run's order
+        ids.zero_()
+        for index in self.progress_range(count, progress, f"{type(self).__name__} decoding"):
+            logits = run.start() if index == 0 else run.feed(ids[active, index - 1 : index])[:, -1]
+            logits = forbid_empty(logits, index, self.vocab_size)
+            state = SamplingState(step=index, num_steps=count)
+            tokens = sampler.sample(logits, state, rows_generator(generator, active, batch))
+            ended = tokens == self.eos_id
+            ids[active, index] = tokens.masked_fill(ended, 0)
+            if bool(ended.any()):
+                lengths[active[ended]] = index
+                going = (~ended).nonzero().flatten()
+                if going.numel() == 0:
+                    break
+                run.select(going)
+                active = active[going]
+        return lengths
 
 
 class StepDecoding:
@@ -336,6 +394,12 @@ class StepDecoding:
         self.cache = model.new_cache(conditions.shape[0], length) if use_cache else None
         self.fed: Tensor | None = None  # without a cache: every unit fed so far, (rows, n, *unit)
         self.forward_passes = 0
+        self.row_passes = 0  # label rows over all calls: rows removed by select (ended, pruned) cost nothing more
+
+    @property
+    def rows(self) -> int:
+        """Label rows in the run now (CFG copies not counted)."""
+        return self.conditions.shape[0] // self.copies
 
     @property
     def length(self) -> int:
@@ -350,6 +414,7 @@ class StepDecoding:
     def start(self, return_hidden: bool = False):
         """Feed the class token: logits (rows, *unit, V) of the first unit (and hidden (rows, dim))."""
         self.forward_passes += 1
+        self.row_passes += self.rows
         if self.cache is not None:
             return self.model.prefill(self.conditions, self.cache, return_hidden)
         self.fed = self.model.empty_steps(self.conditions.shape[0])
@@ -360,6 +425,7 @@ class StepDecoding:
         """Feed units (B, n, *unit) after the prefix: logits (rows, n, *unit, V), row j predicting the unit after
         units[:, j] (and hidden (rows, n, dim))."""
         self.forward_passes += 1
+        self.row_passes += self.rows
         units = self.repeat(units)
         if self.cache is not None:
             return self.model.step(units, self.cache, return_hidden)

@@ -13,6 +13,16 @@ token per step): a prefill over the class token, then one pass per new token thr
 passes in all), or a full recompute of the prefix every step (``use_cache=False``, the reference). With CFG the batch
 is doubled as [labels; null] and both halves are fed the token sampled from the guided logits.
 
+Adaptive lengths (``eos_token=True``, for caches of KARL or ALIT tokens whose length each image chooses): the head
+gets one output more, the end-of-sequence token (id ``vocab_size``). Training predicts it right after each row's last
+real token (position ``lengths[b]``, when that is below ``max_tokens``: a full row ends at the cap) and ignores every
+target past it, so the model learns the length distribution of each class (and, through class dropout, the
+unconditional one that CFG guides against). Generation stops a row when it draws the token (see
+:class:`~flexar.generators.Generator`). The token is an output only: it is never fed back (a row that draws it has
+ended), so the embedding table keeps ``vocab_size`` rows. Off by default, so fixed-length models, presets and saved
+weights are unchanged. A length head would be the alternative; the token composes with every sampler and strategy
+unchanged (CFG, filters, speculative acceptance act on it as on any id).
+
 Decoding hooks, which loop-changing decoders (speculative decoding, LANTERN, ScalingAR) drive too:
 
 - ``new_cache(batch_size)`` -> KVCache holding ``max_tokens + 1`` positions;
@@ -37,7 +47,7 @@ Differences from LlamaGen's official code:
 - the output head is initialised like the other linear layers (normal, std 0.02) by default; LlamaGen zero-initialises
   it, which makes a fresh model emit constant logits. ``zero_init_head=True`` restores LlamaGen's choice.
 - loss and accuracy are averaged over valid targets only when ``lengths`` is given (flexible-length tokenizers);
-  LlamaGen always trains on full grids.
+  LlamaGen always trains on full grids. With ``eos_token`` the end-of-sequence targets count among them.
 """
 from __future__ import annotations
 
@@ -105,9 +115,13 @@ class RasterAR(Generator):
         class_token_rotary: str = "identity",
         norm_eps: float = 1e-6,
         mlp_multiple_of: int = 8,
+        eos_token: bool = False,
     ):
         super().__init__()
         self.set_sizes(vocab_size, max_tokens, num_classes, class_dropout, grid)
+        if not isinstance(eos_token, bool):
+            raise ValueError(f"eos_token must be a bool, got {eos_token!r}")
+        self.eos_token = eos_token
         if class_token_rotary not in CLASS_TOKEN_ROTARY:
             raise ValueError(f"class_token_rotary must be one of {CLASS_TOKEN_ROTARY}, got {class_token_rotary!r}")
         self.dim = dim
@@ -119,7 +133,8 @@ class RasterAR(Generator):
             dim, depth, num_heads, mlp_ratio, mlp="swiglu", norm="rms", qk_norm=qk_norm, backend=attention_backend,
             norm_eps=norm_eps, mlp_multiple_of=mlp_multiple_of,
         )
-        self.head = nn.Linear(dim, vocab_size, bias=False)
+        # the end-of-sequence token is an output only (never fed back): one more logit, no embedding
+        self.head = nn.Linear(dim, vocab_size + int(eos_token), bias=False)
         self.rope = RotaryEmbedding(dim // num_heads, axes=1 if grid is None else 2, base=rope_base)
         self.mask = causal_mask()
 
@@ -172,8 +187,9 @@ class RasterAR(Generator):
         """Logits for the input [class token, ids] (or just ids after a cached prefix).
 
         ids: (B, n) long; labels: (B,) long (ignored when kv_cache already holds a prefix);
-        returns logits (B, L_in, vocab_size) with L_in = n + 1 without a prefix, n with one; row j predicts the token
-        after input j. With ``return_hidden`` returns (logits, hidden (B, L_in, dim)).
+        returns logits (B, L_in, vocab_size) (vocab_size + 1 with ``eos_token``, the last the end-of-sequence token)
+        with L_in = n + 1 without a prefix, n with one; row j predicts the token after input j. With ``return_hidden``
+        returns (logits, hidden (B, L_in, dim)).
         """
         if ids.dim() != 2:
             raise ValueError(f"ids must be (B, n), got shape {tuple(ids.shape)}")
@@ -197,21 +213,33 @@ class RasterAR(Generator):
 
     # -- objective -----------------------------------------------------------------------------------------------------
     def training_loss(self, ids: Tensor, labels: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, dict]:
-        """Next-token cross-entropy with teacher forcing; targets at positions >= lengths[b] are ignored.
+        """Next-token cross-entropy with teacher forcing; targets at positions >= lengths[b] are ignored, except that
+        with ``eos_token`` the target at position lengths[b] (< max_tokens) is the end-of-sequence token.
 
-        ids: (B, L) long; labels: (B,) long; lengths: (B,) long in [1, L] or None (all valid).
+        ids: (B, L) long, anything past lengths is padding; labels: (B,) long; lengths: (B,) long in [1, L] or None
+        (all valid).
         """
         labels = self.check_labels(labels)
         lengths = self.check_ids(ids, lengths)
         if labels.shape[0] != ids.shape[0]:
             raise ValueError(f"got {labels.shape[0]} labels for {ids.shape[0]} rows of ids")
         labels = self.drop_labels(labels)
-        logits = self.forward(ids[:, :-1], labels)
-        valid = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]
+        length = ids.shape[1]
+        if self.eos_token and length < self.max_tokens:
+            # rows as long as the ids end right after them: one target more, fed by the last id
+            logits = self.forward(ids, labels)
+            ids = F.pad(ids, (0, 1))
+        else:
+            logits = self.forward(ids[:, :-1], labels)
+        positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
+        valid = positions < lengths[:, None]
         targets = ids.masked_fill(~valid, IGNORE_INDEX)
+        if self.eos_token:
+            targets = targets.masked_fill(positions == lengths[:, None], self.vocab_size)
+        scored = targets != IGNORE_INDEX
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         with torch.no_grad():
-            correct = (logits.argmax(dim=-1) == ids) & valid
-            accuracy = correct.sum() / valid.sum()
+            correct = (logits.argmax(dim=-1) == targets) & scored
+            accuracy = correct.sum() / scored.sum()
         logs = {"loss": loss.detach(), "accuracy": accuracy, "perplexity": loss.detach().exp()}
         return loss, logs

@@ -23,17 +23,31 @@ import torch
 from torch import Tensor
 
 from flexar.sampling.sampler import Sampler
+from flexar.sampling.streams import ImageStreams
+
 
 @dataclass
 class GenerationOutput:
-    """What a generator's ``generate`` and a strategy's ``decode`` return. ids: (B, L) long generated tokens.
+    """What a generator's ``generate`` and a strategy's ``decode`` return.
+
+    ids: (B, L) long generated tokens, zero past ``lengths`` (a valid id, so ``tokenizer.decode(ids, lengths)``
+    takes them as they are); lengths: (B,) long, the tokens each row generated before its end-of-sequence token or
+    the cap ``L`` (``num_tokens``). The end-of-sequence token itself never appears in ``ids``. Families without one
+    generate ``L`` tokens per row, and ``lengths`` (filled in when not given) is ``L`` everywhere.
 
     stats: ``forward_passes`` (network evaluations of the whole, possibly CFG-doubled, batch), ``tokens`` (generated
-    ids over the batch, B * L), ``seconds`` (wall time, CUDA synchronised), ``batch_size``.
+    ids over the batch, ``lengths.sum()``: B * L at a fixed length), ``seconds`` (wall time, CUDA synchronised),
+    ``batch_size``; the token-by-token loop adds ``row_passes``, the label rows summed over its network calls, so a
+    row that has ended counts no more.
     """
 
     ids: Tensor
     stats: dict = field(default_factory=dict)
+    lengths: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.lengths is None:
+            self.lengths = torch.full((self.ids.shape[0],), self.ids.shape[1], dtype=torch.long, device=self.ids.device)
 
 
 class DecodingStrategy:
@@ -98,5 +112,40 @@ def check_step_decoding(model, tokens_per_step: int = 1, strategy: str = "this d
         )
 
 
-def generation_output(ids: Tensor, stats: dict) -> GenerationOutput:
-    return GenerationOutput(ids=ids, stats=stats)
+def generation_output(ids: Tensor, stats: dict, lengths: Tensor | None = None) -> GenerationOutput:
+    return GenerationOutput(ids=ids, stats=stats, lengths=lengths)
+
+
+# -- end of sequence -------------------------------------------------------------------------------------------------
+# A generator trained on adaptive-length tokens (``eos_token=True``) emits logits over vocab_size + 1 entries, the
+# last one the end-of-sequence token (id vocab_size). Every decoding loop honours it the same way: a row that draws
+# it ends there (its length is the number of tokens before it, and it is never written into the ids), and no row may
+# end before its first token (tokenizers decode at least one).
+
+
+def end_of_sequence(model) -> int | None:
+    """The end-of-sequence id of `model` (its ``vocab_size``) when it has one, else None."""
+    return model.vocab_size if getattr(model, "eos_token", False) else None
+
+
+def forbid_empty(logits: Tensor, step: int, vocab_size: int) -> Tensor:
+    """Logits (..., V') with the end-of-sequence entries (ids >= vocab_size) made impossible at step 0.
+
+    The entries get the dtype's most negative finite value rather than -inf, so that classifier-free guidance
+    ``u + s (c - u)`` over two masked rows stays finite (-inf - -inf would be NaN) and still gives the entry no mass.
+    Other steps, and logits without such entries, are returned as they are.
+    """
+    if step != 0 or logits.shape[-1] <= vocab_size:
+        return logits
+    logits = logits.clone()
+    logits[..., vocab_size:] = torch.finfo(logits.dtype).min
+    return logits
+
+
+def rows_generator(generator, rows: Tensor, total: int):
+    """The random source for the surviving `rows` (k,) of `total` rows: a per-image
+    :class:`~flexar.sampling.streams.ImageStreams` keeps only their streams (all of them while none has ended); a
+    ``torch.Generator`` serves any rows."""
+    if isinstance(generator, ImageStreams) and rows.numel() != total:
+        return generator.select(rows)
+    return generator
