@@ -607,8 +607,8 @@ class GeneratorModule(_ModelModule):
         out = generator.generate(labels, sampler, generator=rng)
         ids = torch.zeros(labels.shape[0], generator.max_tokens, dtype=torch.int32, device=labels.device)
         ids[:, : out.ids.shape[1]] = out.ids.int()
-        lengths = torch.full((labels.shape[0],), out.ids.shape[1], dtype=torch.int32, device=labels.device)
-        return {"ids": ids, "lengths": lengths, "labels": labels.long()}
+        # a generator with an end-of-sequence token chooses each row's length; the ids are zero past it
+        return {"ids": ids, "lengths": out.lengths.int(), "labels": labels.long()}
 
     def token_cache_meta(self, tokenizer_folder: str | os.PathLike | None = None) -> dict:
         """The generator's vocabulary and length, the tokenizer of its training cache (whose ids it samples), and
