@@ -5,6 +5,10 @@
 Configs map one-to-one onto constructors through ``class_path`` / ``init_args``; the config.yaml that LightningCLI
 writes into the run folder rebuilds the run.
 
+A generator trained on a token cache takes its sizes from the cache's meta.json (``vocab_size``, ``max_tokens``,
+``grid``; for next-scale generators ``scales``, ``code_dim`` and the tokenizer folder): the config names the cache
+(``data.init_args.train``) and leaves them out; one given that disagrees with the cache is refused by name.
+
 Keys are never guessed: a misspelt key, in a YAML file or on the command line, at any depth of ``init_args``, is
 refused with the closest valid keys of the object it was meant for, and abbreviated options (argparse's
 ``allow_abbrev``, which would read ``--trainer.max_step`` as ``--trainer.max_steps``) are refused the same way.
@@ -13,10 +17,13 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib
+import inspect
 import os
 import re
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -195,6 +202,54 @@ def parser_mode() -> str:
     return "omegaconf+"
 
 
+# generator constructor arguments a token cache fixes, each read from the cache's meta.json
+CACHE_FIELDS = {
+    "vocab_size": lambda meta: meta["vocab_size"],
+    "max_tokens": lambda meta: meta["max_tokens"],
+    "grid": lambda meta: meta["grid"],
+    # next-scale generators (VAR, MVAR): the tokenizer's scale sides, code width and folder
+    "scales": lambda meta: meta["grid"],
+    "code_dim": lambda meta: meta["tokenizer"]["kwargs"].get("code_dim"),
+    "tokenizer": lambda meta: meta["tokenizer"]["path"],
+}
+
+
+def from_token_cache(argument: str, train: str, generator) -> object:
+    """The value of the generator's constructor `argument` that the token cache at `train` (``data.init_args.train``)
+    fixes. A value the config gives is kept only when it agrees with the cache: any other is refused by name. A value
+    equal to the constructor's default counts as not given; where the cache has none (a cache written without a
+    tokenizer folder, a tokenizer without ``code_dim``) the config's value stays."""
+    from flexar.data import read_meta
+
+    meta = read_meta(train)
+    value = CACHE_FIELDS[argument](meta)
+    init_args = getattr(generator, "init_args", None)
+    given = getattr(init_args, argument, None) if init_args is not None else None
+    if value is None:
+        return given
+    if given is not None and given != _constructor_default(generator.class_path, argument):
+        same = Path(given).resolve() == Path(value).resolve() if argument == "tokenizer" else list_or(given) == value
+        if not same:
+            raise ValueError(
+                f"model.init_args.generator.init_args.{argument} is {given!r}, but the token cache {train} holds "
+                f"{value!r} (its meta.json); leave {argument} out of the config to take the cache's")
+    return value
+
+
+def list_or(value):
+    """Tuples as lists, so a grid given as (8, 8) equals the cache's [8, 8]."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _constructor_default(class_path: str, argument: str):
+    module, _, name = class_path.rpartition(".")
+    try:
+        parameter = inspect.signature(getattr(importlib.import_module(module), name)).parameters.get(argument)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+
 class FlexarCLI(LightningCLI):
     """LightningCLI with flexar's parser, OmegaConf interpolation and checkpoint hyperparameters as model defaults.
 
@@ -207,6 +262,11 @@ class FlexarCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"seed_everything": 0})
+        # a generator's sizes are the token cache's: linked at parse time, so the config never retypes them
+        for argument in CACHE_FIELDS:
+            parser.link_arguments(("data.init_args.train", "model.init_args.generator"),
+                                  f"model.init_args.generator.init_args.{argument}",
+                                  compute_fn=partial(from_token_cache, argument), apply_on="parse")
 
     def parse_arguments(self, parser, args) -> None:
         self._arguments = args
