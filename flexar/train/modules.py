@@ -203,7 +203,12 @@ class _ModelModule(L.LightningModule):
     def network(self) -> nn.Module:
         return getattr(self, self.model_attribute)
 
-    def setup_ema(self) -> None:
+    def setup_network(self) -> None:
+        """Called once the wrapped network is set: record which of its parameters the weight decay applies to, and
+        build the EMA copy."""
+        # from the shapes as built: under FSDP (use_orig_params) every parameter is a flat 1-D shard by the time the
+        # optimiser is configured, and the dimension rule would decay nothing
+        self._decayed = {name for name, parameter in self.network.named_parameters() if parameter.dim() >= 2}
         self.ema = None
         if self.ema_decay is not None:
             self.ema = AveragedModel(self.network, multi_avg_fn=get_ema_multi_avg_fn(self.ema_decay), use_buffers=True)
@@ -231,12 +236,12 @@ class _ModelModule(L.LightningModule):
         carries none, so that the optimiser's own applies.
         """
         decay, no_decay = [], []
-        for parameter in self.network.parameters():
+        for name, parameter in self.network.named_parameters():
             if not parameter.requires_grad:
                 continue
             # nanoGPT / LlamaGen: every matrix (and higher) is decayed, embedding tables and learned tokens included;
             # norm scales and biases (fewer than two dimensions) are not
-            (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+            (decay if name in self._decayed else no_decay).append(parameter)
         decayed = {"params": decay}
         if weight_decay is not None or self.optimizer_factory is None:
             decayed["weight_decay"] = self.weight_decay if weight_decay is None else weight_decay
@@ -428,7 +433,7 @@ class TokenizerModule(_ModelModule):
         self.discriminator_lr = discriminator_lr
         self.predict_num_tokens = predict_num_tokens
         self.register_buffer("tokenizer_steps", torch.zeros((), dtype=torch.long))
-        self.setup_ema()
+        self.setup_network()
 
     def setup(self, stage: str) -> None:
         if self.adversarial and self.ema is not None and isinstance(self.trainer.strategy, FSDPStrategy):
@@ -567,7 +572,7 @@ class GeneratorModule(_ModelModule):
         self.generator = generator
         self.predict_sampler = predict_sampler
         self.predict_seed = predict_seed
-        self.setup_ema()
+        self.setup_network()
 
     def training_step(self, batch, batch_idx):
         ids, labels, lengths = batch
