@@ -36,7 +36,7 @@ from .hub import load_model, model_fingerprint
 from .sampling.streams import ImageStreams
 
 # per-batch counts of decoding strategies that add up over the batches of one call
-SUMMED_STATS = ("draft_forward_passes", "rounds", "drafted", "accepted", "tokens_consumed")
+SUMMED_STATS = ("draft_forward_passes", "rounds", "drafted", "accepted", "tokens_consumed", "row_passes")
 
 
 PIPELINE_NAME = "pipeline.json"
@@ -259,8 +259,13 @@ class Pipeline:
         - ``"pil"``: a list of B RGB ``PIL.Image.Image`` built from the uint8 values.
 
         With `return_stats=True` it also returns a dict with forward passes, tokens and seconds summed over batches,
-        and the strategy's counts in ``SUMMED_STATS`` (draft passes, rounds, drafted and accepted tokens, tokens
-        consumed) where it reports them.
+        the strategy's counts in ``SUMMED_STATS`` (draft passes, rounds, drafted and accepted tokens, tokens
+        consumed, label rows over the passes) where it reports them, and ``lengths``, the token count of every image
+        (a list of B ints).
+
+        Adaptive lengths: a generator with an end-of-sequence token (trained on KARL or ALIT tokens) chooses how many
+        tokens each image gets; the tokenizer decodes each image from exactly those (``decode(ids, lengths)``), and
+        ``num_tokens`` caps them. Every other generator gives ``num_tokens`` (default ``max_tokens``) to each image.
         The same seed gives the same images whatever ``batch_size``: image i draws from its own random stream, keyed
         by (seed, i) (:class:`flexar.sampling.streams.ImageStreams`), in the generator and in a sampling decoder.
         This holds for every sampler and strategy whose rows advance in lockstep; speculative decoding and LANTERN
@@ -285,7 +290,7 @@ class Pipeline:
         chunks = labels.split(batch_size)
         show = progress if progress is not None else len(chunks) > 1
         stats = {"forward_passes": 0, "tokens": 0, "seconds": 0.0, "decode_seconds": 0.0}
-        images = []
+        images, lengths = [], []
         first = 0
         for chunk in tqdm(chunks, desc="generate", disable=not show):
             indices = torch.arange(first, first + chunk.shape[0])
@@ -299,10 +304,14 @@ class Pipeline:
                 if key in out.stats:
                     stats[key] = stats.get(key, 0) + out.stats[key]
             start = time.perf_counter()
+            lengths.append(out.lengths.cpu())
+            # lengths the generator chose (an end-of-sequence token) reach the tokenizer; full rows decode as before
+            chosen = {} if bool((out.lengths == out.ids.shape[1]).all()) else {"lengths": out.lengths}
             if self.tokenizer.decode_draws:  # a second stream per image, apart from the one the generator drew from
-                decoded = self.tokenizer.decode(out.ids, generator=ImageStreams(seed, indices, self.device).split(1))
+                decoded = self.tokenizer.decode(out.ids, generator=ImageStreams(seed, indices, self.device).split(1),
+                                                **chosen)
             else:
-                decoded = self.tokenizer.decode(out.ids)
+                decoded = self.tokenizer.decode(out.ids, **chosen)
             stats["decode_seconds"] += time.perf_counter() - start
             if decoded.shape[1] == 1:
                 decoded = decoded.repeat(1, 3, 1, 1)
@@ -311,6 +320,7 @@ class Pipeline:
             else:
                 images.append(to_uint8(decoded).cpu())
         images = torch.cat(images)
+        stats["lengths"] = torch.cat(lengths).tolist()
         if output_type == "np":
             images = images.permute(0, 2, 3, 1).contiguous().numpy()
         elif output_type == "pil":

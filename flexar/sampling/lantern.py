@@ -29,6 +29,11 @@ The output law depends on how the draft is drawn:
   logits = target logits + ``N(0, 1)`` noise, 98 %, median 2.9, max 4.8 ``delta``; with ``N(0, 0.3^2)`` noise, 68 %,
   median 1.1, max 1.9 ``delta``.
 
+Adaptive lengths: the end-of-sequence token of a target trained on adaptive-length tokens has no code vector, so
+it has no neighbours and lends its mass to none: a drafted end-of-sequence token is verified against ``p`` exactly,
+and no image token borrows the mass of stopping (the table holds codes only). How long an image is stays the
+target's decision; only which nearby code fills a position is relaxed.
+
 With ``delta = 0`` (or ``k = 0``, or ``lambda = 1``) ``p~ = p`` and the decoder is exact speculative decoding, draw for
 draw on the same random stream. Acceptance compares strictly (``u q(x) < p~(x)``), so a draft with ``p~(x) = 0`` is
 never accepted; the official code's ``r <= p~ / q`` accepts it when the uniform is exactly 0.
@@ -184,12 +189,17 @@ class LanternDecoder(SpeculativeDecoder):
         width = min(self.k, table.shape[1])
         if width == 0:
             return target_probs, None
-        relaxed, in_b = relaxed_target(target_probs, drafts, table[:, :width], self.delta, self.lam)
+        # an end-of-sequence draft (id >= the table's codes) has no latent neighbours: it is verified against p
+        ends = drafts >= table.shape[0]
+        codes = drafts.masked_fill(ends, 0)
+        relaxed, in_b = relaxed_target(target_probs, codes, table[:, :width], self.delta, self.lam)
+        relaxed = torch.where(ends.unsqueeze(-1), target_probs, relaxed)
+        in_b = in_b & ~ends.unsqueeze(-1)
         if self.rejection == "exact":
             return relaxed, None
         # the official table has the diagonal at infinity, so its first k + 1 entries are k + 1 true neighbours
         # (the draft itself is not among them); they are removed only where B is non-empty
-        removed = table[:, : width + 1][drafts]
+        removed = table[:, : width + 1][codes]
         zeroed = target_probs.scatter(-1, removed, 0.0)
         return relaxed, torch.where(in_b.any(dim=-1, keepdim=True), zeroed, target_probs)
 

@@ -26,6 +26,11 @@ argument. With ``p`` the guided next-token distribution (CFG applied, temperatur
 With ``terminate=False`` and ``guidance_gain=0`` the method is best-of-N selection by the confidence profile, draw
 for draw the same as :class:`BestOfN` on the same random stream. Only tokens of alive trajectories are generated:
 ``stats["tokens_consumed"]`` is the sum of every trajectory's length when it stopped.
+
+Adaptive lengths (a model with ``eos_token``): a trajectory that draws the end-of-sequence token is complete; it
+leaves the decoding run (no further pass) and stays a candidate, with the profile of its own tokens (the step that
+ended it adds no confidence). At a checkpoint, alive trajectories are compared with the best profile of their label
+among the alive and the complete ones. The returned ids are zero past the selected trajectory's length.
 """
 from __future__ import annotations
 
@@ -37,7 +42,8 @@ from torch import Tensor
 
 from flexar.sampling.processors import SamplingState, classifier_free_guidance
 from flexar.sampling.sampler import Sampler
-from flexar.sampling.strategy import DecodingStrategy, check_step_decoding, generation_output
+from flexar.sampling.strategy import (DecodingStrategy, check_step_decoding, end_of_sequence, forbid_empty,
+                                     generation_output)
 from flexar.sampling.streams import ImageStreams
 
 
@@ -184,10 +190,14 @@ class ScalingAR(DecodingStrategy):
         lengths = torch.zeros(total, dtype=torch.long, device=labels.device)
         confidence_sum = torch.zeros(total, device=labels.device)
         alive = torch.arange(total, device=labels.device)  # trajectory index of every active row
+        # trajectories that drew the end-of-sequence token: whole, out of the run, still candidates
+        complete = torch.zeros(total, dtype=torch.bool, device=labels.device)
+        eos = end_of_sequence(model)
         checkpoints = self.checkpoint_steps(count) if self.terminate else set()
         dynamic_guidance = sampler.uses_cfg and self.guidance_gain > 0
         for index in model.progress_range(count, progress, "ScalingAR"):
             logits = run.start() if index == 0 else run.feed(ids[alive, index - 1 : index])[:, -1]
+            logits = forbid_empty(logits, index, model.vocab_size)
             state = SamplingState(step=index, num_steps=count)
             if dynamic_guidance and index >= self.guidance_phase * (count - 1) and index > 0:
                 profile = confidence_sum[alive] / lengths[alive].clamp_min(1)
@@ -200,23 +210,34 @@ class ScalingAR(DecodingStrategy):
             else:
                 tokens = sampler.sample(logits, state, generator if streams is None else streams.select(alive))
                 confidence = scorer.step_confidence(logits, state)
+            if eos is not None:
+                ended = tokens == eos
+                if bool(ended.any()):
+                    # the profile covers the trajectory's tokens: the step that ends it adds no confidence
+                    going = (~ended).nonzero().flatten()
+                    complete[alive[ended]] = True
+                    tokens, confidence, alive = tokens[going], confidence[going], alive[going]
+                    if going.numel() == 0:
+                        break
+                    run.select(going)
             ids[alive, index] = tokens
             lengths[alive] += 1
             confidence_sum[alive] += confidence.float()
             if index + 1 in checkpoints:
-                keep = self._survivors(alive, owner, confidence_sum / lengths.clamp_min(1))
+                keep = self._survivors(alive, owner, confidence_sum / lengths.clamp_min(1), complete)
                 if keep.numel() < alive.numel():
                     run.select(torch.searchsorted(alive, keep))
                     alive = keep
         scores = confidence_sum / lengths.clamp_min(1)
-        finished = torch.zeros(total, dtype=torch.bool, device=labels.device)
+        finished = complete.clone()
         finished[alive] = True
         masked = scores.masked_fill(~finished, float("-inf")).view(batch, trajectories)
         selected = masked.argmax(dim=1)
         best = torch.arange(batch, device=labels.device) * trajectories + selected
         stats = {
             "forward_passes": run.forward_passes,
-            "tokens": batch * count,
+            "row_passes": run.row_passes,
+            "tokens": batch * count if eos is None else int(lengths[best].sum()),
             "tokens_consumed": int(lengths.sum()),
             "tokens_full": total * count,
             "trajectory_lengths": lengths.view(batch, trajectories).tolist(),
@@ -226,13 +247,17 @@ class ScalingAR(DecodingStrategy):
             "seconds": timer.seconds(),
             "batch_size": batch,
         }
-        return generation_output(ids[best], stats)
+        return generation_output(ids[best], stats, None if eos is None else lengths[best])
 
-    def _survivors(self, alive: Tensor, owner: Tensor, scores: Tensor) -> Tensor:
-        """Alive trajectories (sorted) whose profile is >= threshold * the best alive profile of their label."""
+    def _survivors(self, alive: Tensor, owner: Tensor, scores: Tensor, complete: Tensor | None = None) -> Tensor:
+        """Alive trajectories (sorted) whose profile is >= threshold * the best profile of their label among the
+        alive and the complete (ended by the end-of-sequence token) ones."""
         alive_scores = scores[alive]
         best = torch.full((int(owner.max()) + 1,), float("-inf"), device=scores.device)
         best = best.scatter_reduce(0, owner[alive], alive_scores, reduce="amax")
+        if complete is not None and bool(complete.any()):
+            done = complete.nonzero().flatten()
+            best = best.scatter_reduce(0, owner[done], scores[done], reduce="amax")
         keep = alive_scores >= self.threshold * best[owner[alive]]
         # the best of each label survives even when threshold > 1 would remove it
         keep |= alive_scores == best[owner[alive]]
@@ -293,40 +318,47 @@ class BestOfN(DecodingStrategy):
         batch, trajectories = labels.shape[0], self.num_trajectories
         repeated = labels.repeat_interleave(trajectories)
         out = model.generate(repeated, self.sampler, generator, count, use_cache, progress)
-        scores, scoring_passes = self._score(model, repeated, out.ids)
+        eos = end_of_sequence(model)
+        lengths = None if eos is None else out.lengths
+        scores, scoring_passes = self._score(model, repeated, out.ids, lengths)
         scores = scores.view(batch, trajectories)
         selected = scores.argmax(dim=1)
         best = torch.arange(batch, device=labels.device) * trajectories + selected
         stats = {
             **out.stats,
             "forward_passes": out.stats["forward_passes"] + scoring_passes,
-            "tokens": batch * count,
-            "tokens_consumed": batch * trajectories * count,
+            "tokens": batch * count if eos is None else int(out.lengths[best].sum()),
+            "tokens_consumed": batch * trajectories * count if eos is None else int(out.lengths.sum()),
             "scores": scores.tolist(),
             "selected": selected.tolist(),
             "seconds": timer.seconds(),
             "batch_size": batch,
         }
-        return generation_output(out.ids[best], stats)
+        return generation_output(out.ids[best], stats, None if lengths is None else lengths[best])
 
-    def score(self, model, labels: Tensor, ids: Tensor) -> Tensor:
-        """Mean fused confidence of each sequence, teacher-forced. labels (R,), ids (R, L) -> (R,)."""
-        return self._score(model, labels, ids)[0]
+    def score(self, model, labels: Tensor, ids: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """Mean fused confidence of each sequence over its first ``lengths`` tokens (all when None),
+        teacher-forced. labels (R,), ids (R, L), lengths (R,) -> (R,)."""
+        return self._score(model, labels, ids, lengths)[0]
 
-    def _score(self, model, labels: Tensor, ids: Tensor) -> tuple[Tensor, int]:
+    def _score(self, model, labels: Tensor, ids: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, int]:
         """(scores (R,), network calls made): the prefill, then one step over ids[:, :-1] when L > 1."""
         conditions = model.guidance_labels(labels, self.sampler)
         copies = conditions.shape[0] // labels.shape[0]
         count = ids.shape[1]
         run = model.start_decoding(conditions, copies, count)
-        logits = run.start().unsqueeze(1)
+        logits = forbid_empty(run.start(), 0, model.vocab_size).unsqueeze(1)
         if count > 1:
             logits = torch.cat([logits, run.feed(ids[:, :-1])], dim=1)
         scorer = _Scorer(self.sampler, self.entropy_weight, self.condition_weight)
         confidence = torch.stack(
             [scorer.step_confidence(logits[:, index], SamplingState(index, count)) for index in range(count)], dim=1
-        )
-        return confidence.float().mean(dim=1), run.forward_passes
+        ).float()
+        if lengths is None:
+            return confidence.mean(dim=1), run.forward_passes
+        # as in ScalingAR's profile: the confidence of each row's own tokens, not of the step that ended it
+        valid = torch.arange(count, device=ids.device)[None, :] < lengths[:, None]
+        return (confidence * valid).sum(dim=1) / lengths.clamp_min(1), run.forward_passes
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "num_trajectories": self.num_trajectories,

@@ -28,6 +28,14 @@ it into draft logits. Subsequent drafts of a round feed the head's own predicted
 back to the pairs built from true target features after every round. The head cannot draft t_0 (no pair yet): the
 first round samples t_0 from the target alone.
 
+Adaptive lengths: with a target that has an end-of-sequence token (``eos_token``), the token is drafted, verified
+and resampled like any other id (a drafter without one proposes it with probability 0, and a target without one
+accepts it with probability 0, so mixed pairs stay exact). A committed end-of-sequence token ends its row: the tokens
+after it in the round are dropped, and the row leaves the target's and the drafter's runs, so it costs no further
+pass. The prefix up to the token is a draw from the target's law, so the output law, lengths included, stays exact.
+A drafted end-of-sequence token is fed to the networks as id 0 (no embedding holds it): the positions after it are
+never used.
+
 Differences from the paper and the official code:
 
 - chain drafts only (one draft per position); EAGLE / LANTERN verify a static tree (63 nodes, depth 5, top-8). Tree
@@ -42,11 +50,13 @@ import os
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flexar.sampling.processors import SamplingState
 from flexar.sampling.sampler import Sampler, categorical
-from flexar.sampling.strategy import DecodingStrategy, check_step_decoding, generation_output
+from flexar.sampling.strategy import (DecodingStrategy, check_step_decoding, end_of_sequence, forbid_empty,
+                                     generation_output, rows_generator)
 from flexar.sampling.streams import uniform
 
 
@@ -145,12 +155,16 @@ class GeneratorDrafter:
             drafts.append(token)
             probs.append(q)
             if offset < num_drafts - 1:
-                logits = self.run.feed(token.unsqueeze(1))[:, -1]
+                logits = self.run.feed(fed_tokens(token, self.model.vocab_size).unsqueeze(1))[:, -1]
         return torch.stack(drafts, dim=1), torch.stack(probs, dim=1)
 
     def rollback(self, committed: int) -> None:
         # index k + 1 of the cache holds token k; fed drafts that were accepted stay valid
         self.run.truncate(min(self.run.length, committed))
+
+    def select(self, rows: Tensor) -> None:
+        """Keep the label rows `rows` of the current batch (the others have ended)."""
+        self.run.select(rows)
 
 
 class EagleDrafter:
@@ -169,6 +183,7 @@ class EagleDrafter:
 
     def start(self, conditions: Tensor, copies: int, max_length: int, target_hidden: Tensor | None) -> None:
         rows = conditions.shape[0]
+        self.copies = copies
         self.cache = self.head_module.new_cache(rows, max_length)
         self.features = target_hidden.new_zeros(rows, max_length, target_hidden.shape[-1])
         self.features[:, 0] = target_hidden
@@ -194,7 +209,8 @@ class EagleDrafter:
             drafts.append(token)
             probs.append(q)
             if offset < num_drafts - 1:
-                feature = self.head_module(token.unsqueeze(1).repeat(copies, 1), feature, self.target.token_embed, self.cache)
+                fed = fed_tokens(token, self.target.vocab_size).unsqueeze(1).repeat(copies, 1)
+                feature = self.head_module(fed, feature, self.target.token_embed, self.cache)
                 self.forward_passes += 1
         # pairs built from predicted features are dropped: the next round rebuilds them from true target features
         self.cache.truncate(committed)
@@ -202,6 +218,26 @@ class EagleDrafter:
 
     def rollback(self, committed: int) -> None:
         pass
+
+    def select(self, rows: Tensor) -> None:
+        """Keep the label rows `rows` of the current batch, with all their CFG copies (features and head cache)."""
+        batch = self.features.shape[0] // self.copies
+        every = torch.cat([rows + copy * batch for copy in range(self.copies)])
+        self.cache.select(every)
+        self.features = self.features[every]
+
+
+def fed_tokens(tokens: Tensor, vocab_size: int) -> Tensor:
+    """Tokens to feed a network: a drafted end-of-sequence token (id >= vocab_size, which no embedding holds) becomes
+    id 0. Whatever follows it is never used: the row ends if the token is accepted, and rejection discards every
+    later position."""
+    return tokens.masked_fill(tokens >= vocab_size, 0)
+
+
+def widen(probs: Tensor, width: int) -> Tensor:
+    """(..., V) probabilities with zero mass appended up to `width` entries: a draft without an end-of-sequence
+    token proposes it with probability 0, and a target without one accepts it with probability 0."""
+    return probs if probs.shape[-1] == width else F.pad(probs, (0, width - probs.shape[-1]))
 
 
 def check_draft(draft, strategy: str = "SpeculativeDecoder", decoding: bool = True) -> nn.Module:
@@ -241,11 +277,12 @@ class SpeculativeDecoder(DecodingStrategy):
         sampler: per-token :class:`~flexar.sampling.Sampler` applied to target and draft logits alike.
         draft_length: drafts per round (chain length), ``>= 1``.
 
-    ``decode(model, labels, generator)`` returns ids ``(B, num_tokens)`` and stats: ``forward_passes`` (target,
-    prefill included), ``draft_forward_passes``, ``rounds``, ``drafted`` and ``accepted`` (per row, summed over rows),
-    ``acceptance_rate`` = accepted / drafted, ``mean_accepted_length`` (tokens per round per row before the batch
-    cut, accepted + 1), ``tokens_per_target_pass`` (committed tokens per target pass; plain decoding has 1),
-    ``tokens``, ``seconds``, ``batch_size``.
+    ``decode(model, labels, generator)`` returns ids ``(B, num_tokens)`` (zero past ``lengths`` (B,) when the target
+    ends rows itself) and stats: ``forward_passes`` (target, prefill included), ``row_passes`` (label rows summed
+    over the target's passes), ``draft_forward_passes``, ``rounds``, ``drafted`` and ``accepted`` (per row, summed
+    over rows), ``acceptance_rate`` = accepted / drafted, ``mean_accepted_length`` (tokens per round per row before
+    the batch cut, accepted + 1), ``tokens_per_target_pass`` (committed tokens per row per target pass; plain
+    decoding has 1), ``tokens`` (generated, ``lengths.sum()``), ``seconds``, ``batch_size``.
     """
 
     name = "speculative"
@@ -303,6 +340,7 @@ class SpeculativeDecoder(DecodingStrategy):
         drafter = self.drafter_for(model)
         batch = labels.shape[0]
         length = count + 1
+        vocab, eos = model.vocab_size, end_of_sequence(model)
 
         run = model.start_decoding(conditions, copies, length)
         if drafter.needs_hidden:
@@ -310,27 +348,32 @@ class SpeculativeDecoder(DecodingStrategy):
         else:
             first_logits, first_hidden = run.start(), None
         drafter.start(conditions, copies, length, first_hidden)
-        rounds, drafted, accepted_total = 0, 0, 0
-        ids = torch.empty(batch, count, dtype=torch.long, device=labels.device)
+        rounds, row_rounds, drafted, accepted_total = 0, 0, 0, 0
+        ids = torch.zeros(batch, count, dtype=torch.long, device=labels.device)
+        lengths = torch.full((batch,), count, dtype=torch.long, device=labels.device)
+        active = torch.arange(batch, device=labels.device)  # rows that have not ended, in the runs' order
         committed = 0
         bar = _progress(count, progress)
         while committed < count:
+            rows = active.shape[0]
+            draws = rows_generator(generator, active, batch)
             num_drafts = min(self.draft_length, count - committed - 1) if drafter.ready(committed) else 0
             position = committed
 
             def sample_draft(logits: Tensor, offset: int) -> tuple[Tensor, Tensor]:
-                q = sampler.probs(logits, SamplingState(step=position + offset, num_steps=count))
-                return categorical(q, generator), q
+                step = position + offset
+                q = sampler.probs(forbid_empty(logits, step, vocab), SamplingState(step=step, num_steps=count))
+                return categorical(q, draws), q
 
             if num_drafts:
-                drafts, draft_probs = drafter.propose(ids[:, :committed], num_drafts, copies, sample_draft)
+                drafts, draft_probs = drafter.propose(ids[active, :committed], num_drafts, copies, sample_draft)
             else:
-                drafts = ids.new_empty(batch, 0)
-                draft_probs = first_logits.new_empty(batch, 0, model.vocab_size)
+                drafts = ids.new_empty(rows, 0)
+                draft_probs = first_logits.new_empty(rows, 0, first_logits.shape[-1])
 
             # target verification: [uncached committed tokens; drafts] in one pass
-            uncached = ids[:, run.length - 1 : committed]
-            feed = torch.cat([uncached, drafts], dim=1)
+            uncached = ids[active, run.length - 1 : committed]
+            feed = torch.cat([uncached, fed_tokens(drafts, vocab)], dim=1)
             start = run.length
             if feed.shape[1]:
                 out = run.feed(feed, return_hidden=drafter.needs_hidden)
@@ -345,50 +388,76 @@ class SpeculativeDecoder(DecodingStrategy):
                 logits = first_logits.unsqueeze(1)
             target_probs = torch.stack(
                 [
-                    sampler.probs(logits[:, offset], SamplingState(step=position + offset, num_steps=count))
+                    sampler.probs(forbid_empty(logits[:, offset], position + offset, vocab),
+                                  SamplingState(step=position + offset, num_steps=count))
                     for offset in range(num_drafts + 1)
                 ],
                 dim=1,
             )
+            # a draft and a target that differ in having an end-of-sequence token compare over the wider vocabulary
+            width = max(target_probs.shape[-1], draft_probs.shape[-1])
+            target_probs, draft_probs = widen(target_probs, width), widen(draft_probs, width)
 
-            uniforms = uniform(generator, (batch, num_drafts), ids.device, target_probs.dtype)
+            uniforms = uniform(draws, (rows, num_drafts), ids.device, target_probs.dtype)
             acceptance, residual_base = self.relax(target_probs[:, :num_drafts], drafts)
             accepted, next_probs = accept_drafts(
                 acceptance, draft_probs, drafts, uniforms, target_probs[:, num_drafts], residual_base,
                 self.uniform_fallback,
             )
-            next_token = categorical(next_probs, generator)
+            next_token = categorical(next_probs, draws)
 
             keep = int(accepted.min())
-            ids[:, committed : committed + keep] = drafts[:, :keep]
+            new = torch.empty(rows, keep + 1, dtype=torch.long, device=ids.device)
+            new[:, :keep] = drafts[:, :keep]
             if keep < num_drafts:
-                ids[:, committed + keep] = torch.where(accepted == keep, next_token, drafts[:, keep])
+                new[:, keep] = torch.where(accepted == keep, next_token, drafts[:, keep])
             else:
-                ids[:, committed + keep] = next_token
+                new[:, keep] = next_token
+            ended = None
+            if eos is not None:
+                # an end-of-sequence token among the committed ones ends its row there; what follows it is dropped
+                is_end = new == eos
+                ended = is_end.any(dim=1)
+                first = torch.where(ended, is_end.long().argmax(dim=1), keep + 1)
+                new = new.masked_fill(torch.arange(keep + 1, device=ids.device)[None, :] >= first[:, None], 0)
+                lengths[active[ended]] = committed + first[ended]
+                # drafts accepted past the end are not counted
+                accepted = torch.where(ended, torch.minimum(accepted, first + 1), accepted)
+            ids[active, committed : committed + keep + 1] = new
             committed += keep + 1
             run.truncate(min(run.length, committed))
             drafter.rollback(committed)
             rounds += 1
-            drafted += batch * num_drafts
+            row_rounds += rows
+            drafted += rows * num_drafts
             accepted_total += int(accepted.sum())
             if bar is not None:
                 bar.update(keep + 1)
+            if ended is not None and bool(ended.any()):
+                going = (~ended).nonzero().flatten()
+                if going.numel() == 0:
+                    break
+                run.select(going)
+                drafter.select(going)
+                active = active[going]
         if bar is not None:
             bar.close()
+        tokens = batch * count if eos is None else int(lengths.sum())
         stats = {
             "forward_passes": run.forward_passes,
+            "row_passes": run.row_passes,
             "draft_forward_passes": drafter.forward_passes,
             "rounds": rounds,
             "drafted": drafted,
             "accepted": accepted_total,
             "acceptance_rate": accepted_total / drafted if drafted else 0.0,
-            "mean_accepted_length": (accepted_total + batch * rounds) / (batch * rounds),
-            "tokens_per_target_pass": count / run.forward_passes,
-            "tokens": batch * count,
+            "mean_accepted_length": (accepted_total + row_rounds) / row_rounds,
+            "tokens_per_target_pass": tokens / run.row_passes,
+            "tokens": tokens,
             "seconds": timer.seconds(),
             "batch_size": batch,
         }
-        return generation_output(ids, stats)
+        return generation_output(ids, stats, None if eos is None else lengths)
 
     def to_dict(self) -> dict[str, Any]:
         # a draft loaded from a folder carries that folder's fingerprint, which names the saved model exactly
