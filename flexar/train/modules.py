@@ -59,6 +59,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from flexar.sampling import Sampler
+from flexar.tokenizers.base import check_criterion
 from flexar.tokenizers.losses import ReconstructionLoss
 from flexar.train.export import EMA_PREFIX, FLEXAR_KEY, describe_network, gathered_state_dict, network_weights, rebuild
 
@@ -383,7 +384,8 @@ class TokenizerModule(_ModelModule):
     """Trains a :class:`flexar.tokenizers.Tokenizer` on (images, labels) batches.
 
     ``loss`` (a :class:`flexar.tokenizers.ReconstructionLoss`) replaces the tokenizer's built-in pixel loss with
-    pixel + perceptual + adversarial terms; the tokenizer's ``training_loss`` must take ``criterion`` and ``step``.
+    pixel + perceptual + adversarial terms, in the families that take one (``takes_criterion``; the others are
+    refused when the module is built).
     When the criterion holds a discriminator, training switches to manual optimisation with two optimisers (AdamW,
     or ``optimizer``): per batch one tokenizer step (the generator side of the criterion, with VQGAN's adaptive
     weight), then one discriminator step on the same, detached reconstructions. The criterion's
@@ -424,8 +426,8 @@ class TokenizerModule(_ModelModule):
         self.tokenizer = tokenizer
         self.loss = loss
         if loss is not None:
-            if "criterion" not in inspect.signature(tokenizer.training_loss).parameters:
-                raise ValueError(f"{type(tokenizer).__name__}.training_loss takes no criterion; train it without `loss`")
+            # refused now rather than at the first step: a family whose objective has no pixel term to replace
+            check_criterion(tokenizer, loss)
             if loss.discriminator is not None and loss.channels != tokenizer.channels:
                 raise ValueError(f"loss.channels {loss.channels} differs from the tokenizer's {tokenizer.channels} channels")
         self.adversarial = loss is not None and loss.discriminator is not None
@@ -461,10 +463,8 @@ class TokenizerModule(_ModelModule):
     def training_step(self, batch, batch_idx):
         images = batch[0]
         step = int(self.tokenizer_steps)
-        if self.loss is None:
-            loss, logs = self.tokenizer.training_loss(images)
-            check_finite_loss(self, loss, batch_idx)
-        elif not self.adversarial:
+        if not self.adversarial:
+            # every tokenizer's training_loss takes (images, criterion=None, step=0)
             loss, logs = self.tokenizer.training_loss(images, criterion=self.loss, step=step)
             check_finite_loss(self, loss, batch_idx)
         else:
