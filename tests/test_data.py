@@ -314,3 +314,15 @@ def test_datamodule_from_lightning_cli(tmp_path, monkeypatch):
     assert isinstance(module, ImageDataModule) and module.hparams.dataset == "mnist"
     images, labels = next(iter(module.train_dataloader()))
     assert images.shape == (2, 1, 16, 16)
+
+
+def test_datamodule_predicts_a_split_in_row_order():
+    module = ImageDataModule(dataset="digits", image_size=16, channels=1, batch_size=64, predict_split="test")
+    loader = module.predict_dataloader()
+    images = torch.cat([batch[0] for batch in loader])
+    test = build_dataset("digits", "test", image_size=16, channels=1)
+    assert len(images) == len(test) == 297
+    assert torch.equal(images, torch.stack([test[i][0] for i in range(len(test))])), "every row once, in order"
+    assert module.predict_description() == {"dataset": "digits", "split": "test", "num_classes": 10}
+    with pytest.raises(ValueError, match=r"predict_split must be one of \['train', 'test'\], got 'val'"):
+        ImageDataModule(dataset="digits", predict_split="val")

@@ -17,7 +17,12 @@ behind, never a half-written cache). Reading checks meta.json and every shard's 
 against ids, token count, fingerprint) without reading the data, and refuses a mismatch naming the file and field.
 Shards are memory-mapped: a batch reads only its own rows, so a cache larger than memory trains.
 
-`flexar-tokenize --tokenizer runs/demo/tokenizer --dataset digits --split train --output runs/demo/tokens/train`
+Writing runs on every device: ``flexar-tokenize`` (and ``flexar-train predict`` with a :class:`TokenCacheWriter`)
+is ``trainer.predict`` over the dataset, each rank encoding its slice of every global batch and rank zero merging
+them in row order, so the files are those :func:`write_token_cache` writes in one process::
+
+    flexar-tokenize --tokenizer runs/demo/tokenizer --dataset digits --split train --output runs/demo/tokens/train
+    flexar-tokenize --tokenizer runs/big/tokenizer --dataset imagefolder:/data/imagenet --device cuda --devices 8 ...
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import os
 import shutil
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -631,6 +637,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="how many devices of that kind (one process each, strategy ddp)")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per device")
     args = parser.parse_args(argv)
+    # the predict loader yields whole batches; the writer needs no batch indices
+    warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices.*")
     accelerator, devices = _accelerator(args.device)
     if args.devices is not None:
         if isinstance(devices, list):

@@ -3,7 +3,23 @@
     flexar-train fit --config configs/tokenizers/titok_digits.yaml --trainer.default_root_dir runs/titok
 
 Configs map one-to-one onto constructors through ``class_path`` / ``init_args``; the config.yaml that LightningCLI
-writes into the run folder rebuilds the run.
+writes into the run folder rebuilds the run, and so does a checkpoint (its hyperparameters are the model's
+defaults, see :class:`FlexarCLI`). Several ``--config`` files merge in order (a family's config, then overlays such
+as ``configs/gpu/bf16.yaml``), and values interpolate with OmegaConf across them (``${data.init_args.image_size}``).
+Metrics go to a CSV logger under ``<default_root_dir>/lightning_logs/version_N`` unless the config names a logger
+(TensorBoard's when it is installed), and the preview grids to loggers that take images.
+
+Every subcommand works for tokenizers and generators::
+
+    flexar-train fit      --config run.yaml
+    flexar-train validate --config run.yaml --ckpt_path best.ckpt
+    flexar-train test     --config run.yaml --ckpt_path best.ckpt    # validation metrics on the test split
+    flexar-train predict  --config run.yaml --ckpt_path best.ckpt --return_predictions false \
+        --trainer.callbacks+=flexar.data.TokenCacheWriter --trainer.callbacks.output runs/tokens/train
+
+``predict`` tokenizes ``data.init_args.predict_split`` with a tokenizer, and samples one sequence per row of the
+validation cache with a generator; :class:`flexar.data.TokenCacheWriter` writes either as a token cache, from every
+device.
 
 A generator trained on a token cache takes its sizes from the cache's meta.json (``vocab_size``, ``max_tokens``,
 ``grid``; for next-scale generators ``scales``, ``code_dim`` and the tokenizer folder): the config names the cache
@@ -209,8 +225,9 @@ CACHE_FIELDS = {
     "grid": lambda meta: meta["grid"],
     # next-scale generators (VAR, MVAR): the tokenizer's scale sides, code width and folder
     "scales": lambda meta: meta["grid"],
-    "code_dim": lambda meta: meta["tokenizer"]["kwargs"].get("code_dim"),
-    "tokenizer": lambda meta: meta["tokenizer"]["path"],
+    # a cache written without tokenizer metadata (by hand, or by an older flexar-tokenize) fixes neither
+    "code_dim": lambda meta: ((meta.get("tokenizer") or {}).get("kwargs") or {}).get("code_dim"),
+    "tokenizer": lambda meta: (meta.get("tokenizer") or {}).get("path"),
 }
 
 
@@ -295,6 +312,8 @@ def run(args: list[str] | None = None) -> FlexarCLI:
     # flexar passes args from Python on purpose (scripts, tests); CSV logging without TensorBoard is the default here
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     warnings.filterwarnings("ignore", message=".*tensorboardX.*")
+    # predict loaders yield whole batches; TokenCacheWriter needs no batch indices
+    warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return FlexarCLI(
         L.LightningModule,
