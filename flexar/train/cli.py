@@ -259,12 +259,18 @@ def list_or(value):
 
 
 def _constructor_default(class_path: str, argument: str):
+    """The default of `argument` as jsonargparse fills it: from the first class in the MRO whose ``__init__`` names it
+    (MVAR forwards ``**kwargs`` to VAR)."""
     module, _, name = class_path.rpartition(".")
     try:
-        parameter = inspect.signature(getattr(importlib.import_module(module), name)).parameters.get(argument)
-    except (ImportError, AttributeError, TypeError, ValueError):
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
         return None
-    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+    for klass in getattr(cls, "__mro__", ()):
+        parameter = inspect.signature(klass.__init__).parameters.get(argument) if "__init__" in vars(klass) else None
+        if parameter is not None:
+            return None if parameter.default is inspect.Parameter.empty else parameter.default
+    return None
 
 
 class FlexarCLI(LightningCLI):
