@@ -248,8 +248,8 @@ def from_token_cache(argument: str, train: str, generator) -> object:
         same = Path(given).resolve() == Path(value).resolve() if argument == "tokenizer" else list_or(given) == value
         if not same:
             raise ValueError(
-                f"model.init_args.generator.init_args.{argument} is {given!r}, but the token cache {train} holds "
-                f"{value!r} (its meta.json); leave {argument} out of the config to take the cache's")
+                f"model.init_args.generator.init_args.{argument}: generator {given!r} vs token cache {value!r} "
+                f"({train}/meta.json); leave {argument} out of the config to take the cache's")
     return value
 
 
