@@ -204,7 +204,7 @@ def test_eagle_head_trains_through_the_lightning_cli(target_folder, tmp_path):
 
     ids = torch.randint(0, VOCAB, (64, LENGTH), generator=seeded(1))
     write_token_cache(tmp_path / "tokens", ids, torch.arange(64) % 2, num_classes=2)
-    config = yaml.safe_load((ROOT / "configs" / "generators" / "eagle_digits.yaml").read_text())
+    config = yaml.safe_load((ROOT / "configs" / "generators" / "eagle.yaml").read_text())
     config["trainer"].update(max_epochs=1, limit_train_batches=2, limit_val_batches=1, enable_progress_bar=False,
                              log_every_n_steps=1, enable_checkpointing=False, logger=False)
     config["model"]["init_args"]["generator"]["init_args"].update(target=str(target_folder), num_heads=2)
