@@ -65,7 +65,7 @@ def test_flexar_tokenize_and_generator_training_through_the_cli(tmp_path):
         subprocess.run([sys.executable, "-m", "flexar.data.token_cache", "--tokenizer", str(tokenizer_dir),
                         "--dataset", "digits", "--split", split, "--output", str(tmp_path / "tokens" / split)],
                        check=True, capture_output=True)
-    config = yaml.safe_load((ROOT / "configs" / "generators" / "raster_digits.yaml").read_text())
+    config = yaml.safe_load((ROOT / "configs" / "generators" / "raster.yaml").read_text())
     config["trainer"].update(max_epochs=1, limit_train_batches=3, limit_val_batches=1, enable_progress_bar=False,
                              log_every_n_steps=1)
     config["trainer"]["callbacks"][0]["init_args"].update(tokenizer=str(tokenizer_dir), every_n_epochs=1, per_class=1)
