@@ -193,7 +193,7 @@ def test_presets_and_configs():
     assert NPP(**model.config).config == model.config
     with pytest.raises(ValueError, match="NPP needs a token grid"):
         NPP(vocab_size=16, max_tokens=16, grid=None)
-    config = yaml.safe_load((ROOT / "configs" / "generators" / "npp_vq2d_digits.yaml").read_text())
+    config = yaml.safe_load((ROOT / "configs" / "generators" / "npp.yaml").read_text())
     args = config["model"]["init_args"]["generator"]["init_args"]
     built = NPP(**args)
     epochs = config["trainer"]["max_epochs"]
@@ -211,7 +211,7 @@ def test_schedule_runs_under_flexar_train(tmp_path):
     for split in ("train", "test"):
         subset = torch.utils.data.Subset(build_dataset("digits", split, image_size=16, channels=1), range(48))
         write_token_cache(tokenizer, subset, tmp_path / "tokens" / split, progress=False, description={"num_classes": 10})
-    config = yaml.safe_load((ROOT / "configs" / "generators" / "npp_vq2d_digits.yaml").read_text())
+    config = yaml.safe_load((ROOT / "configs" / "generators" / "npp.yaml").read_text())
     config["trainer"].update(max_epochs=2, limit_val_batches=1, enable_progress_bar=False, log_every_n_steps=1,
                              callbacks=None)
     config["model"]["init_args"]["generator"]["init_args"].update(vocab_size=32, max_tokens=16, grid=[4, 4], dim=32,

@@ -141,7 +141,7 @@ def test_training_refuses_lengths_short_of_the_grid():
 
 
 def test_config_builds_the_model_and_one_token_strategies_refuse_it():
-    config = yaml.safe_load((ROOT / "configs" / "generators" / "token_shuffle_digits.yaml").read_text())
+    config = yaml.safe_load((ROOT / "configs" / "generators" / "token_shuffle.yaml").read_text())
     generator = config["model"]["init_args"]["generator"]
     assert generator["class_path"] == "flexar.generators.TokenShuffleAR"
     model = TokenShuffleAR(**{**generator["init_args"], "dim": 32, "depth": 1, "num_heads": 2})

@@ -258,7 +258,7 @@ def test_pipeline_with_the_multiscale_tokenizer(tmp_path):
 
 
 def train_generator_through_the_cli(tmp_path, family: str):
-    """Tokenizer folder + token caches of 64 digits, then `flexar-train fit` on configs/generators/{family}_digits.yaml
+    """Tokenizer folder + token caches of 64 digits, then `flexar-train fit` on configs/generators/{family}.yaml
     shrunk to tiny sizes; returns (tokenizer folder, export folder)."""
     from flexar.data import build_dataset, write_token_cache
     from flexar.train.cli import run
@@ -269,7 +269,7 @@ def train_generator_through_the_cli(tmp_path, family: str):
         dataset = torch.utils.data.Subset(build_dataset("digits", split, image_size=16, channels=1), range(64))
         write_token_cache(tokenizer, dataset, tmp_path / "tokens" / split, progress=False,
                           description={"num_classes": 10}, tokenizer_folder=tmp_path / "tokenizer")
-    config = yaml.safe_load((ROOT / "configs" / "generators" / f"{family}_digits.yaml").read_text())
+    config = yaml.safe_load((ROOT / "configs" / "generators" / f"{family}.yaml").read_text())
     config["trainer"].update(max_epochs=1, limit_train_batches=3, limit_val_batches=1, enable_progress_bar=False,
                              log_every_n_steps=1)
     config["trainer"]["callbacks"][0]["init_args"].update(every_n_epochs=1, per_class=1)
