@@ -9,7 +9,7 @@
 
     python scripts/demo.py --output runs/demo
     FLEXAR_DATA=../shared/data python scripts/demo.py --dataset mnist --output runs/mnist \
-        --tokenizer-config configs/tokenizers/titok_mnist.yaml --generator-config configs/generators/raster_mnist.yaml \
+        --tokenizer-config configs/tokenizers/titok_mnist.yaml --generator-config configs/generators/raster.yaml --generator-args "--trainer.max_epochs 1 --data.init_args.batch_size 128" \
         --classifier-config configs/eval/classifier_mnist.yaml
 
 Each stage writes its result under --output and records in --output/stages.json what it was made from: its
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--root", default=None, help="dataset root (default: $FLEXAR_DATA)")
     parser.add_argument("--tokenizer-config", type=Path, default=ROOT / "configs" / "tokenizers" / "titok_digits.yaml")
-    parser.add_argument("--generator-config", type=Path, default=ROOT / "configs" / "generators" / "raster_digits.yaml")
+    parser.add_argument("--generator-config", type=Path, default=ROOT / "configs" / "generators" / "raster.yaml")
     parser.add_argument("--classifier-config", type=Path, default=ROOT / "configs" / "eval" / "classifier_digits.yaml")
     parser.add_argument("--tokenizer-args", default="", help="extra flexar-train overrides, e.g. '--trainer.max_epochs=5'")
     parser.add_argument("--generator-args", default="", help="extra flexar-train overrides for the generator")
