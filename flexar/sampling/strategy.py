@@ -13,6 +13,11 @@ The protocol, which :meth:`flexar.generators.Generator.generate_with` and :meth:
   (LANTERN reads the tokenizer's code vectors); it first checks the pipeline's generator, so a family the strategy
   cannot drive is refused before any work;
 - ``uses_cfg`` and ``to_dict()`` like a sampler.
+
+Adaptive lengths: with a generator that has an end-of-sequence token (``eos_token``, logits over ``vocab_size + 1``
+ids), every strategy ends a row when it commits that token, drops the row from its decoding run (so it costs no
+further pass), never writes the token into the ids, and returns the lengths in :class:`GenerationOutput`; no row
+ends before its first token (:func:`forbid_empty`).
 """
 from __future__ import annotations
 
