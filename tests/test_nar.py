@@ -279,18 +279,3 @@ def test_presets_config_and_pipeline(tmp_path):
     assert torch.equal(images, again)
     with pytest.raises(ValueError, match="generator grid"):
         Pipeline(tokenizer, NAR.from_preset("nar-tiny", vocab_size=32, max_tokens=16, grid=[2, 8]))
-
-
-def test_configs_share_the_2d_tokenizer():
-    for dataset in ("digits", "mnist"):
-        tokenizer = yaml.safe_load((ROOT / "configs" / "tokenizers" / f"vq2d_{dataset}.yaml").read_text())
-        tokenizer_args = tokenizer["model"]["init_args"]["tokenizer"]["init_args"]
-        side = tokenizer_args["image_size"] // tokenizer_args["downsample"]
-        for family, cls in (("raster", "RasterAR"), ("nar", "NAR"), ("npp", "NPP")):
-            config = yaml.safe_load((ROOT / "configs" / "generators" / f"{family}_vq2d_{dataset}.yaml").read_text())
-            generator = config["model"]["init_args"]["generator"]
-            assert generator["class_path"] == f"flexar.generators.{cls}"
-            args = generator["init_args"]
-            assert args["grid"] == [side, side] and args["max_tokens"] == side * side
-            assert args["vocab_size"] == tokenizer_args["codebook_size"]
-            assert f"vq2d_{dataset}" in config["data"]["init_args"]["train"]
