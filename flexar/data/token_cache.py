@@ -36,6 +36,7 @@ import uuid
 import warnings
 from pathlib import Path
 
+import lightning
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
@@ -184,12 +185,43 @@ def _finish(staging: Path, output: Path, shards: ShardWriter, meta: dict) -> Non
     _move_into_place(staging, output)
 
 
+class TokenCacheEncoder(lightning.LightningModule):
+    """``trainer.predict`` with a trained tokenizer (what ``flexar-tokenize`` runs): each batch of (images, labels)
+    gives ``{"ids" (B, max_tokens) int32, zero past "lengths" (B,) int32, "labels" (B,) long}`` with `num_tokens`
+    kept tokens (None: the tokenizer's default), for :class:`TokenCacheWriter`. A training run's
+    ``TokenizerModule`` predicts the same rows from a checkpoint.
+
+    `tokenizer_folder`: the folder `tokenizer` was loaded from, whose fingerprint and path meta.json records; None
+    records the fingerprint of the folder ``save_pretrained`` would write, and no path.
+    """
+
+    def __init__(self, tokenizer, num_tokens: int | None = None, tokenizer_folder: str | os.PathLike | None = None):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.num_tokens = num_tokens
+        self.tokenizer_folder = tokenizer_folder
+
+    def predict_step(self, batch, batch_idx, dataloader_idx=0) -> dict:
+        images, labels = batch[0], batch[1]
+        ids, lengths = encode_rows(self.tokenizer, images, self.num_tokens)
+        return {"ids": ids, "lengths": lengths, "labels": torch.as_tensor(labels).long()}
+
+    def token_cache_meta(self, tokenizer_folder: str | os.PathLike | None = None) -> dict:
+        from flexar.hub import fingerprint, model_fingerprint
+
+        folder = tokenizer_folder if tokenizer_folder is not None else self.tokenizer_folder
+        if folder is None:
+            return tokenizer_meta(self.tokenizer, model_fingerprint(self.tokenizer), None)
+        return tokenizer_meta(self.tokenizer, fingerprint(folder), Path(folder).resolve())
+
+
 class TokenCacheWriter(BasePredictionWriter):
     """Writes what ``trainer.predict`` returns, on every device, as one token cache at `output`.
 
     The LightningModule's ``predict_step`` gives ``{"ids", "lengths", "labels"}`` per batch (a
-    :class:`flexar.train.TokenizerModule` tokenizes its data, a :class:`flexar.train.GeneratorModule` samples) and
-    its ``token_cache_meta()`` the tokenizer's fields of meta.json. Each rank writes its batches into the staging
+    :class:`TokenCacheEncoder` or a ``flexar.train.TokenizerModule`` tokenizes its data, a
+    ``flexar.train.GeneratorModule`` samples) and its ``token_cache_meta(tokenizer_folder)`` the tokenizer's fields
+    of meta.json. Each rank writes its batches into the staging
     folder beside `output`, which every rank must see (one filesystem); when the epoch ends rank zero merges them in
     row order and renames the finished cache into place, as :func:`write_token_cache` does. With several ranks the
     predict loader must be one of flexar's data modules' (a :class:`~flexar.data.GlobalBatchSampler` in row
@@ -619,7 +651,6 @@ def main(argv: list[str] | None = None) -> None:
     from flexar.data import ImageDataModule, dataset_info
     from flexar.hub import load_model
     from flexar.tokenizers import Tokenizer
-    from flexar.train import TokenizerModule
 
     parser = argparse.ArgumentParser(
         prog="flexar-tokenize",
@@ -654,8 +685,7 @@ def main(argv: list[str] | None = None) -> None:
     strategy = "ddp" if isinstance(devices, int) and devices > 1 else "auto"
     trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
                         enable_checkpointing=False, enable_model_summary=False, callbacks=[writer])
-    trainer.predict(TokenizerModule(tokenizer, predict_num_tokens=args.num_tokens), datamodule=data,
-                    return_predictions=False)
+    trainer.predict(TokenCacheEncoder(tokenizer, args.num_tokens), datamodule=data, return_predictions=False)
 
 
 if __name__ == "__main__":
