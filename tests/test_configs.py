@@ -92,3 +92,67 @@ def test_base_and_overlay_train_through_flexar_train_fit(caches, tmp_path):
     assert generator.vocab_size == 40 and list(generator.grid) == [4, 4]
     # the overlay's preview cadence (every 2 epochs on MNIST) drew the epoch-2 grid through the cache's tokenizer
     assert list((tmp_path / "run").rglob("samples_epoch001.png"))
+
+
+# -- tokenizer and classifier runs: family config + dataset overlay (+ the family's own delta for that dataset) -----
+def composed(*files: str) -> dict:
+    """The configuration ``flexar-train fit`` reads from `files` (paths under configs/, merged in order, interpolations
+    resolved), as the dict a single YAML file would give: seed_everything, trainer, model, data."""
+    import contextlib
+    import io
+
+    import yaml
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), pytest.raises(SystemExit) as stop:
+        run(["fit", *[part for name in files for part in ("--config", str(CONFIGS / name))], "--print_config"])
+    assert stop.value.code in (0, None)
+    config = yaml.safe_load(printed.getvalue())
+    return {key: config[key] for key in ("seed_everything", "trainer", "model", "data")}
+
+
+# every documented tokenizer / classifier run: the files, in order, and its dataset
+RUNS = {"titok_digits": ["tokenizers/titok.yaml"],
+        "titok_mnist": ["tokenizers/titok.yaml", "data/mnist.yaml"],
+        **{f"{family}_digits": [f"tokenizers/{family}.yaml"]
+           for family in ("onedpiece", "retok", "flextok", "vq2d", "multiscale", "vae")},
+        **{f"{family}_mnist": [f"tokenizers/{family}.yaml", "data/mnist.yaml", f"tokenizers/mnist/{family}.yaml"]
+           for family in ("onedpiece", "retok", "flextok", "vq2d", "multiscale", "karl", "alit")},
+        "karl_photos": ["tokenizers/karl.yaml"], "alit_photos": ["tokenizers/alit.yaml"],
+        "vq2d_photos": ["tokenizers/vq2d.yaml", "data/photos.yaml"],
+        "karl_digits": ["tokenizers/karl.yaml", "data/digits.yaml"],
+        "classifier_digits": ["eval/classifier.yaml"],
+        "classifier_mnist": ["eval/classifier.yaml", "eval/mnist/classifier.yaml"]}
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_each_documented_run_composes_and_builds_on_the_meta_device(name):
+    import importlib
+
+    config = composed(*RUNS[name])
+    dataset = name.rsplit("_", 1)[1]
+    assert config["data"]["init_args"]["dataset"] == dataset
+    model = config["model"]["init_args"]
+    spec = model.get("tokenizer") or {"class_path": "flexar.eval.classifier.DigitClassifier", "init_args": {}}
+    arguments = dict(spec["init_args"])
+    if "base" in arguments:  # KARL / ALIT: the frozen 2D VQ trained on the same dataset
+        assert arguments.pop("base") == f"runs/vq2d_{dataset}/tokenizer"
+        return
+    if spec["init_args"].get("target") == "vae":
+        return  # reads a trained VAE folder: built in tests/test_vae.py
+    if "tokenizer" not in model:
+        assert model["export_dir"] == f"runs/classifier_{dataset}/classifier"
+        return
+    module, _, cls = spec["class_path"].rpartition(".")
+    with torch.device("meta"):
+        tokenizer = getattr(importlib.import_module(module), cls)(**arguments)
+    assert tokenizer.image_size == config["data"]["init_args"]["image_size"]
+
+
+def test_the_demo_tokenizer_is_the_digits_titok_run():
+    config = composed("tokenizers/titok.yaml")
+    assert config == composed("tokenizers/titok.yaml", "data/digits.yaml")
+    tokenizer = config["model"]["init_args"]["tokenizer"]
+    assert tokenizer["class_path"] == "flexar.tokenizers.TiTok" and config["trainer"]["max_epochs"] == 30
+    assert config["data"]["init_args"]["batch_size"] == 64 and config["trainer"]["callbacks"][0]["init_args"] == {
+        "num_images": 16, "num_tokens": None, "every_n_epochs": 10}
