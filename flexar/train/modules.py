@@ -230,12 +230,10 @@ class _ModelModule(L.LightningModule):
             return FSDP.summon_full_params(strategy.model, writeback=writeback)
         return contextlib.nullcontext()
 
-    def parameter_groups(self, weight_decay: float | None = None) -> list[dict]:
-        """Optimiser groups of the trained parameters: decayed (two or more dimensions), then not decayed.
-
-        The decayed group carries `weight_decay` (``self.weight_decay`` by default); with ``weight_decay=None`` it
-        carries none, so that the optimiser's own applies.
-        """
+    def parameter_groups(self, module_weight_decay: bool = True) -> list[dict]:
+        """Optimiser groups of the trained parameters: decayed (two or more dimensions), then not decayed (weight
+        decay 0). The decayed group carries ``weight_decay`` when `module_weight_decay`, else none, so that the
+        optimiser's own applies (an ``optimizer`` from the config)."""
         decay, no_decay = [], []
         for name, parameter in self.network.named_parameters():
             if not parameter.requires_grad:
@@ -243,16 +241,14 @@ class _ModelModule(L.LightningModule):
             # nanoGPT / LlamaGen: every matrix (and higher) is decayed, embedding tables and learned tokens included;
             # norm scales and biases (fewer than two dimensions) are not
             (decay if name in self._decayed else no_decay).append(parameter)
-        decayed = {"params": decay}
-        if weight_decay is not None or self.optimizer_factory is None:
-            decayed["weight_decay"] = self.weight_decay if weight_decay is None else weight_decay
+        decayed = {"params": decay, "weight_decay": self.weight_decay} if module_weight_decay else {"params": decay}
         return [decayed, {"params": no_decay, "weight_decay": 0.0}]
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """The model's optimiser: ``optimizer`` over :meth:`parameter_groups`, or AdamW(lr, betas, weight_decay)."""
         if self.optimizer_factory is None:
             return torch.optim.AdamW(self.parameter_groups(), lr=self.lr, betas=self.betas)
-        optimizer = self.optimizer_factory(self.parameter_groups(weight_decay=None))
+        optimizer = self.optimizer_factory(self.parameter_groups(module_weight_decay=False))
         # the learning rate a non-finite loss names is the configured optimiser's
         self.lr = optimizer.param_groups[0]["lr"]
         return optimizer
