@@ -102,8 +102,8 @@ class SampleGrid(L.Callback):
     that the training token cache's meta.json records (``tokenizer.path``, written by ``flexar-tokenize``). Either
     way the folder is checked when fitting starts, before any training: it must hold a saved tokenizer whose
     fingerprint (:func:`flexar.hub.fingerprint`) equals the one the cache was written with, and whose vocabulary and
-    length match the generator's. Rank zero loads it and tells the other ranks whether the check passed, so every
-    rank stops together.
+    length match the generator's. Rank zero checks it and tells the other ranks whether the check passed, so every
+    rank stops together; then every rank loads it, since every rank draws the preview (see the module docstring).
     """
 
     def __init__(self, tokenizer: str | None = None, per_class: int = 4, num_classes: int = 10, every_n_epochs: int = 1,
