@@ -155,7 +155,7 @@ def test_existing_generator_and_classifier_exports_are_refused(tmp_path, caches)
     classifier = tmp_path / "classifier"
     classifier.mkdir()
     (classifier / "notes.txt").write_text("someone's files")
-    arguments = ["fit", "--config", str(ROOT / "configs" / "eval" / "classifier_digits.yaml"),
+    arguments = ["fit", "--config", str(ROOT / "configs" / "eval" / "classifier.yaml"),
                  "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger", "false",
                  "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "1",
                  "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
@@ -410,7 +410,8 @@ def test_preview_grids_go_to_a_logger_that_takes_images(tmp_path, caches):
 @pytest.mark.parametrize("strategy", ["bf16", "ddp", "fsdp"])
 def test_gpu_configs_parse_over_a_family_config(strategy, capsys):
     with pytest.raises(SystemExit) as stop:
-        run(["fit", "--config", str(ROOT / "configs" / "tokenizers" / "titok_mnist.yaml"),
+        run(["fit", "--config", str(ROOT / "configs" / "tokenizers" / "titok.yaml"),
+             "--config", str(ROOT / "configs" / "data" / "mnist.yaml"),
              "--config", str(ROOT / "configs" / "gpu" / f"{strategy}.yaml"), "--print_config"])
     assert stop.value.code == 0
     trainer = yaml.safe_load(capsys.readouterr().out)["trainer"]
