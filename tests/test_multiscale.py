@@ -207,7 +207,7 @@ def test_adversarial_criterion_from_the_shared_losses():
 def test_training_through_the_cli(tmp_path):
     from flexar.train.cli import run
 
-    config = yaml.safe_load((ROOT / "configs" / "tokenizers" / "multiscale_digits.yaml").read_text())
+    config = yaml.safe_load((ROOT / "configs" / "tokenizers" / "multiscale.yaml").read_text())
     assert config["model"]["init_args"]["tokenizer"]["class_path"] == "flexar.tokenizers.MultiScaleVQ"
     config["trainer"].update(max_epochs=1, limit_train_batches=2, limit_val_batches=1, enable_progress_bar=False,
                              log_every_n_steps=1, logger={"class_path": "lightning.pytorch.loggers.CSVLogger",
@@ -223,8 +223,9 @@ def test_training_through_the_cli(tmp_path):
     assert list(tmp_path.rglob("reconstructions_epoch000.png"))
     metrics = next((tmp_path / "logs").rglob("metrics.csv")).read_text()
     assert all(f"train/codebook_usage_scale{index}" in metrics for index in range(4))
-    mnist = yaml.safe_load((ROOT / "configs" / "tokenizers" / "multiscale_mnist.yaml").read_text())
+    from test_configs import composed
+
+    mnist = composed("tokenizers/multiscale.yaml", "data/mnist.yaml", "tokenizers/mnist/multiscale.yaml")
+    config = composed("tokenizers/multiscale.yaml")
     assert mnist["data"]["init_args"]["dataset"] == "mnist"
-    assert mnist["model"]["init_args"]["tokenizer"] == config["model"]["init_args"]["tokenizer"] | {
-        "init_args": {**config["model"]["init_args"]["tokenizer"]["init_args"], "image_size": 32, "width": 32,
-                      "scales": [1, 2, 3, 4, 6, 8]}}
+    assert mnist["model"]["init_args"]["tokenizer"] == config["model"]["init_args"]["tokenizer"]
