@@ -345,9 +345,11 @@ def test_config_presets_and_bad_arguments():
             tiny_flextok(**bad)
 
 
-@pytest.mark.parametrize("name", ["flextok_digits.yaml", "flextok_mnist.yaml"])
-def test_configs_build_the_tokenizer(name):
-    config = yaml.safe_load((ROOT / "configs" / "tokenizers" / name).read_text())
+@pytest.mark.parametrize("files", [["tokenizers/flextok.yaml"], ["tokenizers/flextok.yaml", "data/mnist.yaml", "tokenizers/mnist/flextok.yaml"]])
+def test_configs_build_the_tokenizer(files):
+    from test_configs import composed
+
+    config = composed(*files)
     tokenizer = config["model"]["init_args"]["tokenizer"]
     assert tokenizer["class_path"] == "flexar.tokenizers.FlexTok"
     model = FlexTok(**tokenizer["init_args"])
