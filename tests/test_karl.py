@@ -388,8 +388,11 @@ def test_configs_name_constructor_arguments():
     import inspect
 
     accepted = set(inspect.signature(KARL.__init__).parameters)
-    for name in ("karl_photos.yaml", "karl_mnist.yaml"):
-        config = yaml.safe_load((ROOT / "configs" / "tokenizers" / name).read_text())
+    from test_configs import composed
+
+    for name, files in (("karl_photos.yaml", ["tokenizers/karl.yaml"]),
+                        ("karl_mnist.yaml", ["tokenizers/karl.yaml", "data/mnist.yaml", "tokenizers/mnist/karl.yaml"])):
+        config = composed(*files)
         tokenizer = config["model"]["init_args"]["tokenizer"]
         assert tokenizer["class_path"] == "flexar.tokenizers.KARL"
         assert set(tokenizer["init_args"]) <= accepted and tokenizer["init_args"]["base"]
@@ -400,7 +403,9 @@ def test_configs_name_constructor_arguments():
 def test_training_through_the_cli(tmp_path):
     from flexar.train.cli import run
 
-    config = yaml.safe_load((ROOT / "configs" / "tokenizers" / "karl_mnist.yaml").read_text())
+    from test_configs import composed
+
+    config = composed("tokenizers/karl.yaml", "data/mnist.yaml", "tokenizers/mnist/karl.yaml")
     config["trainer"].update(max_epochs=1, limit_train_batches=2, limit_val_batches=1, enable_progress_bar=False,
                              log_every_n_steps=1)
     config["trainer"]["callbacks"][0]["init_args"].update(num_images=4, every_n_epochs=1)
