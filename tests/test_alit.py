@@ -265,8 +265,11 @@ def test_a_saved_alit_loads_without_its_base_folder(tmp_path, monkeypatch):
 
 def test_configs_name_constructor_arguments():
     accepted = set(inspect.signature(ALIT.__init__).parameters)
-    for name, dataset in (("alit_photos.yaml", "photos"), ("alit_mnist.yaml", "mnist")):
-        config = yaml.safe_load((ROOT / "configs" / "tokenizers" / name).read_text())
+    from test_configs import composed
+
+    for files, dataset in ((["tokenizers/alit.yaml"], "photos"),
+                           (["tokenizers/alit.yaml", "data/mnist.yaml", "tokenizers/mnist/alit.yaml"], "mnist")):
+        config = composed(*files)
         tokenizer = config["model"]["init_args"]["tokenizer"]
         assert tokenizer["class_path"] == "flexar.tokenizers.ALIT" and set(tokenizer["init_args"]) <= accepted
         assert ALIT.presets["alit-cpu"].items() <= tokenizer["init_args"].items()  # the configs are the CPU preset
@@ -276,7 +279,7 @@ def test_configs_name_constructor_arguments():
 def test_training_through_the_cli(tmp_path):
     from flexar.train.cli import run
 
-    config = yaml.safe_load((ROOT / "configs" / "tokenizers" / "alit_photos.yaml").read_text())
+    config = yaml.safe_load((ROOT / "configs" / "tokenizers" / "alit.yaml").read_text())
     config["trainer"].update(max_epochs=1, limit_train_batches=2, limit_val_batches=1, enable_progress_bar=False,
                              log_every_n_steps=1)
     config["trainer"]["callbacks"][0]["init_args"].update(num_images=4, every_n_epochs=1)
