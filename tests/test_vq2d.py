@@ -80,7 +80,7 @@ def test_presets_registry_and_config():
 def test_training_through_the_cli(tmp_path):
     from flexar.train.cli import run
 
-    config = yaml.safe_load((ROOT / "configs" / "tokenizers" / "vq2d_digits.yaml").read_text())
+    config = yaml.safe_load((ROOT / "configs" / "tokenizers" / "vq2d.yaml").read_text())
     assert config["model"]["init_args"]["tokenizer"]["class_path"] == "flexar.tokenizers.VQGAN2D"
     config["trainer"].update(max_epochs=1, limit_train_batches=2, limit_val_batches=1, enable_progress_bar=False,
                              log_every_n_steps=1)
@@ -93,5 +93,7 @@ def test_training_through_the_cli(tmp_path):
     tokenizer = VQGAN2D.from_pretrained(tmp_path / "tokenizer")
     assert tokenizer.grid == (4, 4)
     assert list((tmp_path / "run").rglob("reconstructions_epoch000.png"))
-    mnist = yaml.safe_load((ROOT / "configs" / "tokenizers" / "vq2d_mnist.yaml").read_text())
+    from test_configs import composed
+
+    mnist = composed("tokenizers/vq2d.yaml", "data/mnist.yaml", "tokenizers/mnist/vq2d.yaml")
     assert mnist["data"]["init_args"]["dataset"] == "mnist"
