@@ -160,11 +160,11 @@ def test_flextok_refuses_a_folder_that_is_not_a_vae(tmp_path):
 
 
 def test_digits_configs_build(tmp_path):
-    """vae_digits.yaml and flextok_vae_digits.yaml map onto the constructors (the VAE untrained here)."""
-    vae_config = yaml.safe_load((ROOT / "configs" / "tokenizers" / "vae_digits.yaml").read_text())
+    """vae.yaml and flextok_vae.yaml map onto the constructors (the VAE untrained here)."""
+    vae_config = yaml.safe_load((ROOT / "configs" / "tokenizers" / "vae.yaml").read_text())
     vae = VAE(**vae_config["model"]["init_args"]["tokenizer"]["init_args"])
     vae.save_pretrained(tmp_path / "vae")
-    flextok_config = yaml.safe_load((ROOT / "configs" / "tokenizers" / "flextok_vae_digits.yaml").read_text())
+    flextok_config = yaml.safe_load((ROOT / "configs" / "tokenizers" / "flextok_vae.yaml").read_text())
     arguments = flextok_config["model"]["init_args"]["tokenizer"]["init_args"]
     assert arguments["vae_path"] == vae_config["model"]["init_args"]["export_dir"]
     tokenizer = FlexTok(**{**arguments, "vae_path": str(tmp_path / "vae")})
