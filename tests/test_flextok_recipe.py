@@ -19,7 +19,7 @@ RECIPE = {"qk_norm": False, "sigma_mean": 1.0, "null_condition_prob": 0.0}
 def test_defaults_and_configs_are_the_recipe():
     defaults = {name: parameter.default for name, parameter in inspect.signature(FlexTok.__init__).parameters.items()}
     assert {name: defaults[name] for name in RECIPE} == RECIPE
-    for path in sorted((ROOT / "configs" / "tokenizers").glob("flextok_*.yaml")):
+    for path in sorted((ROOT / "configs" / "tokenizers").glob("flextok*.yaml")):
         model = yaml.safe_load(path.read_text())["model"]["init_args"]
         tokenizer = model["tokenizer"]["init_args"]
         assert {name: tokenizer.get(name, defaults[name]) for name in RECIPE} == RECIPE, path.name
