@@ -9,8 +9,8 @@
 
     python scripts/demo.py --output runs/demo
     FLEXAR_DATA=../shared/data python scripts/demo.py --dataset mnist --output runs/mnist \
-        --tokenizer-config configs/tokenizers/titok_mnist.yaml --generator-config configs/generators/raster.yaml --generator-args "--trainer.max_epochs 1 --data.init_args.batch_size 128" \
-        --classifier-config configs/eval/classifier_mnist.yaml
+        --tokenizer-args "--config configs/data/mnist.yaml" --generator-config configs/generators/raster.yaml --generator-args "--trainer.max_epochs 1 --data.init_args.batch_size 128" \
+        --classifier-args "--config configs/eval/mnist/classifier.yaml"
 
 Each stage writes its result under --output and records in --output/stages.json what it was made from: its
 recipe (config file and overrides) and the fingerprints of the results it read. On a re-run a stage is reused
@@ -232,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "demo")
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--root", default=None, help="dataset root (default: $FLEXAR_DATA)")
-    parser.add_argument("--tokenizer-config", type=Path, default=ROOT / "configs" / "tokenizers" / "titok_digits.yaml")
+    parser.add_argument("--tokenizer-config", type=Path, default=ROOT / "configs" / "tokenizers" / "titok.yaml")
     parser.add_argument("--generator-config", type=Path, default=ROOT / "configs" / "generators" / "raster.yaml")
-    parser.add_argument("--classifier-config", type=Path, default=ROOT / "configs" / "eval" / "classifier_digits.yaml")
+    parser.add_argument("--classifier-config", type=Path, default=ROOT / "configs" / "eval" / "classifier.yaml")
     parser.add_argument("--tokenizer-args", default="", help="extra flexar-train overrides, e.g. '--trainer.max_epochs=5'")
     parser.add_argument("--generator-args", default="", help="extra flexar-train overrides for the generator")
     parser.add_argument("--classifier-args", default="", help="extra flexar-train overrides for the FID classifier")
