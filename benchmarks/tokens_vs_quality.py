@@ -15,7 +15,7 @@ through :class:`flexar.train.TokenizerModule` on the dataset's train split:
 
 At k = 1, 2, 4, ..., N on the first ``eval_images`` test images: MSE and PSNR (images in [-1, 1], peak-to-peak 2),
 and rFID, the FID of the reconstructions against the originals with the features of a digit classifier trained for
-this run (``configs/eval/classifier_digits.yaml`` through ``flexar-train fit``, on the same dataset). A sampling
+this run (``configs/eval/classifier.yaml`` through ``flexar-train fit``, on the same dataset). A sampling
 decoder (FlexTok) pays for its sample variance in MSE: a perfect one has twice the error of the posterior mean. So on
 the first ``posterior_images`` test images each row also has ``mse_mean_decode``, the MSE of the mean of
 ``posterior_samples`` seeded decodes (of the single decode for a deterministic decoder), which estimates how much the
@@ -138,7 +138,7 @@ def train_classifier(size: dict, device: str, folder: Path) -> Path:
 
     export = folder / "classifier"
     run([
-        "fit", "--config", str(REPO_ROOT / "configs" / "eval" / "classifier_digits.yaml"),
+        "fit", "--config", str(REPO_ROOT / "configs" / "eval" / "classifier.yaml"),
         "--trainer.default_root_dir", str(folder), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
         "--trainer.callbacks+=" + json.dumps({"class_path": "benchmarks.common.StepProgress",
                                               "init_args": {"description": "tokens_vs_quality: FID classifier"}}),
@@ -357,7 +357,7 @@ def run(quick: bool, device: str, output_dir: Path | None = None) -> dict:
     }
     config = dict(size, num_tokens_evaluated=counts, tokenizers=list(tokenizers), skipped=skipped, eval_images=count,
                   titok_fills=list(TITOK_FILLS), titok_fair_fills=list(FAIR_FILLS),
-                  rfid_extractor="classifier trained with configs/eval/classifier_digits.yaml on the same dataset",
+                  rfid_extractor="classifier trained with configs/eval/classifier.yaml on the same dataset",
                   plot=str(plot_path) if plot_path else None)  # fmt: skip
     config["gfid_sampler"] = GFID_SAMPLER
     return {"config": config, "summary": summary, "rows": rows + [dict(r, tokenizer=f"raster AR on {r['tokenizer']}") for r in generation]}
