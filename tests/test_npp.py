@@ -195,7 +195,7 @@ def test_presets_and_configs():
         NPP(vocab_size=16, max_tokens=16, grid=None)
     config = yaml.safe_load((ROOT / "configs" / "generators" / "npp.yaml").read_text())
     args = config["model"]["init_args"]["generator"]["init_args"]
-    built = NPP(**args)
+    built = NPP(**args, vocab_size=256, max_tokens=64, grid=[8, 8])  # the sizes come from the token cache
     epochs = config["trainer"]["max_epochs"]
     assert built.patch_sizes == [2, 1] and built.stage_boundaries(epochs) == [epochs // 2, epochs]
 

@@ -58,7 +58,7 @@ def test_token_cache_round_trip_and_shards(tmp_path):
         TokenDataset(tmp_path)
 
 
-def test_flexar_tokenize_and_generator_training_through_the_cli(tmp_path):
+def test_flexar_tokenize_and_generator_training_through_the_cli(tmp_path, capsys):
     tokenizer_dir = tmp_path / "tokenizer"
     tiny_tokenizer().save_pretrained(tokenizer_dir)
     for split in ("train", "test"):
@@ -69,7 +69,8 @@ def test_flexar_tokenize_and_generator_training_through_the_cli(tmp_path):
     config["trainer"].update(max_epochs=1, limit_train_batches=3, limit_val_batches=1, enable_progress_bar=False,
                              log_every_n_steps=1)
     config["trainer"]["callbacks"][0]["init_args"].update(tokenizer=str(tokenizer_dir), every_n_epochs=1, per_class=1)
-    config["model"]["init_args"]["generator"]["init_args"].update(vocab_size=32, max_tokens=6, dim=32, depth=1, num_heads=2)
+    # vocab_size and max_tokens come from the cache's meta.json
+    config["model"]["init_args"]["generator"]["init_args"].update(dim=32, depth=1, num_heads=2)
     config["model"]["init_args"]["export_dir"] = str(tmp_path / "generator")
     config["data"]["init_args"].update(train=str(tmp_path / "tokens" / "train"), val=str(tmp_path / "tokens" / "test"))
     (tmp_path / "raster.yaml").write_text(yaml.safe_dump(config))
@@ -82,11 +83,14 @@ def test_flexar_tokenize_and_generator_training_through_the_cli(tmp_path):
     assert pipe.generate([3, 4], seed=0).shape == (2, 3, 16, 16)
     with pytest.raises(ValueError, match="trained on the ids of tokenizer"):
         Pipeline(tiny_tokenizer(), generator)
-    # a generator whose vocabulary does not match the cache is refused before training starts (without the preview
-    # callback, which refuses it too, against its tokenizer)
-    with pytest.raises(ValueError, match="vocab_size: generator 64 vs token cache 32"):
+    assert generator.config["vocab_size"] == 32 and generator.config["max_tokens"] == 6
+    # a vocabulary given on the command line that does not match the cache is refused when the config is parsed
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
         run(["fit", "--config", str(tmp_path / "raster.yaml"), "--trainer.default_root_dir", str(tmp_path / "run2"),
              "--trainer.callbacks=[]", "--model.init_args.generator.init_args.vocab_size", "64"])
+    assert "vocab_size: generator 64 vs token cache 32" in capsys.readouterr().err
+    assert not (tmp_path / "run2").exists()
 
 
 def test_pipeline_round_trip_and_determinism(pipeline_dir):

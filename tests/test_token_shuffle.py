@@ -144,7 +144,9 @@ def test_config_builds_the_model_and_one_token_strategies_refuse_it():
     config = yaml.safe_load((ROOT / "configs" / "generators" / "token_shuffle.yaml").read_text())
     generator = config["model"]["init_args"]["generator"]
     assert generator["class_path"] == "flexar.generators.TokenShuffleAR"
-    model = TokenShuffleAR(**{**generator["init_args"], "dim": 32, "depth": 1, "num_heads": 2})
+    # vocab_size, max_tokens and grid come from the token cache of the 2D VQ on digits (8 x 8 codes)
+    model = TokenShuffleAR(**{**generator["init_args"], "dim": 32, "depth": 1, "num_heads": 2, "vocab_size": 256,
+                              "max_tokens": 64, "grid": [8, 8]})
     assert model.num_windows == 16 and model.tokens_per_step == 4 and model.cfg_schedule == "linear"
     assert {"token-shuffle-2.7b", "token-shuffle-tiny", "token-shuffle-digits"} <= set(TokenShuffleAR.presets)
     for strategy in (ScalingAR(Sampler()), SpeculativeDecoder(tiny_shuffle())):
