@@ -7,7 +7,7 @@ Reference: any flexar dataset name (digits, photos, mnist, cifar10, imagefolder:
 Extractor (features FID compares):
 - ``classifier`` (default): the flexar DigitClassifier saved in PIPELINE/classifier, the usual choice for digits
   and MNIST; offline. Without that folder the run stops and names the flags below.
-- ``classifier:PATH``: a DigitClassifier folder (``flexar-train fit --config configs/eval/classifier_digits.yaml``).
+- ``classifier:PATH``: a DigitClassifier folder (``flexar-train fit --config configs/eval/classifier.yaml``).
 - ``inception``: torch-fidelity's inception-v3-compat; its weights download on first use, or come from
   ``--inception-weights PATH`` offline.
 
@@ -63,7 +63,7 @@ def resolve_extractor(extractor: str, pipeline: str | Path) -> str:
         raise FileNotFoundError(
             f"the default extractor is the classifier saved in the pipeline folder, and {folder} does not exist: "
             "pass --extractor classifier:PATH (a DigitClassifier folder, exported by flexar-train fit --config "
-            "configs/eval/classifier_digits.yaml) or --extractor inception (torch-fidelity's Inception; offline "
+            "configs/eval/classifier.yaml) or --extractor inception (torch-fidelity's Inception; offline "
             "with --inception-weights PATH)"
         )
     return f"classifier:{folder}"

@@ -1,7 +1,7 @@
 """A trainable KL autoencoder (the latent space of FlexTok's decoder), wrapping diffusers' ``AutoencoderKL``
 ("Auto-Encoding Variational Bayes", Kingma & Welling 2014; the Stable Diffusion VAE, Rombach et al. 2022).
 
-flexar trains it first (``configs/tokenizers/vae_digits.yaml``, through :class:`flexar.train.TokenizerModule`) and
+flexar trains it first (``configs/tokenizers/vae.yaml``, through :class:`flexar.train.TokenizerModule`) and
 then freezes it inside :class:`flexar.tokenizers.FlexTok` (``target="vae"``, ``vae_path=...``).
 
 Objective: per-pixel L1 (or L2) reconstruction of a posterior sample plus ``kl_weight`` times the KL divergence to
@@ -51,7 +51,7 @@ class VAE(Configurable, PretrainedMixin, nn.Module):
         # levels of 128, 256, 512, 512 channels, two ResNet blocks each, attention in the middle block)
         "vae-f8c16": dict(image_size=256, channels=3, latent_channels=16, block_out_channels=[128, 256, 512, 512],
                           layers_per_block=2, norm_num_groups=32, mid_block_attention=True),
-        # CPU-sized: 32 px digits / MNIST to an 8 x 8 x 4 latent (configs/tokenizers/vae_digits.yaml)
+        # CPU-sized: 32 px digits / MNIST to an 8 x 8 x 4 latent (configs/tokenizers/vae.yaml)
         "vae-digits": dict(image_size=32, channels=1, latent_channels=4, block_out_channels=[32, 64, 64],
                            layers_per_block=1, norm_num_groups=16, mid_block_attention=False),
     }

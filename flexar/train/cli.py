@@ -1,6 +1,6 @@
 """``flexar-train``: the LightningCLI entry point for every model (tokenizers, generators, classifiers).
 
-    flexar-train fit --config configs/tokenizers/titok_digits.yaml --trainer.default_root_dir runs/titok
+    flexar-train fit --config configs/tokenizers/titok.yaml --trainer.default_root_dir runs/titok
 
 Configs map one-to-one onto constructors through ``class_path`` / ``init_args``; the config.yaml that LightningCLI
 writes into the run folder rebuilds the run, and so does a checkpoint (its hyperparameters are the model's
