@@ -235,9 +235,14 @@ class ClassifierModule(lightning.LightningModule):
         refuse_existing_export(self, Path(self._export_folder), self.overwrite_export)
 
     def on_fit_end(self) -> None:
+        from flexar.train.export import describe_network, gathered_state_dict, network_weights, rebuild
+
         folder = self._export_folder if self._export_folder is not None else self.export_folder()
+        # every rank takes the state dict (a collective under FSDP, whose ranks hold shards); rank zero writes
+        state = gathered_state_dict(self)
         if self.trainer.is_global_zero:
-            self.classifier.save_pretrained(folder)
+            weights = network_weights(state, "classifier.", "the trained classifier")
+            rebuild(describe_network(self.classifier), weights, "the trained classifier").save_pretrained(folder)
 
 
 class ClassifierFeatureExtractor(FeatureExtractorBase):
