@@ -28,6 +28,7 @@ BENCHMARKS = {
     "token_shuffle": "benchmarks.token_shuffle",
     "entropy": "benchmarks.entropy",
     "mvar": "benchmarks.mvar",
+    "adaptive": "benchmarks.adaptive",
 }
 
 
@@ -90,6 +91,14 @@ ABOUT = {
         "MVAR against VAR with the same width and depth: peak memory of a training step and of generation, "
         "generation speed, each in a fresh process",
         full_seconds=None, quick_seconds=53, needs="a GPU for the full sizes, or FLEXAR_MVAR_SIZE=narrow on a CPU"),
+    "adaptive": About(
+        "KARL (one pass) and ALIT (search) on photos and MNIST: tokens against PNG size (Spearman), calibration to the "
+        "requested error, encode speed; gFID and length TV of an end-of-sequence raster AR on KARL tokens against "
+        "fixed-length TiTok",
+        full_seconds=None, quick_seconds=17,
+        needs="MNIST under FLEXAR_DATA; trains 2 bases, KARL, ALIT, TiTok, a classifier and 2 generators (estimated "
+              "~75 min on an idle 2-core CPU), kept for reuse with FLEXAR_ADAPTIVE_MODELS=FOLDER",
+        environment="FLEXAR_DATA=DIR", files=("adaptive.png",)),
 }
 
 

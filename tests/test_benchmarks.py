@@ -247,3 +247,29 @@ def test_every_benchmark_is_listed_with_its_durations_and_the_readme_table_match
     assert script.format_duration(92) == "~2 min" and script.format_duration(6543) == "~1 h 50 min"
     assert script.format_duration(30.4) == "~30 s" and script.format_duration(7200) == "~2 h"
     assert script.format_duration(None) == "not recorded"
+
+
+def test_adaptive_quick():
+    record, stderr = quick_run("adaptive")
+    config, summary = record["config"], record["summary"]
+    datasets = set(config["datasets"])
+    for bar in ("train base", "train karl", "train alit", "encode speed", "FID classifier", "generator on karl", "gFID"):
+        assert f"adaptive: {bar}" in stderr, bar
+    for name in ("karl", "alit"):
+        assert set(summary[name]) == datasets
+        for dataset, entry in summary[name].items():
+            rho = entry["complexity_spearman"]
+            assert rho is None or -1 <= rho <= 1, (name, dataset)
+            # at least three requested errors, each a fraction of the images
+            assert len(entry["calibration"]) >= 3 and all(0 <= v <= 1 for v in entry["calibration"].values())
+            assert 1 <= entry["mean_tokens"] <= entry["max_tokens"] and positive(entry["encode_images_per_second"])
+            assert positive(entry["encode_speedup_vs_alit"])
+    assert all(summary["alit"][dataset]["encode_speedup_vs_alit"] == 1.0 for dataset in datasets)
+    generation = summary["adaptive_generation"]["karl"][config["generation_dataset"]]
+    assert positive(generation["gfid_adaptive"]) and positive(generation["gfid_fixed_titok"])
+    assert 0 <= generation["length_tv"] <= 1
+    # the same network but the end-of-sequence row of the head, at the cache's mean length
+    assert generation["adaptive_generator_parameters"] - generation["fixed_generator_parameters"] == config["generator_dim"]
+    assert generation["titok_tokens"] == max(1, round(generation["data_mean_tokens"]))
+    assert {(row["tokenizer"], row["dataset"]) for row in record["rows"]} >= {
+        (name, dataset) for name in ("karl", "alit") for dataset in datasets}
