@@ -32,7 +32,7 @@ Verdicts (full runs only): ``meets_complexity_spearman`` (>= 0.6 on MNIST, >= 0.
 dataset, tokens against PNG size, with example images at low, middle and high counts.
 
 Trained tokenizers: with ``FLEXAR_ADAPTIVE_MODELS=FOLDER`` each model (bases, KARL, ALIT, TiTok, classifier) is loaded
-from ``FOLDER/NAME`` when present, else trained and saved there, so that a second run only evaluates; without it
+from ``FOLDER/NAME`` (NAME: the model, dataset and image side, ``karl_mnist32``) when present, else trained and saved there, so that a second run only evaluates; without it
 everything trains in a temporary folder.
 
 Full: 32x32 images, bases of an 8x8 grid of 256 codes (the vq2d-digits preset), the karl-cpu and alit-cpu presets
@@ -208,9 +208,9 @@ def train_classifier(size: dict, device: str, models: Models, quick: bool) -> Pa
     """The FID feature extractor of the generation dataset: configs/eval/classifier.yaml through flexar-train fit."""
     from flexar.train.cli import run
 
-    export = models.path("classifier")
+    export = models.path(f"classifier_{size['generation_dataset']}{size['image_size']}")
     if models.folder is not None and (export / "config.json").is_file():
-        models.loaded.append("classifier")
+        models.loaded.append(export.name)
         return export
     started = time.perf_counter()
     root = models.scratch / "classifier_run"
@@ -223,7 +223,7 @@ def train_classifier(size: dict, device: str, models: Models, quick: bool) -> Pa
         "--model.init_args.image_size", str(size["image_size"]), "--model.init_args.export_dir", str(export),
         "--data.init_args.dataset", size["generation_dataset"], "--data.init_args.image_size", str(size["image_size"]),
     ] + (["--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "1"] if quick else []))  # fmt: skip
-    models.trained_seconds["classifier"] = time.perf_counter() - started
+    models.trained_seconds[export.name] = time.perf_counter() - started
     return export
 
 
@@ -246,8 +246,9 @@ def tokenizers_for(dataset: str, channels: int, train_images: torch.Tensor, size
         return fit(model, train_images, size["base_steps"], size["base_batch"], size["lr"], size["warmup_steps"],
                    device, f"adaptive: train base {dataset}")[0]
 
-    base_model = models.get(f"vq2d_{dataset}", base)
-    base_folder = models.path(f"vq2d_{dataset}")
+    tag = f"{dataset}{size['image_size']}"  # the image side in the name: quick and full models can share a folder
+    base_model = models.get(f"vq2d_{tag}", base)
+    base_folder = models.path(f"vq2d_{tag}")
     built = {}
     for family, kind, preset in (("karl", KARL, size["karl_preset"]), ("alit", ALIT, size["alit_preset"])):
 
@@ -257,7 +258,7 @@ def tokenizers_for(dataset: str, channels: int, train_images: torch.Tensor, size
             return fit(model, train_images, size[f"{family}_steps"], size["tokenizer_batch"], size["lr"],
                        size["warmup_steps"], device, f"adaptive: train {family} {dataset}")[0]
 
-        built[family] = models.get(f"{family}_{dataset}", train).to(device).eval()
+        built[family] = models.get(f"{family}_{tag}", train).to(device).eval()
     return base_model, built
 
 
@@ -310,7 +311,7 @@ def adaptive_generation(karl, dataset: str, size: dict, device: str, models: Mod
         return fit(model, train, size["karl_steps"], size["tokenizer_batch"], size["lr"], size["warmup_steps"], device,
                    f"adaptive: train titok {dataset} N={fixed}")[0]
 
-    titok_model = models.get(f"titok_{dataset}_{fixed}", titok).to(device).eval()
+    titok_model = models.get(f"titok_{dataset}{size['image_size']}_{fixed}", titok).to(device).eval()
     with torch.no_grad():
         titok_ids = torch.cat([titok_model.encode(chunk.to(device)).ids.cpu() for chunk in images.split(256)])
 
