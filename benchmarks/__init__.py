@@ -97,7 +97,7 @@ ABOUT = {
         "fixed-length TiTok",
         full_seconds=None, quick_seconds=17,
         needs="MNIST under FLEXAR_DATA; trains 2 bases, KARL, ALIT, TiTok, a classifier and 2 generators (estimated "
-              "~75 min on an idle 2-core CPU), kept for reuse with FLEXAR_ADAPTIVE_MODELS=FOLDER",
+              "~1 h on an idle 2-core CPU), kept for reuse with FLEXAR_ADAPTIVE_MODELS=FOLDER",
         environment="FLEXAR_DATA=DIR", files=("adaptive.png",)),
 }
 

@@ -39,6 +39,10 @@ Full: 32x32 images, bases of an 8x8 grid of 256 codes (the vq2d-digits preset), 
 (32 tokens at most; ALIT 4 tokens x 8 iterations), sized for two CPU cores, far below the papers' budgets. Quick:
 16x16 ``photos`` and the embedded ``digits`` (no MNIST needed), the tiny presets, a few steps (a smoke test of the
 pipeline; its numbers mean nothing); its plot goes to a temporary folder.
+
+A full run is not recorded yet; estimated at ~1 h on an idle 2-core CPU from per-step timings (a base step of 64
+images ~1 s, KARL's and ALIT's steps of 32 ~1-2 s and ~2.5-6 s, the FID classifier's epoch ~2.5 min, ALIT's
+evaluation ~3 min), most of it training: 300 base, 400 KARL and TiTok, 100 ALIT and 1000 generator steps.
 """
 from __future__ import annotations
 
