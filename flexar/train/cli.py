@@ -81,6 +81,12 @@ class FlexarArgumentParser(LightningArgumentParser):
     def __init__(self, *args, allow_abbrev: bool = False, **kwargs) -> None:
         super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
 
+    def add_function_arguments(self, function, *args, linked_targets=None, **kwargs):
+        """jsonargparse passes the parse-time link targets (the generator sizes read from a token cache) down to
+        every nested ``class_path``, but its ``add_function_arguments`` does not take them: a function class path
+        (``TiTok.from_preset``) then fails. A preset function has no linked parameters, so they are dropped."""
+        return super().add_function_arguments(function, *args, **kwargs)
+
     def valid_keys(self) -> list[str]:
         """Every key this parser takes (``trainer.max_epochs``, ``lr``, ...), without help and config options."""
         keys = []
