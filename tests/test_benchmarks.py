@@ -15,8 +15,9 @@ MACHINE_KEYS = {"date", "git_commit", "torch", "device", "device_name", "cores",
 
 
 def run_benchmark(*arguments: str) -> subprocess.CompletedProcess:
+    # a hang guard, not a time limit: quick runs take about 20 s alone, several times that on a busy machine
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *arguments], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, str(SCRIPT), *arguments], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
     )
 
 
