@@ -9,6 +9,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "benchmark.py"
 MACHINE_KEYS = {"date", "git_commit", "torch", "device", "device_name", "cores", "threads"}
@@ -274,3 +276,18 @@ def test_adaptive_quick():
     assert generation["titok_tokens"] == max(1, round(generation["data_mean_tokens"]))
     assert {(row["tokenizer"], row["dataset"]) for row in record["rows"]} >= {
         (name, dataset) for name in ("karl", "alit") for dataset in datasets}
+
+
+def test_mvar_quick():
+    record = quick_record("mvar")
+    config, summary, rows = record["config"], record["summary"], record["rows"]
+    # one forward pass per scale for both families: VAR through its KV cache, MVAR on each map alone
+    assert summary["forward_passes"] == {"var": len(config["scales"]), "mvar": len(config["scales"])}
+    assert {(row["mode"], row["family"]) for row in rows} == {(mode, family) for mode in ("train", "generate")
+                                                              for family in ("var", "mvar")}
+    train = {row["family"]: row for row in rows if row["mode"] == "train"}
+    # MVAR attends within a scale (and a k x k neighbourhood), so it saves fewer bytes for backward than VAR
+    assert 0 < train["mvar"]["saved_mib"] < train["var"]["saved_mib"]
+    assert summary["train_saved_activation_ratio"] == pytest.approx(train["var"]["saved_mib"] / train["mvar"]["saved_mib"])
+    for key in ("train_memory_ratio", "generate_memory_ratio", "generate_speedup"):
+        assert positive(summary[key]), key
