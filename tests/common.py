@@ -13,6 +13,23 @@ from flexar.sampling import Sampler
 
 
 
+def save_tiny_pipeline(folder):
+    """A tiny untrained TiTok + RasterAR pipeline for 16 px digits saved at `folder` (the generator records the
+    tokenizer's fingerprint, as one trained on its token cache does); returns the folder."""
+    from flexar import Pipeline
+    from flexar.generators import RasterAR
+    from flexar.hub import model_fingerprint
+    from flexar.tokenizers import TiTok
+
+    torch.manual_seed(0)
+    tokenizer = TiTok(image_size=16, channels=1, patch_size=4, num_latent_tokens=4, width=32, depth=1, num_heads=2,
+                      codebook_size=32, code_dim=8).eval()
+    generator = RasterAR(vocab_size=32, max_tokens=4, num_classes=10, dim=32, depth=1, num_heads=2).eval()
+    generator.provenance = {"tokenizer_fingerprint": model_fingerprint(tokenizer)}
+    Pipeline(tokenizer, generator).save_pretrained(folder)
+    return folder
+
+
 def digits_batch(count=8, image_size=16, channels=1):
     from flexar.data import build_dataset
 

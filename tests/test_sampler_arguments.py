@@ -12,16 +12,16 @@ import pytest
 import torch
 from torch import nn
 
-from flexar import Pipeline
 from flexar.cli import fid, sample
 from flexar.cli.common import ScriptParser
 from flexar.generators import RasterAR
-from flexar.hub import fingerprint, model_fingerprint
+from flexar.hub import fingerprint
 from flexar.sampling import (BestOfN, DecodingStrategy, EntropySampler, LanternDecoder, Sampler, ScalingAR,
                              SpeculativeDecoder)
 from flexar.sampling import arguments
 from flexar.sampling.arguments import SamplingFlags
-from flexar.tokenizers import TiTok
+
+from common import save_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,14 +69,7 @@ def built(flags: SamplingFlags, argv: list[str], device=None):
 
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    tokenizer = TiTok(image_size=16, channels=1, patch_size=4, num_latent_tokens=4, width=32, depth=1, num_heads=2,
-                      codebook_size=32, code_dim=8).eval()
-    generator = RasterAR(vocab_size=32, max_tokens=4, num_classes=10, dim=32, depth=1, num_heads=2).eval()
-    generator.provenance = {"tokenizer_fingerprint": model_fingerprint(tokenizer)}
-    folder = tmp_path_factory.mktemp("flags") / "models" / "digits"
-    Pipeline(tokenizer, generator).save_pretrained(folder)
-    return folder
+    return save_tiny_pipeline(tmp_path_factory.mktemp("flags") / "models" / "digits")
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,8 @@ from flexar import Pipeline
 from flexar.cli import fid, sample
 from flexar.cli.common import CFG_SCALE
 from flexar.eval.classifier import DigitClassifier
-from flexar.generators import RasterAR
-from flexar.hub import model_fingerprint
-from flexar.tokenizers import TiTok
+
+from common import save_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -27,13 +26,7 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory) -> Path:
     """A tiny pipeline saved at <tmp>/models/digits, with a FID classifier in its classifier/ sub-folder."""
-    torch.manual_seed(0)
-    tokenizer = TiTok(image_size=16, channels=1, patch_size=4, num_latent_tokens=4, width=32, depth=1, num_heads=2,
-                      codebook_size=32, code_dim=8).eval()
-    generator = RasterAR(vocab_size=32, max_tokens=4, num_classes=10, dim=32, depth=1, num_heads=2).eval()
-    generator.provenance = {"tokenizer_fingerprint": model_fingerprint(tokenizer)}
-    folder = tmp_path_factory.mktemp("scripts") / "models" / "digits"
-    Pipeline(tokenizer, generator).save_pretrained(folder)
+    folder = save_tiny_pipeline(tmp_path_factory.mktemp("scripts") / "models" / "digits")
     DigitClassifier(in_channels=1, image_size=16, width=8, feature_dim=16).save_pretrained(folder / "classifier")
     return folder
 
