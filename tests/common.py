@@ -172,6 +172,18 @@ def seeded(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
+def perturbed(model, noise: float, seed=1):
+    """A draft close to `model`: a copy of the same class and config with Gaussian noise of scale `noise` on every
+    weight (acceptance high but below 1)."""
+    draft = type(model)(**model.config).eval()
+    draft.load_state_dict(model.state_dict())
+    generator = seeded(seed)
+    with torch.no_grad():
+        for parameter in draft.parameters():
+            parameter.add_(noise * torch.randn(parameter.shape, generator=generator))
+    return draft
+
+
 def random_ids(model, batch=3, length=None, seed=1):
     length = model.max_tokens if length is None else length
     return torch.randint(0, model.vocab_size, (batch, length), generator=seeded(seed))

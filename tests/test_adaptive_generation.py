@@ -18,6 +18,8 @@ from flexar.sampling.streams import ImageStreams
 from flexar.sampling.strategy import forbid_empty
 from flexar.utils import IGNORE_INDEX, to_uint8
 
+from common import perturbed, seeded
+
 VOCAB, MAX_TOKENS = 64, 8  # the tiny ALIT's codebook and budget
 RULE = {0: 3, 1: 7}  # label 2: 2 or 5 tokens, at random
 # a nucleus that keeps the end-of-sequence token alone where the model is sure of it, and drops it elsewhere: the
@@ -31,10 +33,6 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def seeded(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def toy_rows(count=96, seed=0):
@@ -90,16 +88,6 @@ def trained(cache):
 
 def expected_lengths(labels):
     return torch.tensor([RULE[int(label)] for label in labels])
-
-
-def perturbed(model, noise=0.05, seed=1):
-    draft = RasterAR(**model.config).eval()
-    draft.load_state_dict(model.state_dict())
-    generator = seeded(seed)
-    with torch.no_grad():
-        for parameter in draft.parameters():
-            parameter.add_(noise * torch.randn(parameter.shape, generator=generator))
-    return draft
 
 
 def check_output(out, model, count=MAX_TOKENS):
@@ -237,11 +225,11 @@ def strategies(model):
         "sampler": sampler,
         "sampler_cfg": Sampler(top_p=NUCLEUS, cfg_scale=2.0),
         "entropy": EntropySampler(top_p=NUCLEUS),
-        "speculative": SpeculativeDecoder(perturbed(model), sampler, draft_length=3),
-        "speculative_cfg": SpeculativeDecoder(perturbed(model), Sampler(top_p=NUCLEUS, cfg_scale=2.0), draft_length=3),
+        "speculative": SpeculativeDecoder(perturbed(model, noise=0.05), sampler, draft_length=3),
+        "speculative_cfg": SpeculativeDecoder(perturbed(model, noise=0.05), Sampler(top_p=NUCLEUS, cfg_scale=2.0), draft_length=3),
         "speculative_draft_without_end": SpeculativeDecoder(without_end, sampler, draft_length=2),
         "speculative_eagle": SpeculativeDecoder(head, sampler, draft_length=2),
-        "lantern": LanternDecoder(perturbed(model), sampler, draft_length=3, neighbours=neighbour_table(codes, 8), k=8,
+        "lantern": LanternDecoder(perturbed(model, noise=0.05), sampler, draft_length=3, neighbours=neighbour_table(codes, 8), k=8,
                                   delta=0.2),
         "scalingar": ScalingAR(sampler, num_trajectories=3),
         "scalingar_cfg": ScalingAR(Sampler(top_p=NUCLEUS, cfg_scale=2.0), num_trajectories=3, threshold=0.99),

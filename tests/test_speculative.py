@@ -11,29 +11,16 @@ from flexar.generators import EagleDraftHead, RasterAR
 from flexar.sampling import Sampler, SpeculativeDecoder, accept_drafts
 from flexar.sampling.speculative import acceptance_probability
 
+from common import perturbed, seeded
+
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, LENGTH = 3, 3
-
-
-def seeded(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def tiny(dim=16, depth=1, seed=0, **overrides):
     torch.manual_seed(seed)
     kwargs = dict(vocab_size=VOCAB, max_tokens=LENGTH, num_classes=2, dim=dim, depth=depth, num_heads=2, init_std=0.5)
     return RasterAR(**{**kwargs, **overrides}).eval()
-
-
-def perturbed(model, noise=0.15, seed=1):
-    """A draft close to the target: its weights plus noise (acceptance high but below 1)."""
-    draft = RasterAR(**model.config).eval()
-    draft.load_state_dict(model.state_dict())
-    generator = seeded(seed)
-    with torch.no_grad():
-        for parameter in draft.parameters():
-            parameter.add_(noise * torch.randn(parameter.shape, generator=generator))
-    return draft
 
 
 @torch.no_grad()
@@ -104,7 +91,7 @@ def test_joint_law_of_a_large_batch_equals_the_target(cfg_scale):
 
 def test_joint_law_with_multi_token_rounds_equals_the_target():
     target = tiny(dim=16, seed=0)
-    draft = perturbed(target)
+    draft = perturbed(target, noise=0.15)
     sampler = Sampler(cfg_scale=2.0)
     decoder = SpeculativeDecoder(draft, sampler, draft_length=2)
     generator = seeded(11)
