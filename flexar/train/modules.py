@@ -289,6 +289,16 @@ class _ModelModule(L.LightningModule):
             with self.full_weights(writeback=True):
                 self.ema.update_parameters(self.network)
 
+    def evaluation_step(self, prefix: str, batch) -> None:
+        """Log the training loss's metrics of `batch` under `prefix` ("val", "test"), with the averaged network."""
+        raise NotImplementedError
+
+    def validation_step(self, batch, batch_idx):
+        self.evaluation_step("val", batch)
+
+    def test_step(self, batch, batch_idx):
+        self.evaluation_step("test", batch)
+
     def log_metrics(self, prefix: str, logs: dict, batch_size: int) -> None:
         on_step = prefix == "train"
         self.log_dict(
@@ -501,12 +511,6 @@ class TokenizerModule(_ModelModule):
         loss, logs = tokenizer.training_loss(images)
         self.log_metrics(prefix, logs, images.shape[0])
 
-    def validation_step(self, batch, batch_idx):
-        self.evaluation_step("val", batch)
-
-    def test_step(self, batch, batch_idx):
-        self.evaluation_step("test", batch)
-
     def predict_step(self, batch, batch_idx, dataloader_idx=0) -> dict:
         from flexar.data.token_cache import encode_rows
 
@@ -591,12 +595,6 @@ class GeneratorModule(_ModelModule):
         ids, labels, lengths = batch
         loss, logs = self.averaged_network().training_loss(ids, labels, lengths)
         self.log_metrics(prefix, logs, ids.shape[0])
-
-    def validation_step(self, batch, batch_idx):
-        self.evaluation_step("val", batch)
-
-    def test_step(self, batch, batch_idx):
-        self.evaluation_step("test", batch)
 
     def predict_step(self, batch, batch_idx, dataloader_idx=0) -> dict:
         _, labels, _ = batch
