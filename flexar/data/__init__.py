@@ -1,4 +1,4 @@
-"""Datasets (embedded, torchvision, image folders), token caches and Lightning DataModules."""
+"""Datasets (embedded, torchvision, image folders), token and latent caches, and Lightning DataModules."""
 from flexar.data.datamodule import GlobalBatchSampler, ImageDataModule
 from flexar.data.datasets import build_dataset, dataset_info
 from flexar.data.token_cache import (TokenCacheEncoder, TokenCacheWriter, TokenDataModule, TokenDataset, read_meta,

@@ -104,6 +104,11 @@ class SampleGrid(L.Callback):
     fingerprint (:func:`flexar.hub.fingerprint`) equals the one the cache was written with, and whose vocabulary and
     length match the generator's. Rank zero checks it and tells the other ranks whether the check passed, so every
     rank stops together; then every rank loads it, since every rank draws the preview (see the module docstring).
+
+    A continuous generator (``continuous = True``, xAR, trained on a latent cache) samples with
+    ``flexar.sampling.FlowSampler(cfg_scale=cfg_scale)`` (`temperature` has no meaning there) and its
+    ``GenerationOutput.latents`` are decoded with the tokenizer's ``decode_latents``; the tokenizer (a VAE) must
+    have the generator's ``latent_channels`` and ``latent_size``.
     """
 
     def __init__(self, tokenizer: str | None = None, per_class: int = 4, num_classes: int = 10, every_n_epochs: int = 1,
@@ -183,24 +188,42 @@ class SampleGrid(L.Callback):
             )
         tokenizer = load_model(folder).eval()
         generator = pl_module.averaged_network() if hasattr(pl_module, "averaged_network") else None
-        for name, theirs in (("codebook_size", "vocab_size"), ("max_tokens", "max_tokens")):
+        continuous = bool(getattr(generator, "continuous", False))
+        decoder = "decode_latents" if continuous else "decode"
+        if generator is not None and not callable(getattr(tokenizer, decoder, None)):
+            raise ValueError(
+                f"SampleGrid: tokenizer {folder} ({type(tokenizer).__name__}) has no {decoder}, which the samples of "
+                f"{type(generator).__name__} need ({'latents' if continuous else 'token ids'}); pass the folder the "
+                "cache was written with")
+        pairs = ((("latent_channels", "latent_channels"), ("latent_size", "latent_size")) if continuous
+                 else (("codebook_size", "vocab_size"), ("max_tokens", "max_tokens")))
+        for name, theirs in pairs:
             ours, wanted = getattr(tokenizer, name, None), getattr(generator, theirs, None)
             if ours is not None and wanted is not None and ours != wanted:
                 raise ValueError(f"SampleGrid: tokenizer {folder} has {name} {ours}, the generator {theirs} {wanted}")
         return tokenizer
 
+    def preview_sampler(self, generator):
+        """The preview's sampler: ``Sampler(temperature, cfg_scale)``, or ``FlowSampler(cfg_scale=cfg_scale)`` for a
+        continuous generator."""
+        if getattr(generator, "continuous", False):
+            from flexar.sampling import FlowSampler
+
+            return FlowSampler(cfg_scale=self.cfg_scale)
+        from flexar.sampling import Sampler
+
+        return Sampler(temperature=self.temperature, cfg_scale=self.cfg_scale)
+
     def on_validation_epoch_end(self, trainer, pl_module):
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        from flexar.sampling import Sampler
-
         if self._tokenizer is None:
             # a validation run outside fit: the same checks, now
             self._tokenizer = self.load_checked_tokenizer(trainer, pl_module)
         tokenizer = self._tokenizer.to(pl_module.device)
         generator_model = pl_module.averaged_network()
         labels = torch.arange(self.num_classes, device=pl_module.device).repeat_interleave(self.per_class)
-        sampler = Sampler(temperature=self.temperature, cfg_scale=self.cfg_scale)
+        sampler = self.preview_sampler(generator_model)
         rng = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         was_training = generator_model.training
         generator_model.eval()
@@ -209,5 +232,7 @@ class SampleGrid(L.Callback):
         generator_model.train(was_training)
         if trainer.is_global_zero:
             with torch.no_grad():
-                images = tokenizer.decode(out.ids)
+                # a flow generator's samples are latents for the VAE's decoder, the others' ids for the tokenizer's
+                continuous = getattr(generator_model, "continuous", False)
+                images = tokenizer.decode_latents(out.latents) if continuous else tokenizer.decode(out.ids)
             _write_preview(trainer, images, "samples", "samples", self.per_class * 2, self._folder)

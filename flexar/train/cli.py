@@ -224,27 +224,47 @@ def parser_mode() -> str:
     return "omegaconf+"
 
 
-# generator constructor arguments a token cache fixes, each read from the cache's meta.json
+# generator constructor arguments a token or latent cache fixes, each read from the cache's meta.json; None where the
+# cache does not fix it (a latent cache has no vocabulary, a token cache no latent shape), so the config's value stays.
+# Every link is computed for every generator; jsonargparse drops the value where the class has no such argument
+# (``scales`` for RasterAR, ``vocab_size`` for XAR)
 CACHE_FIELDS = {
-    "vocab_size": lambda meta: meta["vocab_size"],
+    "vocab_size": lambda meta: meta.get("vocab_size"),
     "max_tokens": lambda meta: meta["max_tokens"],
-    "grid": lambda meta: meta["grid"],
+    "grid": lambda meta: meta.get("grid"),
     # next-scale generators (VAR, MVAR): the tokenizer's scale sides, code width and folder
-    "scales": lambda meta: meta["grid"],
+    "scales": lambda meta: meta.get("grid"),
     # a cache written without tokenizer metadata (by hand, or by an older flexar-tokenize) fixes neither
     "code_dim": lambda meta: ((meta.get("tokenizer") or {}).get("kwargs") or {}).get("code_dim"),
     "tokenizer": lambda meta: (meta.get("tokenizer") or {}).get("path"),
+    # continuous generators (XAR) on a latent cache: latent_shape is [C, h, w], with square latents h = w
+    "latent_channels": lambda meta: meta["latent_shape"][0] if "latent_shape" in meta else None,
+    "latent_size": lambda meta: meta["latent_shape"][1] if "latent_shape" in meta else None,
 }
 
 
 def from_token_cache(argument: str, train: str, generator) -> object:
-    """The value of the generator's constructor `argument` that the token cache at `train` (``data.init_args.train``)
-    fixes. A value the config gives is kept only when it agrees with the cache: any other is refused by name. A value
-    equal to the constructor's default counts as not given; where the cache has none (a cache written without a
-    tokenizer folder, a tokenizer without ``code_dim``) the config's value stays."""
+    """The value of the generator's constructor `argument` that the token or latent cache at `train`
+    (``data.init_args.train``) fixes. A value the config gives is kept only when it agrees with the cache: any other
+    is refused by name. A value equal to the constructor's default counts as not given; where the cache has none (a
+    cache written without a tokenizer folder, a tokenizer without ``code_dim``, a vocabulary in a latent cache) the
+    config's value stays. A continuous generator (``continuous = True``) on a token cache, or a generator of ids on a
+    latent cache, is refused by name."""
     from flexar.data import read_meta
 
     meta = read_meta(train)
+    kind = meta.get("kind", "tokens")
+    cls = _generator_class(generator.class_path)
+    if cls is not None and isinstance(getattr(cls, "continuous", None), bool):
+        if cls.continuous != (kind == "latents"):
+            if cls.continuous:
+                models, advice = "latents (a continuous generator)", "write a latent cache with flexar-tokenize --tokenizer VAE"
+            else:
+                models, advice = "token ids", "give it the token cache of a discrete tokenizer"
+            raise ValueError(
+                f"model.init_args.generator: {cls.__name__} models {models}, but data.init_args.train {train} is a "
+                f"{'latent' if kind == 'latents' else 'token'} cache (field 'kind' {kind!r} in its meta.json); "
+                f"{advice}")
     value = CACHE_FIELDS[argument](meta)
     init_args = getattr(generator, "init_args", None)
     given = getattr(init_args, argument, None) if init_args is not None else None
@@ -253,10 +273,30 @@ def from_token_cache(argument: str, train: str, generator) -> object:
     if given is not None and given != _constructor_default(generator.class_path, argument):
         same = Path(given).resolve() == Path(value).resolve() if argument == "tokenizer" else list_or(given) == value
         if not same:
+            what = "latent cache" if kind == "latents" else "token cache"
             raise ValueError(
-                f"model.init_args.generator.init_args.{argument}: generator {given!r} vs token cache {value!r} "
+                f"model.init_args.generator.init_args.{argument}: generator {given!r} vs {what} {value!r} "
                 f"({train}/meta.json); leave {argument} out of the config to take the cache's")
     return value
+
+
+def _generator_class(class_path: str) -> type | None:
+    """The class a generator's ``class_path`` builds (a preset function ``RasterAR.from_preset`` builds its
+    class), or None when it cannot be imported."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        # ``package.Class.function``: the class holds the function
+        module, _, owner = module.rpartition(".")
+        try:
+            found = getattr(getattr(importlib.import_module(module), owner), name)
+        except (ImportError, AttributeError, ValueError):
+            return None
+    if isinstance(found, type):
+        return found
+    bound = getattr(found, "__self__", None)
+    return bound if isinstance(bound, type) else None
 
 
 def list_or(value):

@@ -536,11 +536,17 @@ class GeneratorModule(_ModelModule):
     ``max_grad_norm`` clips the global gradient norm before every optimiser step (LlamaGen's default 1.0; None turns
     clipping off). A ``trainer.gradient_clip_val`` given to the Trainer takes precedence over it.
 
+    A continuous generator (``continuous = True``, xAR) trains on (latents (B, C, h, w), labels, lengths) batches
+    from a latent cache of the same shape (``latent_channels``, ``latent_size``); a token cache for it, or a latent
+    cache for a generator of ids, is refused when the run starts.
+
     ``trainer.test`` reports the validation metrics (``test/...``) on the data module's test loader;
     ``trainer.predict`` generates: each batch of (ids, labels, lengths) gives one sample per label, drawn with
     ``predict_sampler`` (None: ``Sampler()``, temperature 1 without guidance) from a ``torch.Generator`` seeded with
     ``predict_seed + batch_idx * world_size + global_rank``, as ``{"ids" (B, max_tokens) int32, "lengths" (B,) int32, "labels"
-    (B,) long}``, which :class:`flexar.data.TokenCacheWriter` writes as a token cache of the generator's tokenizer.
+    (B,) long}``, which :class:`flexar.data.TokenCacheWriter` writes as a token cache of the generator's tokenizer. A
+    continuous generator samples with ``predict_sampler`` (None: ``flexar.sampling.FlowSampler()``) and gives
+    ``{"latents" (B, C, h, w), "labels" (B,) long}``, written as a latent cache of its VAE.
     """
 
     model_attribute = "generator"
@@ -599,29 +605,52 @@ class GeneratorModule(_ModelModule):
     def predict_step(self, batch, batch_idx, dataloader_idx=0) -> dict:
         _, labels, _ = batch
         generator = self.averaged_network()
-        sampler = self.predict_sampler if self.predict_sampler is not None else Sampler()
+        continuous = getattr(generator, "continuous", False)
+        sampler = self.predict_sampler
+        if sampler is None and continuous:
+            try:  # the flow sampler lives beside the flow generators, which not every install has loaded
+                from flexar.sampling import FlowSampler
+            except ImportError:
+                raise ValueError(f"GeneratorModule: {type(generator).__name__} is a continuous generator and samples "
+                                 "with a flow sampler, which flexar.sampling does not provide here; pass "
+                                 "predict_sampler") from None
+            sampler = FlowSampler()
+        elif sampler is None:
+            sampler = Sampler()
         # a stream of its own for every batch of every rank, the same on a rerun with the same devices
         seed = self.predict_seed + batch_idx * self.trainer.world_size + self.trainer.global_rank
         rng = torch.Generator(device=labels.device).manual_seed(seed)
         out = generator.generate(labels, sampler, generator=rng)
+        if continuous:
+            # every row is a whole latent grid: no lengths to keep
+            return {"latents": out.latents, "labels": labels.long()}
         ids = torch.zeros(labels.shape[0], generator.max_tokens, dtype=torch.int32, device=labels.device)
         ids[:, : out.ids.shape[1]] = out.ids.int()
         # a generator with an end-of-sequence token chooses each row's length; the ids are zero past it
         return {"ids": ids, "lengths": out.lengths.int(), "labels": labels.long()}
 
     def token_cache_meta(self, tokenizer_folder: str | os.PathLike | None = None) -> dict:
-        """The generator's vocabulary and length, the tokenizer of its training cache (whose ids it samples), and
-        ``generator`` (class, kwargs, fingerprint of its export on rank zero)."""
+        """The kind of cache the generator's samples make, their shape (vocabulary and length; for a continuous
+        generator the latent shape [C, h, w], h * w positions and the grid [h, w]), the tokenizer of its training
+        cache (whose ids or latents it samples), and ``generator`` (class, kwargs, fingerprint of its export on rank
+        zero)."""
         generator = self.averaged_network()
         meta = getattr(self.trainer.datamodule, "meta", None) or {}
         description = describe_network(generator)
+        described = {"class": description["class"], "kwargs": description["kwargs"],
+                     "fingerprint": self._exported_fingerprint()}
+        if getattr(generator, "continuous", False):
+            side = generator.latent_size
+            return {"kind": "latents", "tokenizer": meta.get("tokenizer"),
+                    "latent_shape": [generator.latent_channels, side, side], "max_tokens": side * side,
+                    "grid": [side, side], "generator": described}
         return {
+            "kind": "tokens",
             "tokenizer": meta.get("tokenizer"),
             "vocab_size": generator.vocab_size,
             "max_tokens": generator.max_tokens,
             "grid": meta.get("grid"),
-            "generator": {"class": description["class"], "kwargs": description["kwargs"],
-                          "fingerprint": self._exported_fingerprint()},
+            "generator": described,
         }
 
     def on_train_epoch_start(self) -> None:
@@ -633,18 +662,40 @@ class GeneratorModule(_ModelModule):
                 hook(self.current_epoch, self.trainer.max_epochs)
 
     def setup(self, stage: str) -> None:
-        meta = getattr(self.trainer.datamodule, "meta", None) if self.trainer is not None else None
+        datamodule = self.trainer.datamodule if self.trainer is not None else None
+        meta = getattr(datamodule, "meta", None)
         if not meta:
             return
-        problems = [
-            f"{name}: generator {getattr(self.generator, name)} vs token cache {meta[key]}"
-            for name, key in (("vocab_size", "vocab_size"), ("max_tokens", "max_tokens"))
-            if getattr(self.generator, name) != meta[key]
-        ]
-        if meta.get("num_classes") is not None and self.generator.num_classes != meta["num_classes"]:
-            problems.append(f"num_classes: generator {self.generator.num_classes} vs token cache {meta['num_classes']}")
+        from flexar.data.token_cache import LATENTS, cache_kind
+
+        kind, generator = cache_kind(meta), self.generator
+        name, cache = type(generator).__name__, f"{getattr(datamodule, 'train_path', 'the training cache')}/meta.json"
+        if getattr(generator, "continuous", False) and kind is not LATENTS:
+            raise ValueError(
+                f"{name} is a continuous generator (it models latents), but {cache} is a token cache (field 'kind' "
+                f"{meta.get('kind', 'tokens')!r}); train it on a latent cache: flexar-tokenize --tokenizer VAE_FOLDER")
+        if not getattr(generator, "continuous", False) and kind is LATENTS:
+            raise ValueError(
+                f"{name} models token ids, but {cache} is a latent cache (field 'kind' 'latents'), which trains a "
+                "continuous generator (such as XAR); train it on the token cache of a discrete tokenizer")
+        if kind is LATENTS:
+            channels, height, width = meta["latent_shape"]
+            side = generator.latent_size
+            problems = []
+            if generator.latent_channels != channels:
+                problems.append(f"latent_channels: generator {generator.latent_channels} vs latent cache {channels}")
+            if (side, side) != (height, width):
+                problems.append(f"latent_size: generator {side} (latents {side} x {side}) vs latent cache "
+                                f"latent_shape {meta['latent_shape']}")
+        else:
+            problems = [
+                f"{field}: generator {getattr(generator, field)} vs token cache {meta[field]}"
+                for field in ("vocab_size", "max_tokens") if getattr(generator, field) != meta[field]
+            ]
+        if meta.get("num_classes") is not None and generator.num_classes != meta["num_classes"]:
+            problems.append(f"num_classes: generator {generator.num_classes} vs {kind.what} {meta['num_classes']}")
         if problems:
-            raise ValueError("generator does not match its token cache: " + "; ".join(problems))
+            raise ValueError(f"generator does not match its {kind.what} ({cache}): " + "; ".join(problems))
         # the export names the tokenizer whose ids the generator learns, so that flexar.Pipeline can refuse another
         # one; the EMA copy (the one exported when EMA is on) records it too
         tokenizer = meta.get("tokenizer")
