@@ -420,4 +420,50 @@ def test_flexar_train_takes_the_latent_sizes_from_the_cache_and_refuses_another_
     with pytest.raises(SystemExit):
         run(["fit", "--config", str(path), f"--trainer.default_root_dir={tmp_path / 'run3'}"])
     assert "RasterAR models token ids, but data.init_args.train" in capsys.readouterr().err
-    assert not (tmp_path / "run2").exists() and not (tmp_path / "run3").exists()
+    # and a continuous generator on a token cache
+    torch.manual_seed(0)
+    titok = TiTok(image_size=16, channels=1, patch_size=4, num_latent_tokens=6, width=32, depth=1, num_heads=2,
+                  codebook_size=32, code_dim=8)
+    write_token_cache(titok, Subset(build_dataset("digits", "train", 16, 1), range(16)), tmp_path / "tokens",
+                      progress=False)
+    config["model"]["init_args"]["generator"] = {"class_path": "test_latent_cache.TinyFlow", "init_args": {}}
+    config["data"]["init_args"].update(train=str(tmp_path / "tokens"), val=None)
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit):
+        run(["fit", "--config", str(path), f"--trainer.default_root_dir={tmp_path / 'run4'}"])
+    assert "TinyFlow models latents (a continuous generator), but data.init_args.train" in capsys.readouterr().err
+    assert not any((tmp_path / run).exists() for run in ("run2", "run3", "run4"))
+
+
+def test_xar_trains_through_flexar_train_on_a_latent_cache_and_predicts_one(tmp_path, latents, vae_folder):
+    """The real continuous family: its latent sizes (required arguments) come from the cache, the preview decodes
+    its samples with the cache's VAE, and its predictions are a latent cache of that VAE."""
+    from flexar.generators import XAR
+    from flexar.sampling import FlowSampler
+
+    generator = {"class_path": "flexar.generators.XAR",
+                 "init_args": {"num_classes": 10, "cell_size": 4, "dim": 32, "depth": 1, "decoder_depth": 1,
+                               "num_heads": 2}}
+    preview = {"class_path": "flexar.train.SampleGrid", "init_args": {"per_class": 1, "cfg_scale": 2.0}}
+    config = {"trainer": {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1, "logger": False,
+                          "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False,
+                          "default_root_dir": str(tmp_path), "callbacks": [preview]},
+              "model": {"class_path": "flexar.train.GeneratorModule",
+                        "init_args": {"generator": generator, "warmup_steps": 1, "export_dir": str(tmp_path / "xar")}},
+              "data": {"class_path": "flexar.data.TokenDataModule",
+                       "init_args": {"train": str(latents / "train"), "val": str(latents / "test"), "batch_size": 16}}}
+    (tmp_path / "xar.yaml").write_text(yaml.safe_dump(config))
+    run(["fit", "--config", str(tmp_path / "xar.yaml")])
+    assert list(tmp_path.rglob("samples_epoch000.png"))
+    model = load_model(tmp_path / "xar")
+    assert isinstance(model, XAR) and (model.latent_channels, model.latent_size) == (2, 8)
+    assert model.provenance == {"tokenizer_fingerprint": fingerprint(vae_folder)}
+    module = GeneratorModule(model)
+    module.predict_sampler = FlowSampler(steps=2)  # two calls per entity: the files, not the quality, are checked
+    data = TokenDataModule(str(latents / "train"), str(latents / "test"), batch_size=16)
+    trainer_for(tmp_path, [TokenCacheWriter(str(tmp_path / "samples"))]).predict(module, datamodule=data,
+                                                                                  return_predictions=False)
+    meta = read_meta(tmp_path / "samples")
+    assert meta["kind"] == "latents" and meta["latent_shape"] == [2, 8, 8] and meta["generator"]["class"] == "XAR"
+    samples = TokenDataset(tmp_path / "samples")
+    assert samples.latents.shape == (32, 2, 8, 8) and torch.equal(samples.labels, TokenDataset(latents / "test").labels)
