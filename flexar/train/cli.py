@@ -258,7 +258,8 @@ def from_token_cache(argument: str, train: str, generator) -> object:
     if cls is not None and isinstance(getattr(cls, "continuous", None), bool):
         if cls.continuous != (kind == "latents"):
             if cls.continuous:
-                models, advice = "latents (a continuous generator)", "write a latent cache with flexar-tokenize --tokenizer VAE"
+                models = "latents (a continuous generator)"
+                advice = "write a latent cache with flexar-tokenize --tokenizer VAE_FOLDER"
             else:
                 models, advice = "token ids", "give it the token cache of a discrete tokenizer"
             raise ValueError(

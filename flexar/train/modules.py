@@ -608,13 +608,9 @@ class GeneratorModule(_ModelModule):
         continuous = getattr(generator, "continuous", False)
         sampler = self.predict_sampler
         if sampler is None and continuous:
-            try:  # the flow sampler lives beside the flow generators, which not every install has loaded
-                from flexar.sampling import FlowSampler
-            except ImportError:
-                raise ValueError(f"GeneratorModule: {type(generator).__name__} is a continuous generator and samples "
-                                 "with a flow sampler, which flexar.sampling does not provide here; pass "
-                                 "predict_sampler") from None
-            sampler = FlowSampler()
+            from flexar.sampling import FlowSampler
+
+            sampler = FlowSampler()  # its own defaults, without guidance, as Sampler() for ids
         elif sampler is None:
             sampler = Sampler()
         # a stream of its own for every batch of every rank, the same on a rerun with the same devices
