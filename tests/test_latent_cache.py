@@ -17,11 +17,11 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-import flexar.sampling
 from flexar.data import TokenCacheWriter, TokenDataModule, TokenDataset, build_dataset, read_meta, write_token_cache
 from flexar.data.token_cache import LATENTS, ShardWriter
-from flexar.generators import Generator, RasterAR
+from flexar.generators import XAR, Generator, RasterAR
 from flexar.hub import _REGISTRY, fingerprint, load_model, model_fingerprint, register
+from flexar.sampling import FlowSampler
 from flexar.sampling.strategy import GenerationOutput
 from flexar.tokenizers import TiTok, VAE
 from flexar.train import GeneratorModule, SampleGrid
@@ -315,16 +315,9 @@ class TinyFlow(Generator):
 
 
 @pytest.fixture
-def flow_classes(monkeypatch):
-    """TinyFlow registered (an export rebuilds it by name), and a flow sampler class in flexar.sampling: the
-    library's FlowSampler where it exists, else a plain holder of the same name for the stand-in to receive."""
+def flow_classes():
+    """TinyFlow registered while a test runs (an export rebuilds it by name), and left out of the registry after."""
     register(TinyFlow)
-    if not hasattr(flexar.sampling, "FlowSampler"):
-        class FlowSampler:
-            def __init__(self, cfg_scale: float = 1.0):
-                self.cfg_scale = cfg_scale
-
-        monkeypatch.setattr(flexar.sampling, "FlowSampler", FlowSampler, raising=False)
     yield
     _REGISTRY.pop("TinyFlow", None)
 
@@ -347,7 +340,7 @@ def test_a_continuous_generator_trains_previews_and_predicts_on_a_latent_cache(t
     assert generator.batches[0] == (torch.float32, (16, 2, 8, 8), [64] * 16)
     # the preview decoded the sampled latents with the cache's VAE
     assert list(tmp_path.rglob("samples_epoch000.png"))
-    assert isinstance(generator.samplers[-1], flexar.sampling.FlowSampler) and generator.samplers[-1].cfg_scale == 2.0
+    assert isinstance(generator.samplers[-1], FlowSampler) and generator.samplers[-1].cfg_scale == 2.0
     exported = load_model(tmp_path / "export")
     assert exported.provenance == {"tokenizer_fingerprint": fingerprint(vae_folder)}
     # predict: one sample per row of the val cache, written as a latent cache of the same VAE
@@ -357,7 +350,7 @@ def test_a_continuous_generator_trains_previews_and_predicts_on_a_latent_cache(t
     assert meta["kind"] == "latents" and meta["latent_shape"] == [2, 8, 8] and meta["max_tokens"] == 64
     assert meta["tokenizer"] == source["tokenizer"] and meta["num_items"] == 32 and "vocab_size" not in meta
     assert meta["generator"]["class"] == "TinyFlow" and meta["generator"]["fingerprint"] == fingerprint(tmp_path / "export")
-    assert isinstance(generator.samplers[-1], flexar.sampling.FlowSampler), "predict's default sampler"
+    assert isinstance(generator.samplers[-1], FlowSampler), "predict's default sampler"
     samples = TokenDataset(tmp_path / "samples")
     labels = TokenDataset(latents / "test").labels
     assert torch.equal(samples.labels, labels)
@@ -438,9 +431,6 @@ def test_flexar_train_takes_the_latent_sizes_from_the_cache_and_refuses_another_
 def test_xar_trains_through_flexar_train_on_a_latent_cache_and_predicts_one(tmp_path, latents, vae_folder):
     """The real continuous family: its latent sizes (required arguments) come from the cache, the preview decodes
     its samples with the cache's VAE, and its predictions are a latent cache of that VAE."""
-    from flexar.generators import XAR
-    from flexar.sampling import FlowSampler
-
     generator = {"class_path": "flexar.generators.XAR",
                  "init_args": {"num_classes": 10, "cell_size": 4, "dim": 32, "depth": 1, "decoder_depth": 1,
                                "num_heads": 2}}
