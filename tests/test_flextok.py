@@ -399,7 +399,7 @@ def test_reconstruction_error_non_increasing_in_k(trained):
 
 
 def test_timestep_max_period_switch_changes_the_time_features():
-    from flexar.tokenizers.flextok import timestep_embedding
+    from flexar.nn import timestep_embedding
 
     sigma = torch.tensor([0.3])
     assert not torch.allclose(timestep_embedding(sigma, 16, 256.0), timestep_embedding(sigma, 16, 10000.0))

@@ -85,7 +85,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..hub import build_from_config, load_model, register
-from ..nn import Mask, Transformer
+from ..nn import Mask, Transformer, timestep_embedding
 from ..sampling.streams import ImageStreams, normal
 from ..quantizers import FSQ
 from .base import LENGTH_SAMPLING, Encoded, Tokenizer, check_criterion, sample_lengths
@@ -149,15 +149,6 @@ def euler_sample(velocity: Callable[[Tensor, Tensor], Tensor], noise: Tensor, nu
         sigma = sigmas[step].expand(noise.shape[0])
         x = x + (sigmas[step + 1] - sigmas[step]) * velocity(x, sigma)
     return x
-
-
-def timestep_embedding(sigma: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """(B,) noise levels in [0, 1] -> (B, dim) sinusoidal features of 1000 * sigma (DiT's timestep embedding)."""
-    half = dim // 2
-    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half)
-    angles = 1000.0 * sigma.float()[:, None] * frequencies[None]
-    embedding = torch.cat([angles.cos(), angles.sin()], dim=-1)
-    return F.pad(embedding, (0, dim % 2))
 
 
 @register
