@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from flexar.generators import MVAR, NAR, NPP, VAR, Generator, RasterAR, TokenShuffleAR
+from flexar.generators import MVAR, NAR, NPP, VAR, XAR, Generator, RasterAR, TokenShuffleAR
 from flexar.hub import build_from_config, presets
 from flexar.tokenizers.multiscale import VAR_SCALES
 
@@ -57,6 +57,7 @@ CPU_SIZES = {
     TokenShuffleAR: dict(vocab_size=32, max_tokens=16, grid=[4, 4]),
     VAR: {},
     MVAR: {},
+    XAR: dict(latent_channels=4, latent_size=8),
 }
 
 
@@ -97,6 +98,9 @@ def test_from_preset_refuses_unknown_names_and_arguments_by_name():
 # - VAR (Tian et al. 2024, Table 1 and the FoundationVision/VAR model zoo): d16 310M, d20 600M, d24 1.0B, d30 2.0B,
 #   the transformer alone (the frozen tokenizer pyramid a flexar VAR keeps in its weights is not counted).
 # - MVAR (Zhang et al. 2026) keeps VAR's network and adds no parameters: d16 310M, d20 600M, d24 1.0B.
+# - xAR (Ren et al. 2025, Table 5): xAR-B 172M, xAR-L 608M; xAR-H is printed as 1.1B, but the official layout
+#   (OliverRensu/xAR models/xar.py xar_huge: 20 + 20 blocks of width 1280, timm SwiGLU of hidden int(8/3 d), biases)
+#   counts 1,186M by hand (29.51M a block), so the paper truncates it; it is checked against that count.
 REPORTED = {
     (RasterAR, "raster-b"): "111M", (RasterAR, "raster-l"): "343M", (RasterAR, "raster-xl"): "775M",
     (RasterAR, "raster-xxl"): "1.4B", (RasterAR, "raster-3b"): "3.1B",
@@ -104,6 +108,7 @@ REPORTED = {
     (NPP, "npp-b"): "111M", (NPP, "npp-l"): "343M", (NPP, "npp-xl"): "775M", (NPP, "npp-xxl"): "1.4B",
     (VAR, "var-d16"): "310M", (VAR, "var-d20"): "600M", (VAR, "var-d24"): "1.0B", (VAR, "var-d30"): "2.0B",
     (MVAR, "mvar-d16"): "310M", (MVAR, "mvar-d20"): "600M", (MVAR, "mvar-d24"): "1.0B",
+    (XAR, "xar-b"): "172M", (XAR, "xar-l"): "608M", (XAR, "xar-h"): "1186M",
 }
 
 

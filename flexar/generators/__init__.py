@@ -11,6 +11,7 @@ from .token_shuffle import TokenShuffleAR
 from .eagle import EagleDraftHead
 from .var import VAR
 from .mvar import MVAR
+from .xar import XAR
 
 __all__ = ["GenerationOutput", "Generator", "StepDecoding", "RasterAR", "NAR", "NPP", "TokenShuffleAR",
-           "EagleDraftHead", "VAR", "MVAR"]
+           "EagleDraftHead", "VAR", "MVAR", "XAR"]

@@ -76,6 +76,10 @@ class Generator(Configurable, PretrainedMixin, nn.Module):
     the loop over them): speculative decoding, LANTERN, ScalingAR and best-of-N drive such families only."""
     tokens_per_step: int = 1
     """Tokens one ``step`` position emits (Token-Shuffle: a window of s^2); the strategies drive 1."""
+    continuous: ClassVar[bool] = False
+    """A flow generator over continuous latents (xAR): ``training_loss`` takes latents (B, C, h, w) from a latent
+    cache, ``generate`` takes a :class:`flexar.sampling.FlowSampler` and returns ``GenerationOutput.latents`` for the
+    tokenizer's ``decode_latents``; it has no vocabulary (``vocab_size`` None) and no logits."""
     eos_token: bool = False
     """The network's logits carry one entry more, the end-of-sequence token (id ``vocab_size``): trained on
     adaptive-length tokens, the model chooses each row's length and every decoding loop stops the row there."""

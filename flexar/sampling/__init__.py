@@ -17,6 +17,7 @@ from flexar.sampling.strategy import DecodingStrategy
 from flexar.sampling.speculative import SpeculativeDecoder, accept_drafts
 from flexar.sampling.lantern import LanternDecoder, neighbour_table, relaxed_target
 from flexar.sampling.scalingar import BestOfN, ScalingAR
+from flexar.sampling.flow import FlowSampler
 
 __all__ = [
     "CFG_SCHEDULES",
@@ -32,6 +33,6 @@ __all__ = [
     "top_p",
 ]
 __all__ += [
-    "BestOfN", "DecodingStrategy", "EntropySampler", "LanternDecoder", "ScalingAR", "SpeculativeDecoder",
+    "BestOfN", "DecodingStrategy", "EntropySampler", "FlowSampler", "LanternDecoder", "ScalingAR", "SpeculativeDecoder",
     "accept_drafts", "entropy", "entropy_temperature", "entropy_top_k", "neighbour_table", "relaxed_target",
 ]

@@ -44,15 +44,25 @@ class GenerationOutput:
     ids over the batch, ``lengths.sum()``: B * L at a fixed length), ``seconds`` (wall time, CUDA synchronised),
     ``batch_size``; the token-by-token loop adds ``row_passes``, the label rows summed over its network calls, so a
     row that has ended counts no more.
+
+    latents: the output of a flow generator over continuous tokens (``Generator.continuous``, xAR): (B, C, h, w)
+    normalised latents for the tokenizer's ``decode_latents``; ``ids`` is then None and ``lengths`` is h * w, the
+    latent positions of every row.
     """
 
-    ids: Tensor
+    ids: Tensor | None
     stats: dict = field(default_factory=dict)
     lengths: Tensor | None = None
+    latents: Tensor | None = None
 
     def __post_init__(self) -> None:
+        if self.ids is None and self.latents is None:
+            raise ValueError("GenerationOutput needs ids (a token generator) or latents (a flow generator)")
         if self.lengths is None:
-            self.lengths = torch.full((self.ids.shape[0],), self.ids.shape[1], dtype=torch.long, device=self.ids.device)
+            rows, count = (self.ids.shape[:2] if self.ids is not None
+                           else (self.latents.shape[0], self.latents[0, 0].numel()))
+            device = (self.ids if self.ids is not None else self.latents).device
+            self.lengths = torch.full((rows,), count, dtype=torch.long, device=device)
 
 
 class DecodingStrategy:
