@@ -13,6 +13,14 @@ that it fits the generator and puts it on the pipeline's device as ``pipe.draft`
     pipe = Pipeline.from_pretrained("runs/demo/pipeline", draft="runs/demo/draft")
     images = pipe.generate([0, 1, 2], sampler=SpeculativeDecoder(pipe.draft, Sampler(cfg_scale=2.0)), seed=0)
 
+Continuous tokens: a flow generator (``XAR``, ``generator.continuous``) pairs with the VAE whose latent cache it was
+trained on (``folder/tokenizer`` holds a :class:`flexar.tokenizers.VAE`); it samples with a
+:class:`flexar.sampling.FlowSampler` (steps, CFG, SDE or ODE), any token sampler is refused by name, and its latents
+are decoded with ``decode_latents``::
+
+    pipe = Pipeline.from_pretrained("runs/xar/pipeline")
+    images = pipe.generate([0, 1, 2], sampler=FlowSampler(steps=40, cfg_scale=2.0), seed=0)
+
 Provenance: a generator trained on a token cache records the fingerprint of the tokenizer that wrote the cache
 (``generator.provenance["tokenizer_fingerprint"]``, see :func:`flexar.hub.fingerprint`). A pipeline refuses a
 tokenizer with another fingerprint, even one with the same vocabulary and length, whose ids mean different images:
@@ -132,8 +140,15 @@ class Pipeline:
         return draft.to(self.device).eval()
 
     def check_compatible(self) -> None:
-        """Refuse a generator that was trained on another tokenizer's vocabulary or token layout."""
+        """Refuse a generator that was trained on another tokenizer's vocabulary or token layout (a flow generator:
+        on another latent shape, or paired with a tokenizer of ids)."""
         tokenizer, generator = self.tokenizer, self.generator
+        if getattr(generator, "continuous", False):
+            self.check_continuous()
+            return
+        if not hasattr(tokenizer, "codebook_size"):
+            raise ValueError(f"{type(generator).__name__} generates token ids, but {type(tokenizer).__name__} has no "
+                             "codebook (a continuous tokenizer): pair it with the tokenizer whose ids it was trained on")
         problems = []
         if generator.vocab_size != tokenizer.codebook_size:
             problems.append(f"generator vocab_size {generator.vocab_size} != tokenizer codebook_size {tokenizer.codebook_size}")
@@ -145,6 +160,24 @@ class Pipeline:
             problems.append(f"generator grid {generator_grid} != tokenizer grid {tokenizer_grid}")
         if problems:
             raise ValueError("tokenizer and generator do not match: " + "; ".join(problems))
+
+    def check_continuous(self) -> None:
+        """A flow generator (xAR) needs a continuous tokenizer (``decode_latents``) of its latent shape."""
+        tokenizer, generator = self.tokenizer, self.generator
+        if not callable(getattr(tokenizer, "decode_latents", None)):
+            raise ValueError(f"{type(generator).__name__} generates continuous latents, but {type(tokenizer).__name__} "
+                             "has no decode_latents: pair it with the VAE (flexar.tokenizers.VAE) whose latents it "
+                             "was trained on")
+        problems = [f"generator {field} {getattr(generator, field)} != tokenizer {field} {getattr(tokenizer, field, None)}"
+                    for field in ("latent_channels", "latent_size")
+                    if getattr(generator, field) != getattr(tokenizer, field, None)]
+        if problems:
+            raise ValueError("tokenizer and generator do not match: " + "; ".join(problems))
+
+    @property
+    def continuous(self) -> bool:
+        """Whether the generator is a flow over continuous latents (then samplers are FlowSamplers)."""
+        return bool(getattr(self.generator, "continuous", False))
 
     def check_provenance(self) -> None:
         """Refuse a tokenizer other than the one whose tokens the generator was trained on (by fingerprint)."""
@@ -212,9 +245,12 @@ class Pipeline:
         from .generators import Generator
         from .tokenizers import Tokenizer
 
+        from .tokenizers import VAE
+
         folders = cls.read_layout(folder)
-        tokenizer = load_model(folders["tokenizer"], kind=Tokenizer).to(device)
         generator = load_model(folders["generator"], kind=Generator).to(device)
+        # a flow generator decodes through a continuous tokenizer, every other one through a tokenizer of ids
+        tokenizer = load_model(folders["tokenizer"], kind=VAE if generator.continuous else Tokenizer).to(device)
         return cls(tokenizer, generator, check_provenance=check_provenance, draft=draft)
 
     def to(self, device) -> "Pipeline":
@@ -233,6 +269,18 @@ class Pipeline:
         return self.generator.num_classes
 
     # -- generation ----------------------------------------------------------------------------------------------------
+    @staticmethod
+    def to_output(decoded: torch.Tensor, output_type: str) -> torch.Tensor:
+        """Decoded images (B, C, H, W) in [-1, 1] -> (B, 3, H, W) on the CPU: float in [0, 1] for ``"pt"`` and
+        ``"np"``, else uint8 (grayscale repeated to three channels)."""
+        from .utils import to_uint8
+
+        if decoded.shape[1] == 1:
+            decoded = decoded.repeat(1, 3, 1, 1)
+        if output_type in ("pt", "np"):
+            return ((decoded.detach().float().clamp(-1, 1) + 1) / 2).cpu()
+        return to_uint8(decoded).cpu()
+
     @torch.no_grad()
     def generate(
         self,
@@ -272,19 +320,25 @@ class Pipeline:
         advance a batch by its shortest accepted run, so their images still depend on the batch composition.
         """
         from .sampling import Sampler
-        from .utils import to_uint8
 
         if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
             allowed = "; ".join(f"{json.dumps(name)}: {meaning}" for name, meaning in OUTPUT_TYPES.items())
             raise ValueError(f"output_type must be one of {allowed}; got {output_type!r}")
         labels = self.generator.check_labels(as_labels(labels).to(self.device))
-        if num_tokens is not None:
+        if self.continuous:
+            from .sampling.flow import check_flow_sampler
+
+            sampler = check_flow_sampler(sampler, f"this pipeline's {type(self.generator).__name__}")
+            if num_tokens is not None:
+                raise ValueError(f"num_tokens must be None for {type(self.generator).__name__}: a flow generator "
+                                 f"generates whole latents, got {num_tokens!r}")
+        elif num_tokens is not None:
             num_tokens = self.tokenizer.check_num_tokens(as_int(num_tokens, "num_tokens"))
         seed = as_int(seed, "seed")
         batch_size = as_int(batch_size, "batch_size")
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size}")
-        sampler = sampler if sampler is not None else Sampler()
+        sampler = sampler if sampler is not None else Sampler()  # a flow generator's FlowSampler is checked above
         if hasattr(sampler, "prepare"):  # decoding strategies read what they need (token geometry, a draft model)
             sampler.prepare(self)
         chunks = labels.split(batch_size)
@@ -305,20 +359,20 @@ class Pipeline:
                     stats[key] = stats.get(key, 0) + out.stats[key]
             start = time.perf_counter()
             lengths.append(out.lengths.cpu())
+            if out.latents is not None:  # a flow generator: continuous latents for the VAE's decoder
+                decoded = self.tokenizer.decode_latents(out.latents)
+                stats["decode_seconds"] += time.perf_counter() - start
+                images.append(self.to_output(decoded, output_type))
+                continue
             # lengths the generator chose (an end-of-sequence token) reach the tokenizer; full rows decode as before
             chosen = {} if bool((out.lengths == out.ids.shape[1]).all()) else {"lengths": out.lengths}
-            if self.tokenizer.decode_draws:  # a second stream per image, apart from the one the generator drew from
+            if getattr(self.tokenizer, "decode_draws", False):  # a second stream per image, apart from the generator's
                 decoded = self.tokenizer.decode(out.ids, generator=ImageStreams(seed, indices, self.device).split(1),
                                                 **chosen)
             else:
                 decoded = self.tokenizer.decode(out.ids, **chosen)
             stats["decode_seconds"] += time.perf_counter() - start
-            if decoded.shape[1] == 1:
-                decoded = decoded.repeat(1, 3, 1, 1)
-            if output_type in ("pt", "np"):
-                images.append(((decoded.detach().float().clamp(-1, 1) + 1) / 2).cpu())
-            else:
-                images.append(to_uint8(decoded).cpu())
+            images.append(self.to_output(decoded, output_type))
         images = torch.cat(images)
         stats["lengths"] = torch.cat(lengths).tolist()
         if output_type == "np":

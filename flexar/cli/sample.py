@@ -13,7 +13,10 @@ arguments of flexar's samplers and decoding strategies (flexar/sampling/argument
     flexar-sample --pipeline runs/demo/pipeline --entropy-temperature --decoding scalingar --num-trajectories 4
     flexar-sample --pipeline runs/demo/pipeline --decoding lantern --draft runs/eagle_digits/head --delta 0.2
 
-A draft (``--draft FOLDER``) is loaded with flexar.hub.load_model onto ``--device``.
+A draft (``--draft FOLDER``) is loaded with flexar.hub.load_model onto ``--device``. A pipeline of a flow generator
+(xAR) samples with ``--flow-steps``, ``--flow-noise`` and ``--cfg-scale``:
+
+    flexar-sample --pipeline runs/xar_digits/pipeline --flow-steps 20 --cfg-scale 2
 """
 from __future__ import annotations
 
@@ -40,7 +43,32 @@ def build_parser() -> ScriptParser:
                         help="PNG grid (default: runs/samples/PARENT-NAME.png for the pipeline folder PARENT/NAME)")
     parser.add_argument("--individual", type=Path, default=None, help="also write one PNG per image into this folder")
     parser.sampling = add_sampling_arguments(parser)
+    flow = parser.add_argument_group("flow sampler", "for a pipeline of a flow generator over continuous latents (xAR); "
+                                     "--cfg-scale sets its guidance, the token sampler's other flags do not apply")
+    flow.add_argument("--flow-steps", type=int, default=40, help="integrator steps (network calls) per entity")
+    flow.add_argument("--flow-noise", type=bool, default=True,
+                      help="Euler-Maruyama on the reverse SDE (true) or Euler on the ODE (false)")
     return parser
+
+
+def flow_sampler(args, token_sampler):
+    """The :class:`flexar.sampling.FlowSampler` of a flow pipeline, from ``--flow-steps``, ``--flow-noise`` and
+    ``--cfg-scale``; a token sampler's own settings (temperature, top-k / top-p, a decoding strategy) are refused."""
+    from flexar.sampling import FlowSampler, Sampler
+
+    if type(token_sampler) is not Sampler:
+        raise ValueError(f"a flow generator samples with a FlowSampler; {type(token_sampler).__name__} (--decoding, "
+                         "--entropy-temperature) applies to logits")
+    import inspect
+
+    settings = token_sampler.to_dict()
+    defaults = inspect.signature(Sampler).parameters
+    changed = [name for name in ("temperature", "top_k", "top_p") if settings[name] != defaults[name].default]
+    if changed:
+        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+        raise ValueError(f"{flags} act on logits, which a flow generator has none of: use --flow-steps, "
+                         "--flow-noise and --cfg-scale")
+    return FlowSampler(steps=args.flow_steps, cfg_scale=settings["cfg_scale"], noise=args.flow_noise)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output if args.output is not None else default_output("samples", args.pipeline, ".png")
 
     pipe = Pipeline.from_pretrained(args.pipeline, device=args.device)
+    if pipe.continuous:
+        try:
+            sampler = flow_sampler(args, sampler)
+        except ValueError as error:
+            parser.error(f"sampler: {error}")
     classes = args.labels if args.labels else list(range(pipe.num_classes))
     labels = torch.tensor(classes).repeat_interleave(args.per_label)
     images, stats = pipe.generate(labels, num_tokens=args.num_tokens, sampler=sampler, seed=args.seed,

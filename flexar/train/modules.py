@@ -58,7 +58,7 @@ from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from flexar.sampling import Sampler
+from flexar.sampling import FlowSampler, Sampler
 from flexar.tokenizers.base import check_criterion
 from flexar.tokenizers.losses import ReconstructionLoss
 from flexar.train.export import EMA_PREFIX, FLEXAR_KEY, describe_network, gathered_state_dict, network_weights, rebuild
@@ -512,11 +512,10 @@ class TokenizerModule(_ModelModule):
         self.log_metrics(prefix, logs, images.shape[0])
 
     def predict_step(self, batch, batch_idx, dataloader_idx=0) -> dict:
-        from flexar.data.token_cache import encode_rows
+        from flexar.data.token_cache import cache_rows
 
-        images, labels = batch[0], batch[1]
-        ids, lengths = encode_rows(self.averaged_network(), images, self.predict_num_tokens)
-        return {"ids": ids, "lengths": lengths, "labels": torch.as_tensor(labels).long()}
+        # ids and lengths from a tokenizer of ids, latents from a continuous one (a VAE: a latent cache)
+        return cache_rows(self.averaged_network(), batch[0], batch[1], self.predict_num_tokens)
 
     def token_cache_meta(self, tokenizer_folder: str | os.PathLike | None = None) -> dict:
         """The tokenizer's fields (:func:`flexar.data.token_cache.tokenizer_meta`); without `tokenizer_folder` the
@@ -565,7 +564,7 @@ class GeneratorModule(_ModelModule):
         max_grad_norm: float | None = 1.0,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
-        predict_sampler: Sampler | None = None,
+        predict_sampler: Sampler | FlowSampler | None = None,
         predict_seed: int = 0,
     ):
         super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio, ema_decay, export_dir, overwrite_export,
@@ -608,8 +607,6 @@ class GeneratorModule(_ModelModule):
         continuous = getattr(generator, "continuous", False)
         sampler = self.predict_sampler
         if sampler is None and continuous:
-            from flexar.sampling import FlowSampler
-
             sampler = FlowSampler()  # its own defaults, without guidance, as Sampler() for ids
         elif sampler is None:
             sampler = Sampler()
