@@ -6,7 +6,7 @@ import torch
 
 from flexar.data import build_dataset, write_token_cache
 from flexar.hub import load_model
-from flexar.tokenizers import TiTok, VQGAN2D, MultiScaleVQ
+from flexar.tokenizers import VAE, TiTok, VQGAN2D, MultiScaleVQ
 from flexar.train.cli import FlexarCLI, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +19,10 @@ PAIRS = [("raster", "titok_digits"), ("raster", "titok_mnist"), ("raster", "vq2d
 TOKENIZERS = {"titok": lambda: TiTok.from_preset("titok-tiny", image_size=16, channels=1, patch_size=4,
                                                   num_latent_tokens=8, codebook_size=48, code_dim=8),
               "vq2d": lambda: VQGAN2D.from_preset("vq2d-tiny", image_size=16, channels=1, codebook_size=40),
-              "multiscale": lambda: MultiScaleVQ.from_preset("msvq-tiny")}
+              "multiscale": lambda: MultiScaleVQ.from_preset("msvq-tiny"),
+              # a continuous tokenizer: its cache holds latents (16 px -> 8 x 8 x 2)
+              "vae": lambda: VAE(image_size=16, channels=1, latent_channels=2, block_out_channels=[8, 8],
+                                 layers_per_block=1, norm_num_groups=4, mid_block_attention=False)}
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +69,20 @@ def test_each_documented_pair_builds_its_generator_at_the_cache_sizes(caches, fa
     assert list(generator.grid or []) == list(meta["grid"] or [])
     batch = 128 if overlay.endswith("mnist") else 64
     assert cli.datamodule.batch_size == batch
+
+
+@pytest.mark.parametrize("overlay", ["vae_digits", "vae_mnist"])
+def test_the_flow_generator_config_takes_its_latent_sizes_from_the_latent_cache(caches, overlay):
+    cache = caches["vae"]
+    cli = parsed(["--config", str(CONFIGS / "generators" / "xar.yaml"),
+                  "--config", str(CONFIGS / "data" / "latents" / f"{overlay}.yaml"),
+                  "--data.init_args.train", str(cache / "tokens" / "train"),
+                  "--data.init_args.val", str(cache / "tokens" / "test")])
+    generator = cli.model.generator
+    assert type(generator).__name__ == "XAR" and generator.continuous
+    assert (generator.latent_channels, generator.latent_size, generator.entity) == (2, 8, "cell")
+    assert generator.num_entities == 4  # 4 x 4 cells on the 8 x 8 latents
+    assert cli.datamodule.batch_size == (128 if overlay.endswith("mnist") else 64)
 
 
 def test_a_size_that_disagrees_with_the_cache_is_refused_by_name(caches, capsys):
