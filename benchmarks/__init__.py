@@ -29,6 +29,7 @@ BENCHMARKS = {
     "entropy": "benchmarks.entropy",
     "mvar": "benchmarks.mvar",
     "adaptive": "benchmarks.adaptive",
+    "xar": "benchmarks.xar",
 }
 
 
@@ -99,6 +100,13 @@ ABOUT = {
         needs="MNIST under FLEXAR_DATA; trains 2 bases, KARL, ALIT, TiTok, a classifier and 2 generators (estimated "
               "~1 h on an idle 2-core CPU), kept for reuse with FLEXAR_ADAPTIVE_MODELS=FOLDER",
         environment="FLEXAR_DATA=DIR", files=("adaptive.png",)),
+    "xar": About(
+        "xAR on MNIST VAE latents, one model per entity (token, cell, subsample, scale, image) at one parameter count "
+        "and budget, and cell without noisy context: FID and forward passes, against raster AR on 2D VQ tokens",
+        full_seconds=None, quick_seconds=64,
+        needs="MNIST under FLEXAR_DATA; trains a VAE, a 2D VQ, a classifier, 7 xAR models and a raster AR, kept for "
+              "reuse with FLEXAR_XAR_MODELS=FOLDER",
+        environment="FLEXAR_DATA=DIR"),
 }
 
 

@@ -291,3 +291,17 @@ def test_mvar_quick():
     assert summary["train_saved_activation_ratio"] == pytest.approx(train["var"]["saved_mib"] / train["mvar"]["saved_mib"])
     for key in ("train_memory_ratio", "generate_memory_ratio", "generate_speedup"):
         assert positive(summary[key]), key
+
+
+def test_xar_quick():
+    record = quick_record("xar")
+    config, summary, rows = record["config"], record["summary"], record["rows"]
+    by = {row["model"]: row for row in rows}
+    assert set(by) == set(config["variants"]) | {"raster_vq2d"}
+    # one parameter count for every entity; network calls = entities x flow steps per image
+    assert len({row["parameters"] for row in rows if row["family"] == "xar"}) == 1
+    for row in rows:
+        expected = row["entities"] * config["flow_steps"] if row["family"] == "xar" else row["entities"]
+        assert row["forward_passes"] == expected, row["model"]
+        assert positive(row["fid"]) and positive(row["rfid"]), row["model"]
+    assert by["token"]["entities"] == 16 and by["image"]["entities"] == 1 and not by["cell4_clean_context"]["noisy_context"]
