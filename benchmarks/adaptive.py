@@ -40,9 +40,9 @@ Full: 32x32 images, bases of an 8x8 grid of 256 codes (the vq2d-digits preset), 
 16x16 ``photos`` and the embedded ``digits`` (no MNIST needed), the tiny presets, a few steps (a smoke test of the
 pipeline; its numbers mean nothing); its plot goes to a temporary folder.
 
-A full run is not recorded yet; estimated at ~1 h on an idle 2-core CPU from per-step timings (a base step of 64
-images ~1 s, KARL's and ALIT's steps of 32 ~1-2 s and ~2.5-6 s, the FID classifier's epoch ~2.5 min, ALIT's
-evaluation ~3 min), most of it training: 300 base, 400 KARL and TiTok, 100 ALIT and 1000 generator steps.
+Duration: training the models (300 base, 400 KARL and TiTok, 100 ALIT steps, the classifier) took ~55 min on one core
+beside another job; the recorded run (benchmarks/results/adaptive.json) loaded them from FLEXAR_ADAPTIVE_MODELS and
+took 815 s, the two 1000-step generators and every evaluation included.
 """
 from __future__ import annotations
 
