@@ -60,3 +60,33 @@ def add_sampling_arguments(parser: jsonargparse.ArgumentParser) -> SamplingFlags
     flags = SamplingFlags(defaults={"cfg_scale": CFG_SCALE})
     flags.add_to(parser)
     return flags
+
+
+def add_flow_arguments(parser: jsonargparse.ArgumentParser) -> None:
+    """The flags of :class:`flexar.sampling.FlowSampler` (``--flow-steps``, ``--flow-noise``), for pipelines of a flow
+    generator (xAR); :func:`flow_sampler` builds it."""
+    flow = parser.add_argument_group("flow sampler", "for a pipeline of a flow generator over continuous latents (xAR); "
+                                     "--cfg-scale sets its guidance, the token sampler's other flags do not apply")
+    flow.add_argument("--flow-steps", type=int, default=40, help="integrator steps (network calls) per entity")
+    flow.add_argument("--flow-noise", type=bool, default=True,
+                      help="Euler-Maruyama on the reverse SDE (true) or Euler on the ODE (false)")
+
+
+def flow_sampler(args, token_sampler):
+    """The :class:`flexar.sampling.FlowSampler` of a flow pipeline, from ``--flow-steps``, ``--flow-noise`` and
+    ``--cfg-scale``; a token sampler's own settings (temperature, top-k / top-p, a decoding strategy) are refused."""
+    import inspect
+
+    from flexar.sampling import FlowSampler, Sampler
+
+    if type(token_sampler) is not Sampler:
+        raise ValueError(f"a flow generator samples with a FlowSampler; {type(token_sampler).__name__} (--decoding, "
+                         "--entropy-temperature) applies to logits")
+    settings = token_sampler.to_dict()
+    defaults = inspect.signature(Sampler).parameters
+    changed = [name for name in ("temperature", "top_k", "top_p") if settings[name] != defaults[name].default]
+    if changed:
+        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+        raise ValueError(f"{flags} act on logits, which a flow generator has none of: use --flow-steps, "
+                         "--flow-noise and --cfg-scale")
+    return FlowSampler(steps=args.flow_steps, cfg_scale=settings["cfg_scale"], noise=args.flow_noise)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from flexar.cli.common import ScriptParser, add_sampling_arguments, default_output
+from flexar.cli.common import ScriptParser, add_flow_arguments, add_sampling_arguments, default_output, flow_sampler
 
 # the extractor used when none is named: a DigitClassifier saved inside the pipeline folder
 PIPELINE_CLASSIFIER = "classifier"
@@ -92,6 +92,7 @@ def build_parser() -> ScriptParser:
                         help="JSON path (default: runs/fid/PARENT-NAME.json for the pipeline folder PARENT/NAME)")
     parser.add_argument("--save-grid", type=Path, default=None, help="also save the first 64 samples as a PNG grid")
     parser.sampling = add_sampling_arguments(parser)
+    add_flow_arguments(parser)
     return parser
 
 
@@ -113,7 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         parser.error(f"--extractor {args.extractor}: {error}")
     pipe = Pipeline.from_pretrained(args.pipeline, device=args.device)
-    if args.num_tokens is not None and args.num_tokens > pipe.tokenizer.max_tokens:
+    if pipe.continuous:  # a flow generator (xAR): --flow-steps, --flow-noise and --cfg-scale
+        try:
+            sampler = flow_sampler(args, sampler)
+        except ValueError as error:
+            parser.error(f"sampler: {error}")
+        if args.num_tokens is not None:
+            parser.error(f"--num-tokens {args.num_tokens}: {type(pipe.generator).__name__} generates whole latents")
+    elif args.num_tokens is not None and args.num_tokens > pipe.tokenizer.max_tokens:
         limit = pipe.tokenizer.max_tokens
         parser.error(f"--num-tokens {args.num_tokens}: the pipeline's tokenizer holds at most {limit}")
     try:

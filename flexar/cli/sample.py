@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from flexar.cli.common import ScriptParser, add_sampling_arguments, default_output
+from flexar.cli.common import ScriptParser, add_flow_arguments, add_sampling_arguments, default_output, flow_sampler
 
 
 def build_parser() -> ScriptParser:
@@ -43,32 +43,8 @@ def build_parser() -> ScriptParser:
                         help="PNG grid (default: runs/samples/PARENT-NAME.png for the pipeline folder PARENT/NAME)")
     parser.add_argument("--individual", type=Path, default=None, help="also write one PNG per image into this folder")
     parser.sampling = add_sampling_arguments(parser)
-    flow = parser.add_argument_group("flow sampler", "for a pipeline of a flow generator over continuous latents (xAR); "
-                                     "--cfg-scale sets its guidance, the token sampler's other flags do not apply")
-    flow.add_argument("--flow-steps", type=int, default=40, help="integrator steps (network calls) per entity")
-    flow.add_argument("--flow-noise", type=bool, default=True,
-                      help="Euler-Maruyama on the reverse SDE (true) or Euler on the ODE (false)")
+    add_flow_arguments(parser)
     return parser
-
-
-def flow_sampler(args, token_sampler):
-    """The :class:`flexar.sampling.FlowSampler` of a flow pipeline, from ``--flow-steps``, ``--flow-noise`` and
-    ``--cfg-scale``; a token sampler's own settings (temperature, top-k / top-p, a decoding strategy) are refused."""
-    from flexar.sampling import FlowSampler, Sampler
-
-    if type(token_sampler) is not Sampler:
-        raise ValueError(f"a flow generator samples with a FlowSampler; {type(token_sampler).__name__} (--decoding, "
-                         "--entropy-temperature) applies to logits")
-    import inspect
-
-    settings = token_sampler.to_dict()
-    defaults = inspect.signature(Sampler).parameters
-    changed = [name for name in ("temperature", "top_k", "top_p") if settings[name] != defaults[name].default]
-    if changed:
-        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
-        raise ValueError(f"{flags} act on logits, which a flow generator has none of: use --flow-steps, "
-                         "--flow-noise and --cfg-scale")
-    return FlowSampler(steps=args.flow_steps, cfg_scale=settings["cfg_scale"], noise=args.flow_noise)
 
 
 def main(argv: list[str] | None = None) -> int:
