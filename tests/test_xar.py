@@ -423,3 +423,25 @@ def test_flexar_sample_draws_a_flow_pipeline_with_the_flow_flags(tmp_path, capsy
         warnings.simplefilter("ignore")
         main(["--pipeline", str(tmp_path / "pipeline"), "--top-k", "5", "--output", str(tmp_path / "other.png")])
     assert "--top-k act on logits" in capsys.readouterr().err
+
+
+def test_flexar_fid_scores_a_flow_pipeline_and_records_its_flow_sampler(tmp_path):
+    import json
+    import warnings
+
+    from flexar import Pipeline
+    from flexar.cli import fid as script
+    from flexar.eval.classifier import DigitClassifier
+
+    torch.manual_seed(0)
+    DigitClassifier(in_channels=1, num_classes=10, image_size=16, width=8, feature_dim=16).save_pretrained(tmp_path / "c")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Pipeline(tiny_vae(), scrambled(tiny_xar())).save_pretrained(tmp_path / "pipeline")
+        argv = ["--pipeline", str(tmp_path / "pipeline"), "--num-samples", "20", "--reference-limit", "30",
+                "--extractor", f"classifier:{tmp_path / 'c'}", "--flow-steps", "2", "--cfg-scale", "1.5",
+                "--output", str(tmp_path / "fid.json")]
+        assert script.main(argv) == 0
+    result = json.loads((tmp_path / "fid.json").read_text())
+    assert result["sampler"] == {"steps": 2, "cfg_scale": 1.5, "noise": True, "t_min": 0.04}
+    assert result["forward_passes"] == 4 * 2 and result["fid"] >= 0
