@@ -57,7 +57,7 @@ from pathlib import Path
 
 import torch
 
-from .common import REPO_ROOT, compare, progress
+from .common import REPO_ROOT, Models, compare, progress
 
 SIZES = {
     "full": dict(datasets={"photos": 3, "mnist": 1}, generation_dataset="mnist", image_size=32, train_images=20000,
@@ -178,34 +178,6 @@ def fit(model, images: torch.Tensor, steps: int, batch_size: int, lr: float, war
         optimizer.step()
         schedule.step()
     return model.eval(), float(loss.detach())
-
-
-class Models:
-    """Where trained models live: loaded from ``FLEXAR_ADAPTIVE_MODELS/NAME`` when there, else trained (and saved
-    there when the variable is set). ``trained_seconds`` records the training time of each model trained here."""
-
-    def __init__(self, folder: str | None, scratch: Path):
-        self.folder = Path(folder) if folder else None
-        self.scratch = scratch
-        self.trained_seconds: dict[str, float] = {}
-        self.loaded: list[str] = []
-
-    def path(self, name: str) -> Path:
-        return (self.folder or self.scratch / "models") / name
-
-    def get(self, name: str, train):
-        """The model NAME: loaded when saved, else ``train()`` (returning it in eval mode), saved and returned."""
-        from flexar.hub import load_model
-
-        path = self.path(name)
-        if self.folder is not None and (path / "config.json").is_file():
-            self.loaded.append(name)
-            return load_model(path)
-        started = time.perf_counter()
-        model = train()
-        self.trained_seconds[name] = time.perf_counter() - started
-        model.save_pretrained(path)
-        return model
 
 
 def train_classifier(size: dict, device: str, models: Models, quick: bool) -> Path:

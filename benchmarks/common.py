@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import json
 import math
 import os
 import platform
@@ -265,3 +266,46 @@ def machine_info(device: str | torch.device) -> dict:
     if device.type == "cuda":
         info["cuda"] = torch.version.cuda
     return info
+
+
+TRAINING_RECORD = "training.json"  # beside a benchmark's saved model: how long it trained
+
+
+class Models:
+    """Where a benchmark's trained models live: loaded from ``folder/NAME`` when there (the folder a benchmark's
+    ``FLEXAR_*_MODELS`` variable names), else trained and saved there (in the scratch folder when none is named), so
+    that a second run, or a run after an interrupted one, only evaluates. ``trained_seconds`` records the training
+    time of each model trained here; ``loaded`` names the ones read from the folder."""
+
+    def __init__(self, folder: str | None, scratch: Path):
+        self.folder = Path(folder) if folder else None
+        self.scratch = scratch
+        self.trained_seconds: dict[str, float] = {}
+        self.loaded: list[str] = []
+
+    def path(self, name: str) -> Path:
+        return (self.folder or self.scratch / "models") / name
+
+    def get(self, name: str, train):
+        """The model NAME: loaded when saved, else ``train()`` (returning it in eval mode), saved and returned. The
+        training time is kept beside the weights (``training.json``), so a later run that loads the model reports it
+        (:meth:`seconds`)."""
+        from flexar.hub import load_model
+
+        path = self.path(name)
+        if self.folder is not None and (path / "config.json").is_file():
+            self.loaded.append(name)
+            return load_model(path)
+        started = time.perf_counter()
+        model = train()
+        self.trained_seconds[name] = time.perf_counter() - started
+        model.save_pretrained(path)
+        (path / TRAINING_RECORD).write_text(json.dumps({"seconds": self.trained_seconds[name]}))
+        return model
+
+    def seconds(self, name: str) -> float | None:
+        """The training seconds of model NAME: measured here, or recorded beside a loaded one (None if neither)."""
+        if name in self.trained_seconds:
+            return self.trained_seconds[name]
+        record = self.path(name) / TRAINING_RECORD
+        return json.loads(record.read_text()).get("seconds") if record.is_file() else None

@@ -29,6 +29,12 @@ changed. The plot ``tokens_vs_quality.png``, written beside the JSON record (``r
 The tokenizers train one after the other from the same global random stream, so a change to one tokenizer's recipe
 changes the batches and draws of the ones trained after it.
 
+Trained models: with ``FLEXAR_TVQ_MODELS=FOLDER`` the classifier, each tokenizer and the generator are loaded from
+``FOLDER/NAME`` when present, else trained and saved there (with their training seconds, reported by later runs),
+so that an interrupted run resumes at the first model it had not finished and a second run only evaluates; the
+record lists the loaded ones (``models_loaded``). Without it everything trains in a temporary folder. A tokenizer
+trained after loaded ones starts from another point of the random stream than in a run that trained them all.
+
 Generation on flexible tokens: the flexible tokenizer with the lowest mean rFID over k encodes the training split at
 k = N, a class-conditional :class:`flexar.generators.RasterAR` trains on those tokens, and at every k it samples
 ``gfid_samples`` images by stopping after k tokens (coarse to fine), decoded from their k tokens and scored against
@@ -48,6 +54,7 @@ import contextlib
 import inspect
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -55,7 +62,7 @@ from pathlib import Path
 
 import torch
 
-from .common import REPO_ROOT, lightning_progress, progress
+from .common import REPO_ROOT, Models, lightning_progress, progress
 
 SIZES = {
     "full": dict(dataset="mnist", image_size=32, patch_size=4, num_tokens=32, width=64, depth=4, num_heads=4,
@@ -76,6 +83,7 @@ GFID_SAMPLER = dict(temperature=1.0, cfg_scale=2.0)
 TITOK_FILLS = ("pad", "cut", "mean")
 FAIR_FILLS = ("cut", "mean")
 PLOT_NAME = "tokens_vs_quality.png"
+MODELS_VARIABLE = "FLEXAR_TVQ_MODELS"
 
 
 def token_counts(maximum: int) -> list[int]:
@@ -133,10 +141,17 @@ def train_tokenizer(tokenizer, size: dict, device: str, folder: Path, lr: float,
     return module.averaged_network().eval(), time.perf_counter() - started
 
 
-def train_classifier(size: dict, device: str, folder: Path) -> Path:
+def train_classifier(size: dict, device: str, models: Models) -> Path:
+    """The FID feature extractor: configs/eval/classifier.yaml through flexar-train fit, exported to (or, when saved
+    there, read from) ``models.path("classifier")``."""
     from flexar.train.cli import run
 
-    export = folder / "classifier"
+    export = models.path("classifier")
+    if models.folder is not None and (export / "config.json").is_file():
+        models.loaded.append("classifier")
+        return export
+    folder = models.scratch / "classifier_run"
+    started = time.perf_counter()
     run([
         "fit", "--config", str(REPO_ROOT / "configs" / "eval" / "classifier.yaml"),
         "--trainer.default_root_dir", str(folder), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
@@ -146,6 +161,8 @@ def train_classifier(size: dict, device: str, folder: Path) -> Path:
         "--model.init_args.image_size", str(size["image_size"]), "--model.init_args.export_dir", str(export),
         "--data.init_args.dataset", size["dataset"], "--data.init_args.image_size", str(size["image_size"]),
     ] + (["--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "1"] if size is SIZES["quick"] else []))  # fmt: skip
+    models.trained_seconds["classifier"] = time.perf_counter() - started
+    (export / "training.json").write_text(json.dumps({"seconds": models.trained_seconds["classifier"]}))
     return export
 
 
@@ -265,7 +282,8 @@ def run(quick: bool, device: str, output_dir: Path | None = None) -> dict:
     counts = token_counts(size["num_tokens"])
     with tempfile.TemporaryDirectory() as scratch, contextlib.redirect_stdout(sys.stderr):
         scratch = Path(scratch)
-        classifier = train_classifier(size, device, scratch / "classifier")
+        models = Models(os.environ.get(MODELS_VARIABLE), scratch)
+        classifier = train_classifier(size, device, models)
         test = build_dataset(size["dataset"], "test", image_size=size["image_size"], channels=1)
         count = min(size["eval_images"], len(test))
         originals = torch.stack([test[i][0] for i in range(count)])
@@ -275,10 +293,14 @@ def run(quick: bool, device: str, output_dir: Path | None = None) -> dict:
         train_images, train_labels = (torch.cat(parts) for parts in zip(*torch.utils.data.DataLoader(train, batch_size=1000)))
         tokenizers, skipped = build_tokenizers(size)
         rows, train_seconds = [], {}
-        for name, tokenizer in tokenizers.items():
+        for name, untrained in tokenizers.items():
             lr = size["flextok_lr"] if name == "flextok" else size["lr"]
-            tokenizer, train_seconds[name] = train_tokenizer(tokenizer, size, device, scratch / name, lr,
-                                                             f"tokens_vs_quality: train {name}")
+
+            def train(untrained=untrained, name=name, lr=lr):
+                return train_tokenizer(untrained, size, device, scratch / name, lr, f"tokens_vs_quality: train {name}")[0]
+
+            tokenizer = models.get(name, train).to(device).eval()
+            train_seconds[name] = models.seconds(name)
             tokenizers[name] = tokenizer
             fills = [None]
             if name == "titok":
@@ -306,7 +328,14 @@ def run(quick: bool, device: str, output_dir: Path | None = None) -> dict:
         flexible = [name for name in tokenizers if name != "titok"]
         chosen = min(flexible, key=lambda name: sum(r["rfid"] for r in rows if r["tokenizer"] == name))
         train_images, train_labels = train_images[: size["generator_train_images"]], train_labels[: size["generator_train_images"]]
-        generator, generator_seconds, generator_loss = train_generator(tokenizers[chosen], train_images, train_labels.long(), size, device)
+        losses = {}
+
+        def fit_generator():
+            model, _, losses["final"] = train_generator(tokenizers[chosen], train_images, train_labels.long(), size, device)
+            return model
+
+        generator = models.get(f"raster_{chosen}", fit_generator).to(device).eval()
+        generator_seconds, generator_loss = models.seconds(f"raster_{chosen}"), losses.get("final")
         generation = []
         for k in progress(counts, "tokens_vs_quality: gFID"):
             samples = sample_at(generator, tokenizers[chosen], k, size["gfid_samples"], device)
@@ -358,6 +387,6 @@ def run(quick: bool, device: str, output_dir: Path | None = None) -> dict:
     config = dict(size, num_tokens_evaluated=counts, tokenizers=list(tokenizers), skipped=skipped, eval_images=count,
                   titok_fills=list(TITOK_FILLS), titok_fair_fills=list(FAIR_FILLS),
                   rfid_extractor="classifier trained with configs/eval/classifier.yaml on the same dataset",
-                  plot=str(plot_path) if plot_path else None)  # fmt: skip
+                  plot=str(plot_path) if plot_path else None, models_loaded=models.loaded)  # fmt: skip
     config["gfid_sampler"] = GFID_SAMPLER
     return {"config": config, "summary": summary, "rows": rows + [dict(r, tokenizer=f"raster AR on {r['tokenizer']}") for r in generation]}

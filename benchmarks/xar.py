@@ -46,8 +46,8 @@ import time
 
 import torch
 
-from .adaptive import Models, fit, load_split, train_classifier
-from .common import progress
+from .adaptive import fit, load_split, train_classifier
+from .common import Models, progress
 
 SIZES = {
     "full": dict(generation_dataset="mnist", image_size=32, train_images=20000, classifier_epochs=1,
@@ -180,7 +180,7 @@ def run(quick: bool, device: str) -> dict:
                          "noisy_context": model.noisy_context, "parameters": parameter_count(model),
                          "forward_passes": passes, "fid": fid(images), "rfid": rfid["vae"],
                          "sample_seconds": time.perf_counter() - began,
-                         "train_seconds": models.trained_seconds.get(f"xar_{name}_{tag}")})
+                         "train_seconds": models.seconds(f"xar_{name}_{tag}")})
         xar_parameters = rows[0]["parameters"]
         width = raster_width(xar_parameters, vq.codebook_size, vq.max_tokens, vq.grid, size["depth"] + size["decoder_depth"],
                              size["num_heads"])
@@ -197,7 +197,7 @@ def run(quick: bool, device: str) -> dict:
         rows.append({"model": "raster_vq2d", "family": "raster", "entity": "token", "entities": vq.max_tokens,
                      "noisy_context": None, "parameters": parameter_count(raster), "forward_passes": passes,
                      "fid": fid(images), "rfid": rfid["vq2d"], "sample_seconds": time.perf_counter() - began,
-                     "train_seconds": models.trained_seconds.get(f"raster_vq2d_{tag}_{width}")})
+                     "train_seconds": models.seconds(f"raster_vq2d_{tag}_{width}")})
 
     by = {row["model"]: row for row in rows}
     small, large = size["cells"]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "benchmark.py"
@@ -305,3 +306,28 @@ def test_xar_quick():
         assert row["forward_passes"] == expected, row["model"]
         assert positive(row["fid"]) and positive(row["rfid"]), row["model"]
     assert by["token"]["entities"] == 16 and by["image"]["entities"] == 1 and not by["cell4_clean_context"]["noisy_context"]
+
+
+def test_a_benchmarks_models_folder_trains_once_and_reloads_the_same_model(tmp_path):
+    from benchmarks.common import Models
+    from flexar.generators import RasterAR
+
+    calls = []
+
+    def train():
+        calls.append(1)
+        torch.manual_seed(0)
+        return RasterAR(vocab_size=8, max_tokens=4, num_classes=2, dim=16, depth=1, num_heads=2).eval()
+
+    first = Models(str(tmp_path / "models"), tmp_path / "scratch")
+    model = first.get("raster", train)
+    assert calls == [1] and first.loaded == [] and first.seconds("raster") > 0
+    again = Models(str(tmp_path / "models"), tmp_path / "scratch")
+    loaded = again.get("raster", train)
+    assert calls == [1] and again.loaded == ["raster"]  # read back, not retrained
+    assert again.seconds("raster") == pytest.approx(first.seconds("raster"))  # its training time travels with it
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    # without a folder every model trains, in the scratch folder
+    scratch = Models(None, tmp_path / "scratch2")
+    scratch.get("raster", train)
+    assert calls == [1, 1] and (tmp_path / "scratch2" / "models" / "raster" / "config.json").is_file()
