@@ -43,6 +43,7 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -96,43 +97,29 @@ def raster_width(target: int, vocab_size: int, max_tokens: int, grid, depth: int
 
 
 @torch.no_grad()
-def sample_xar(model, vae, count: int, size: dict, device: str) -> tuple[torch.Tensor, int]:
-    """`count` class-balanced images in [-1, 1] and the network calls per image."""
-    from flexar.sampling import FlowSampler
-
-    sampler = FlowSampler(steps=size["flow_steps"], cfg_scale=size["cfg_scale"])
+def sample(model, sampler, decode, count: int, device: str) -> tuple[torch.Tensor, int]:
+    """`count` class-balanced images in [-1, 1], decoded from each output by `decode`, and the network calls per
+    image (those of one batch: every call serves the whole batch)."""
     stream = torch.Generator(device).manual_seed(0)
     images, passes = [], 0
     for chunk in (torch.arange(count) % 10).split(250):
         output = model.generate(chunk.to(device), sampler, stream)
         passes = output.stats["forward_passes"]
-        images.append(vae.decode_latents(output.latents).clamp(-1, 1).float().cpu())
-    return torch.cat(images), passes
-
-
-@torch.no_grad()
-def sample_raster(model, tokenizer, count: int, size: dict, device: str) -> tuple[torch.Tensor, int]:
-    from flexar.sampling import Sampler
-
-    sampler = Sampler(temperature=1.0, cfg_scale=size["cfg_scale"])
-    stream = torch.Generator(device).manual_seed(0)
-    images, passes = [], 0
-    for chunk in (torch.arange(count) % 10).split(250):
-        output = model.generate(chunk.to(device), sampler, stream)
-        passes = output.stats["forward_passes"]
-        images.append(tokenizer.decode(output.ids).clamp(-1, 1).float().cpu())
+        images.append(decode(output).clamp(-1, 1).float().cpu())
     return torch.cat(images), passes
 
 
 def run(quick: bool, device: str) -> dict:
     from flexar.eval import compute_metrics
     from flexar.generators import XAR, RasterAR
+    from flexar.sampling import FlowSampler, Sampler
     from flexar.tokenizers import VAE, VQGAN2D
 
     size = SIZES["quick" if quick else "full"]
+    flow_sampler = FlowSampler(steps=size["flow_steps"], cfg_scale=size["cfg_scale"])
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch, contextlib.redirect_stdout(sys.stderr):
-        models = Models(os.environ.get("FLEXAR_XAR_MODELS"), __import__("pathlib").Path(scratch))
+        models = Models(os.environ.get("FLEXAR_XAR_MODELS"), Path(scratch))
         dataset, tag = size["generation_dataset"], f"{size['generation_dataset']}{size['image_size']}"
         classifier = train_classifier(size, device, models, quick)
         extractor = f"classifier:{classifier}"
@@ -175,7 +162,8 @@ def run(quick: bool, device: str) -> dict:
 
             model = models.get(f"xar_{name}_{tag}", train_xar).to(device).eval()
             began = time.perf_counter()
-            images, passes = sample_xar(model, vae, size["gfid_samples"], size, device)
+            images, passes = sample(model, flow_sampler, lambda out: vae.decode_latents(out.latents), size["gfid_samples"],
+                                    device)
             rows.append({"model": name, "family": "xar", "entity": model.entity, "entities": model.num_entities,
                          "noisy_context": model.noisy_context, "parameters": parameter_count(model),
                          "forward_passes": passes, "fid": fid(images), "rfid": rfid["vae"],
@@ -193,7 +181,8 @@ def run(quick: bool, device: str) -> dict:
 
         raster = models.get(f"raster_vq2d_{tag}_{width}", train_raster).to(device).eval()
         began = time.perf_counter()
-        images, passes = sample_raster(raster, vq, size["gfid_samples"], size, device)
+        images, passes = sample(raster, Sampler(temperature=1.0, cfg_scale=size["cfg_scale"]), lambda out: vq.decode(out.ids),
+                                size["gfid_samples"], device)
         rows.append({"model": "raster_vq2d", "family": "raster", "entity": "token", "entities": vq.max_tokens,
                      "noisy_context": None, "parameters": parameter_count(raster), "forward_passes": passes,
                      "fid": fid(images), "rfid": rfid["vq2d"], "sample_seconds": time.perf_counter() - began,

@@ -275,3 +275,18 @@ class GeneratorContract:
             optimizer.step()
             losses.append(loss.item())
         assert losses[-1] < 0.4 * losses[0], losses
+
+
+class FailingImages(torch.utils.data.Dataset):
+    """The items of `images` until item `fail_at`, which raises (a run dying in the middle of writing a cache)."""
+
+    def __init__(self, images, fail_at):
+        self.images, self.fail_at = images, fail_at
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        if index == self.fail_at:
+            raise KeyboardInterrupt("interrupted while encoding")
+        return self.images[index]

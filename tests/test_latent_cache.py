@@ -15,7 +15,8 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from common import FailingImages
+from torch.utils.data import Subset
 
 from flexar.data import TokenCacheWriter, TokenDataModule, TokenDataset, build_dataset, read_meta, write_token_cache
 from flexar.data.token_cache import LATENTS, ShardWriter
@@ -97,21 +98,6 @@ def test_a_latent_cache_holds_encode_latents_of_the_images_in_order(tmp_path, im
     with pytest.raises(KeyError, match=r"is a latent cache: its columns are \['latents', 'labels'\], not 'ids'"):
         cached.ids
     assert not list(tmp_path.glob(".*")), "no staging folder is left behind"
-
-
-class FailingImages(Dataset):
-    """The images of `images` until item `fail_at`, which raises (a run dying in the middle of writing)."""
-
-    def __init__(self, images, fail_at):
-        self.images, self.fail_at = images, fail_at
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        if index == self.fail_at:
-            raise KeyboardInterrupt("interrupted while encoding")
-        return self.images[index]
 
 
 def test_an_interrupted_rewrite_leaves_the_old_latent_cache_intact(tmp_path, images):

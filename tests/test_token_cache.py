@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from common import FailingImages
 from probes import write_index_cache
 from safetensors.torch import save_file
 from torch.utils.data import Dataset, DistributedSampler, Subset
@@ -158,21 +159,6 @@ def test_meta_records_counts_and_the_tokenizer_fingerprint(tmp_path, images):
     expected = tokenizer.encode(torch.stack([images[i][0] for i in range(40)])).ids
     assert torch.equal(cached.ids, expected)
     assert not list(tmp_path.glob(".*")), "no staging folder is left behind"
-
-
-class FailingImages(Dataset):
-    """The images of `images` until item `fail_at`, which raises (a run dying in the middle of writing)."""
-
-    def __init__(self, images, fail_at):
-        self.images, self.fail_at = images, fail_at
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        if index == self.fail_at:
-            raise KeyboardInterrupt("interrupted while tokenizing")
-        return self.images[index]
 
 
 def test_an_interrupted_rewrite_leaves_the_old_cache_intact(tmp_path, images):

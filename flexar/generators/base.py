@@ -97,6 +97,16 @@ class Generator(Configurable, PretrainedMixin, nn.Module):
         """The end-of-sequence id (``vocab_size``) when the model has one (``eos_token``), else None."""
         return end_of_sequence(self)
 
+    def cached_mask(self, key, build):
+        """The attention mask `key`, built by ``build(device)`` once per device of the model (masks hold index
+        tables, which must live where the model's buffers do)."""
+        buffer = next(iter(self.buffers()), None)
+        device = buffer.device if buffer is not None else self.device
+        masks = self.__dict__.setdefault("_masks", {})
+        if (key, device) not in masks:
+            masks[(key, device)] = build(device)
+        return masks[(key, device)]
+
     # -- argument checks -----------------------------------------------------------------------------------------------
     def check_labels(self, labels) -> Tensor:
         """Class labels as a (B,) long tensor on the model's device; each must lie in [0, num_classes)."""

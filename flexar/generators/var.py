@@ -269,14 +269,6 @@ class VAR(Generator):
         return labels
 
     # -- network -------------------------------------------------------------------------------------------------------
-    def cached_mask(self, key, build):
-        """The attention mask `key`, built by ``build(device)`` once per device (masks hold index tables)."""
-        device = self.levels.device
-        masks = self.__dict__.setdefault("_masks", {})
-        if (key, device) not in masks:
-            masks[(key, device)] = build(device)
-        return masks[(key, device)]
-
     @property
     def mask(self):
         """Block-causal over scales (VAR's ``d >= d^T``): query i sees key j iff level(j) <= level(i)."""

@@ -244,14 +244,6 @@ class XAR(Generator):
             nn.init.zeros_(block.modulation[1].weight)
             nn.init.zeros_(block.modulation[1].bias)
 
-    def cached_mask(self, key: str, build):
-        """The attention mask `key`, built by ``build(device)`` once per device (masks hold index tables)."""
-        device = self.entity_ids.device
-        masks = self.__dict__.setdefault("_masks", {})
-        if (key, device) not in masks:
-            masks[(key, device)] = build(device)
-        return masks[(key, device)]
-
     @property
     def mask(self):
         """Block-causal by entity: query i sees key j iff entity(j) <= entity(i)."""
