@@ -91,8 +91,9 @@ ABOUT = {
         full_seconds=152, quick_seconds=24, needs=_DIGITS_MODELS),
     "mvar": About(
         "MVAR against VAR with the same width and depth: peak memory of a training step and of generation, "
-        "generation speed, each in a fresh process",
-        full_seconds=None, quick_seconds=53, needs="a GPU for the full sizes, or FLEXAR_MVAR_SIZE=narrow on a CPU"),
+        "generation speed, each in a fresh process; FID of both trained with one budget on one multi-scale VQ",
+        full_seconds=None, quick_seconds=80,
+        needs="a GPU for the full memory sizes, or FLEXAR_MVAR_SIZE=narrow on a CPU; MNIST under FLEXAR_DATA"),
     "adaptive": About(
         "KARL (one pass) and ALIT (search) on photos and MNIST: tokens against PNG size (Spearman), calibration to the "
         "requested error, encode speed; gFID and length TV of an end-of-sequence raster AR on KARL tokens against "

@@ -284,9 +284,20 @@ def test_mvar_quick():
     config, summary, rows = record["config"], record["summary"], record["rows"]
     # one forward pass per scale for both families: VAR through its KV cache, MVAR on each map alone
     assert summary["forward_passes"] == {"var": len(config["scales"]), "mvar": len(config["scales"])}
-    assert {(row["mode"], row["family"]) for row in rows} == {(mode, family) for mode in ("train", "generate")
+    assert {(row["mode"], row["family"]) for row in rows} == {(mode, family) for mode in ("train", "generate", "fid")
                                                               for family in ("var", "mvar")}
     train = {row["family"]: row for row in rows if row["mode"] == "train"}
+    # sample quality: both generators trained with one budget on one tokenizer, scored with the same features
+    fid = {row["family"]: row for row in rows if row["mode"] == "fid"}
+    assert fid["var"]["parameters"] == fid["mvar"]["parameters"]
+    assert summary["fid"] == {family: fid[family]["fid"] for family in ("var", "mvar")}
+    assert summary["fid_ratio_mvar_over_var"] == pytest.approx(fid["mvar"]["fid"] / fid["var"]["fid"])
+    assert positive(summary["rfid"]) and fid["var"]["rfid"] == summary["rfid"]
+    usage = summary["codebook_usage_per_scale"]
+    assert list(usage) == [str(side) for side in config["fid"]["scales"]]
+    # every scale uses some of the codebook, never more than all of it
+    assert all(0 < share <= 1 for share in usage.values())
+    assert "meets_mvar_fid_within_10_percent" not in summary  # a quick run carries no verdicts
     # MVAR attends within a scale (and a k x k neighbourhood), so it saves fewer bytes for backward than VAR
     assert 0 < train["mvar"]["saved_mib"] < train["var"]["saved_mib"]
     assert summary["train_saved_activation_ratio"] == pytest.approx(train["var"]["saved_mib"] / train["mvar"]["saved_mib"])
