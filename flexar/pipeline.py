@@ -137,7 +137,7 @@ class Pipeline:
                 if getattr(draft, field) != getattr(generator, field):
                     raise ValueError(f"{where}: draft {field} {getattr(draft, field)} != generator {field} "
                                      f"{getattr(generator, field)}")
-        return draft.to(self.device).eval()
+        return draft.to(self.device, self.dtype).eval()
 
     def check_compatible(self) -> None:
         """Refuse a generator that was trained on another tokenizer's vocabulary or token layout (a flow generator:
@@ -236,11 +236,13 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "cpu",
-                        check_provenance: bool = True, draft=None) -> "Pipeline":
+                        check_provenance: bool = True, draft=None, dtype: torch.dtype | None = None) -> "Pipeline":
         """Load a folder written by :meth:`save_pretrained`; ``check_provenance`` as in the constructor.
 
         ``draft``: the folder of a draft model (or a loaded one) for speculative decoding and LANTERN, loaded on
         ``device`` and checked against the generator (:meth:`load_draft`); it becomes ``pipeline.draft``.
+        ``dtype``: the floating-point precision of every model (``torch.bfloat16``, ``torch.float16``); None keeps the
+        saved float32. Sampling arithmetic (CFG, temperature, softmax, flow steps) stays float32 whatever it is.
         """
         from .generators import Generator
         from .tokenizers import Tokenizer
@@ -251,14 +253,26 @@ class Pipeline:
         generator = load_model(folders["generator"], kind=Generator).to(device)
         # a flow generator decodes through a continuous tokenizer, every other one through a tokenizer of ids
         tokenizer = load_model(folders["tokenizer"], kind=VAE if generator.continuous else Tokenizer).to(device)
-        return cls(tokenizer, generator, check_provenance=check_provenance, draft=draft)
+        pipeline = cls(tokenizer, generator, check_provenance=check_provenance, draft=draft)
+        return pipeline if dtype is None else pipeline.to(dtype)
 
-    def to(self, device) -> "Pipeline":
-        self.tokenizer.to(device)
-        self.generator.to(device)
+    def to(self, *args, **kwargs) -> "Pipeline":
+        """Move every model, as ``torch.nn.Module.to``: a device, a floating-point dtype, or both
+        (``pipe.to("cuda", torch.bfloat16)``). Integer buffers (ids, counters) keep their dtype."""
+        dtype = kwargs.get("dtype", next((arg for arg in args if isinstance(arg, torch.dtype)), None))
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"a pipeline's precision must be a floating-point dtype (torch.bfloat16, torch.float16, "
+                             f"torch.float32), got {dtype}")
+        self.tokenizer.to(*args, **kwargs)
+        self.generator.to(*args, **kwargs)
         if self.draft is not None:
-            self.draft.to(device)
+            self.draft.to(*args, **kwargs)
         return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The generator's floating-point precision."""
+        return next(p.dtype for p in self.generator.parameters() if p.is_floating_point())
 
     @property
     def device(self) -> torch.device:

@@ -128,7 +128,8 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(timestep_embedding(t, self.frequency_dim))
+        # the sinusoidal features are float32; the layers may run in bf16
+        return self.mlp(timestep_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype))
 
 
 def xar_size(dim: int, depth: int, num_heads: int) -> dict:
@@ -378,6 +379,7 @@ class XAR(Generator):
         batch, channels = labels.shape[0], self.latent_channels
         times = sampler.times().tolist()
         cache = self.new_cache(conditions.shape[0]) if use_cache else None
+        dtype = self.input_proj.weight.dtype
         done = torch.empty(batch, 0, channels, device=labels.device)  # finished entities, clean, in entity order
         passes = 0
         starts = self.starts.tolist()
@@ -397,7 +399,8 @@ class XAR(Generator):
                 token_times = torch.cat([torch.zeros(batch, context.shape[1], device=x.device),
                                          torch.full((batch, end - start), t, device=x.device)], dim=1)
                 index = torch.arange(end - first, end, device=x.device)
-                velocity = self(tokens.repeat(copies, 1, 1), token_times.repeat(copies, 1), conditions, index,
+                # the flow's state stays float32; the network reads it in its own precision
+                velocity = self(tokens.repeat(copies, 1, 1).to(dtype), token_times.repeat(copies, 1), conditions, index,
                                 kv_cache=cache, commit=context.shape[1] if cache is not None else 0)
                 passes += 1
                 velocity = sampler.guide(velocity[:, -(end - start):].float(), scale)

@@ -187,9 +187,11 @@ class Sampler:
             state: decoding position; ``SamplingState()`` when omitted.
 
         Returns:
-            ``(B, ..., V)`` processed logits; the input is left untouched.
+            ``(B, ..., V)`` processed logits in at least float32 (bf16 or fp16 logits of a low-precision model are
+            upcast first, so CFG, temperature and the filters never round); the input is left untouched.
         """
         state = SamplingState() if state is None else state
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         for processor in self.processors:
             logits = processor(logits, state)
         return logits

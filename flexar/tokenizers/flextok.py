@@ -349,7 +349,7 @@ class FlexTok(Tokenizer):
         """codes (B, L <= N, code_dim), keep (B,) -> decoder register inputs (B, N, decoder_width); positions >= keep
         (and >= L) hold the mask token, so the output cannot depend on the codes there."""
         batch, length = codes.shape[:2]
-        hidden = self.from_code(codes)
+        hidden = self.from_code(codes.to(self.from_code.weight.dtype))  # codes from ids are float32
         if length < self.max_tokens:
             hidden = torch.cat([hidden, self.mask_token.expand(batch, self.max_tokens - length, -1)], dim=1)
         kept = torch.arange(self.max_tokens, device=codes.device)[None, :] < keep[:, None]
@@ -357,7 +357,8 @@ class FlexTok(Tokenizer):
 
     def condition(self, sigma: Tensor) -> Tensor:
         """(B,) noise levels -> AdaLN condition (B, dim), or (B, P + N, 2 * dim + 2) with separate modulation."""
-        time = self.time_embed(timestep_embedding(sigma, self.decoder_width, self.timestep_max_period))
+        features = timestep_embedding(sigma, self.decoder_width, self.timestep_max_period)  # float32
+        time = self.time_embed(features.to(self.time_embed[0].weight.dtype))
         if not self.separate_modulation:
             return time
         is_register = (torch.arange(self.num_patches + self.max_tokens, device=sigma.device) >= self.num_patches)

@@ -216,7 +216,8 @@ class TiTok(Tokenizer):
         positions >= lengths (and >= L) take the pad embedding, or with ``fill="mean"`` the embedded mean code of
         their position (``fill="cut"`` fills with the pad embedding too; :meth:`decode_codes` masks those out)."""
         batch, length = codes.shape[:2]
-        hidden = self.from_code(codes)
+        # codes from ids are float32 whatever the model's precision (the quantizers compute in float32)
+        hidden = self.from_code(codes.to(self.from_code.weight.dtype))
         if fill == "mean":
             filler = self.from_code(self._mean_fill().to(hidden.dtype)).expand(batch, -1, -1)
         else:

@@ -121,6 +121,7 @@ class VAE(Configurable, PretrainedMixin, nn.Module):
 
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Normalised latents (B, latent_channels, h, w) -> images (B, C, h * f, w * f)."""
+        latents = latents.to(self.model.dtype)  # a generator's latents are float32 whatever this model's precision
         return self.model.decode(latents / self.latent_scale + self.latent_shift).sample
 
     @torch.no_grad()
