@@ -129,6 +129,71 @@ def test_kv_cache_bounds_and_truncate():
         cache.truncate(3)
 
 
+def test_kv_cache_rows_of_different_lengths_per_row_advance_and_truncate():
+    cache = KVCache(2, 3, 1, 6, 2)
+    keys = torch.arange(3 * 4 * 2, dtype=torch.float32).view(3, 1, 4, 2)
+    for layer in range(2):
+        full_keys, _ = cache.update(layer, keys, keys)
+    assert full_keys.shape == (3, 1, 6, 2)  # the whole static buffer, never a slice
+    cache.advance(torch.tensor([1, 4, 2]))
+    assert cache.lengths.tolist() == [1, 4, 2] and cache.ragged
+    with pytest.raises(ValueError, match=r"different lengths \[1, 4, 2\].*kv_cache.lengths"):
+        cache.length
+    assert cache.positions(2).tolist() == [[1, 2], [4, 5], [2, 3]]
+    # each row writes at its own positions, in place; what it wrote past its length stays invisible
+    new = torch.full((3, 1, 2, 2), -1.0)
+    buffer, _ = cache.update(0, new, new)
+    assert buffer[0, 0, 1:3].eq(-1).all() and buffer[1, 0, 4:6].eq(-1).all() and buffer[2, 0, 2:4].eq(-1).all()
+    assert torch.equal(buffer[1, 0, :4], keys[1, 0])
+    allowed = cache.attention_mask(causal_mask(), 2)[:, 0]
+    assert allowed.shape == (3, 2, 6)
+    assert allowed[0].tolist() == [[True, True, False, False, False, False], [True, True, True, False, False, False]]
+    assert allowed[1, 0].tolist() == [True] * 5 + [False]
+    with pytest.raises(ValueError, match="holds 6 positions; writing up to position 7"):
+        cache.update(0, torch.ones(3, 1, 3, 2), torch.ones(3, 1, 3, 2))
+    cache.truncate(torch.tensor([1, 2, 2]))
+    assert cache.lengths.tolist() == [1, 2, 2]
+    with pytest.raises(ValueError, match="cannot truncate rows"):
+        cache.truncate(torch.tensor([2, 2, 2]))
+    cache.select(torch.tensor([2, 1]))
+    assert cache.lengths.tolist() == [2, 2] and cache.length == 2 and not cache.ragged
+    with pytest.raises(ValueError, match="one count per row"):
+        cache.advance(torch.tensor([1, 1, 1]))
+
+
+def test_raster_decoding_over_rows_of_different_lengths_equals_each_rows_full_recompute():
+    from flexar.generators import RasterAR
+
+    torch.manual_seed(0)
+    model = RasterAR(vocab_size=16, max_tokens=8, num_classes=3, dim=32, depth=2, num_heads=4, init_std=0.3).eval()
+    ids = torch.randint(0, 16, (3, 8))
+    labels = torch.tensor([0, 2, 1])
+
+    def reference(row: int, tokens: int) -> torch.Tensor:
+        """Logits of the token after the first `tokens` ids of `row`, from a full forward of that row alone."""
+        return model(ids[row : row + 1, :tokens], labels[row : row + 1])[0, -1]
+
+    with torch.no_grad():
+        run = model.start_decoding(labels, 1, 9)
+        run.start()
+        counts = torch.tensor([2, 5, 3])
+        padded = run.feed(ids[:, :5], counts=counts)  # every row fed five ids, each keeps its own count
+        assert run.lengths.tolist() == [3, 6, 4]
+        for row, count in enumerate(counts.tolist()):
+            torch.testing.assert_close(padded[row, count - 1], reference(row, count), atol=1e-5, rtol=1e-5)
+        # one more id per row, each at its own position
+        nxt = ids.gather(1, counts[:, None])
+        step = run.feed(nxt)[:, -1]
+        for row, count in enumerate(counts.tolist()):
+            torch.testing.assert_close(step[row], reference(row, count + 1), atol=1e-5, rtol=1e-5)
+        # roll rows back by different amounts and continue
+        run.truncate(torch.tensor([2, 3, 5]))
+        kept = run.lengths - 1  # ids held per row: 1, 2, 4
+        step = run.feed(ids.gather(1, kept[:, None]))[:, -1]
+        for row, count in enumerate(kept.tolist()):
+            torch.testing.assert_close(step[row], reference(row, count + 1), atol=1e-5, rtol=1e-5)
+
+
 def test_adaln_zero_starts_as_identity_per_block():
     from flexar.nn import Block
 

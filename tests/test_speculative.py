@@ -96,7 +96,7 @@ def test_joint_law_with_multi_token_rounds_equals_the_target():
     decoder = SpeculativeDecoder(draft, sampler, draft_length=2)
     generator = seeded(11)
     rows, rounds = [], 0
-    for _ in range(700):  # two rows per call: rounds commit several tokens, the batch cut happens too
+    for _ in range(700):  # two rows per call: rounds commit several tokens, and the rows drift apart
         out = target.generate_with(torch.tensor([0, 0]), decoder, generator)
         rows.append(out.ids)
         rounds += out.stats["rounds"]
@@ -104,6 +104,25 @@ def test_joint_law_with_multi_token_rounds_equals_the_target():
     assert rounds < 700 * LENGTH  # many rounds committed more than one token
     sequences, joint = exact_joint(target, 0, sampler)
     assert joint_p_value(ids, sequences, joint) > 1e-3
+
+
+def test_every_row_commits_its_own_accepted_drafts():
+    """Rows of one batch advance by their own acceptance counts (per-row KV-cache lengths), none waits for the
+    batch's slowest: every round commits accepted + 1 tokens in every row."""
+    target = tiny(dim=16, seed=0, vocab_size=8, max_tokens=12)
+    draft = perturbed(target, noise=0.1)
+    decoder = SpeculativeDecoder(draft, Sampler(cfg_scale=2.0), draft_length=3)
+    out = target.generate_with(torch.arange(8) % 2, decoder, seeded(4))
+    stats = out.stats
+    assert 0 < stats["acceptance_rate"] < 1
+    assert stats["tokens"] == 8 * 12 == stats["accepted"] + stats["row_rounds"]
+    # rows finished after different numbers of rounds, so the rounds were not shared
+    assert stats["row_rounds"] < 8 * stats["rounds"]
+    single = [target.generate_with(torch.tensor([label % 2]), decoder, seeded(label)).stats["tokens_per_target_pass"]
+              for label in range(8)]
+    # a batch of 8 commits about as many tokens per target pass as single rows (measured 1.45 against 1.39; cutting
+    # every round to the batch's shortest acceptance gave 0.92)
+    assert stats["tokens_per_target_pass"] > 0.9 * sum(single) / 8
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])

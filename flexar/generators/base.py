@@ -294,8 +294,8 @@ class Generator(Configurable, PretrainedMixin, nn.Module):
         """Feed the class token into an empty cache. labels (B,) -> logits (B, *unit, V) of the first step unit
         (and hidden (B, dim) with ``return_hidden``)."""
         self.require_step_decoding("prefill")
-        if kv_cache.length != 0:
-            raise ValueError(f"prefill needs an empty KV cache, this one holds {kv_cache.length} positions")
+        if not kv_cache.empty:
+            raise ValueError(f"prefill needs an empty KV cache, this one holds {kv_cache.lengths.tolist()} positions")
         out = self.forward(self.empty_steps(labels.shape[0]), labels, kv_cache, return_hidden)
         return (out[0][:, 0], out[1][:, 0]) if return_hidden else out[:, 0]
 
@@ -303,7 +303,7 @@ class Generator(Configurable, PretrainedMixin, nn.Module):
         """Feed step units (B, n, *unit) after the cached prefix -> logits (B, n, *unit, V) (and hidden (B, n, dim)),
         row j predicting the unit after steps[:, j]; advances the cache (roll back with ``kv_cache.truncate``)."""
         self.require_step_decoding("step")
-        if kv_cache.length == 0:
+        if kv_cache.empty:
             raise ValueError("step needs a prefilled KV cache; call prefill(labels, kv_cache) first")
         return self.forward(steps, None, kv_cache, return_hidden)
 
@@ -421,6 +421,14 @@ class StepDecoding:
             return self.cache.length
         return 0 if self.fed is None else 1 + self.fed.shape[1]
 
+    @property
+    def lengths(self) -> Tensor:
+        """(B,) positions each label row holds (class token included); rows may differ once :meth:`feed` took
+        per-row counts or :meth:`truncate` per-row lengths (a KV cache only)."""
+        if self.cache is not None:
+            return self.cache.lengths[: self.rows].clone()
+        return torch.full((self.rows,), self.length, dtype=torch.long, device=self.conditions.device)
+
     def repeat(self, units: Tensor) -> Tensor:
         """(B, n, *unit) -> (copies * B, n, *unit): the same units for every CFG copy."""
         return units.repeat(self.copies, *([1] * (units.dim() - 1)))
@@ -435,14 +443,21 @@ class StepDecoding:
         out = self.model.forward(self.fed, self.conditions, None, return_hidden)
         return (out[0][:, 0], out[1][:, 0]) if return_hidden else out[:, 0]
 
-    def feed(self, units: Tensor, return_hidden: bool = False):
+    def feed(self, units: Tensor, return_hidden: bool = False, counts: Tensor | None = None):
         """Feed units (B, n, *unit) after the prefix: logits (rows, n, *unit, V), row j predicting the unit after
-        units[:, j] (and hidden (rows, n, dim))."""
+        units[:, j] (and hidden (rows, n, dim)). ``counts`` (B,) long keeps only the first counts[b] units of row b
+        (the rest is padding, fed but not kept: a KV cache only), so rows advance by different amounts."""
         self.forward_passes += 1
         self.row_passes += self.rows
         units = self.repeat(units)
         if self.cache is not None:
-            return self.model.step(units, self.cache, return_hidden)
+            before = self.cache.lengths.clone()
+            out = self.model.step(units, self.cache, return_hidden)
+            if counts is not None:
+                self.cache.truncate(before + self.repeat(counts.to(before.device)))
+            return out
+        if counts is not None:
+            raise ValueError("feeding rows by different counts needs a KV cache (use_cache=True)")
         if self.fed is None:
             raise ValueError("feed needs a started decoding run; call start() first")
         self.fed = torch.cat([self.fed, units], dim=1)
@@ -450,9 +465,14 @@ class StepDecoding:
         new = units.shape[1]
         return (out[0][:, -new:], out[1][:, -new:]) if return_hidden else out[:, -new:]
 
-    def truncate(self, length: int) -> None:
-        """Keep the first `length` positions (class token included): roll back rejected drafts."""
-        if self.cache is not None:
+    def truncate(self, length: int | Tensor) -> None:
+        """Keep the first `length` positions (class token included), or (B,) per label row (a KV cache only): roll
+        back rejected drafts."""
+        if isinstance(length, Tensor):
+            if self.cache is None:
+                raise ValueError("truncating rows to different lengths needs a KV cache (use_cache=True)")
+            self.cache.truncate(self.repeat(length.to(self.cache.lengths.device)))
+        elif self.cache is not None:
             self.cache.truncate(length)
         elif self.fed is not None:
             self.fed = self.fed[:, : max(length - 1, 0)]

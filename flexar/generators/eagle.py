@@ -132,10 +132,13 @@ class EagleDraftHead(Configurable, PretrainedMixin, nn.Module):
 
     def forward(self, ids: Tensor, features: Tensor, token_embed: nn.Embedding, kv_cache: KVCache | None = None) -> Tensor:
         """Predict the next feature of every pair. ids (R, n), features (R, n, dim) -> (R, n, dim)."""
-        start = 0 if kv_cache is None else kv_cache.length
         length = ids.shape[1]
         x = self.fc(torch.cat([token_embed(ids), features.to(self.fc.weight.dtype)], dim=-1))
-        positions = torch.arange(start, start + length, device=ids.device)
+        if kv_cache is not None and kv_cache.ragged:
+            positions = kv_cache.positions(length)  # (R, n): each row after its own pairs
+        else:
+            start = 0 if kv_cache is None else kv_cache.length
+            positions = torch.arange(start, start + length, device=ids.device)
         mask = None if length == 1 else self.mask
         return self.layer(x, mask=mask, rope=self.rope(positions), kv_cache=kv_cache)
 

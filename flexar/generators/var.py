@@ -89,11 +89,10 @@ class CosineAttention(SelfAttention):
         q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         scale = self.log_scale.clamp(max=MAX_ATTENTION_SCALE).exp().view(1, -1, 1, 1)
         q, k = F.normalize(q, dim=-1) * scale.to(q.dtype), F.normalize(k, dim=-1)
-        offset = 0
         if kv_cache is not None:
-            offset = kv_cache.length
+            mask = kv_cache.attention_mask(mask, length)
             k, v = kv_cache.update(layer_index, k, v)
-        out = attention(q, k, v, mask=mask, backend=self.backend, scale=1.0, q_offset=offset)
+        out = attention(q, k, v, mask=mask, backend=self.backend, scale=1.0)
         return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
 
 

@@ -83,11 +83,11 @@ class SelfAttention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        offset = 0
         if kv_cache is not None:
-            offset = kv_cache.length
+            # the whole static buffer under the cache's mask: each row's prefix and new tokens, and `mask`
+            mask = kv_cache.attention_mask(mask, length)
             k, v = kv_cache.update(layer_index, k, v)
-        out = attention(q, k, v, mask=mask, backend=self.backend, q_offset=offset)
+        out = attention(q, k, v, mask=mask, backend=self.backend)
         return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
 
 

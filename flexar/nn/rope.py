@@ -26,13 +26,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """positions: (L,) for 1D or (L, 2) for 2D -> (cos, sin), each (L, head_dim / 2)."""
+        """positions: (..., L) for 1D or (..., L, 2) for 2D -> (cos, sin), each (..., L, head_dim / 2) (a leading
+        batch dimension gives every row its own positions, as a KV cache with rows of different lengths needs)."""
         positions = positions.to(self.inv_freq.device)
         if self.axes == 1:
-            positions = positions.reshape(-1, 1)
-        if positions.shape[-1] != self.axes:
-            raise ValueError(f"expected positions of shape (L, {self.axes}), got {tuple(positions.shape)}")
-        angles = torch.cat([positions[:, i : i + 1].float() * self.inv_freq for i in range(self.axes)], dim=-1)
+            positions = positions.unsqueeze(-1)
+        if positions.dim() < 2 or positions.shape[-1] != self.axes:
+            raise ValueError(f"expected positions of shape (..., L, {self.axes}), got {tuple(positions.shape)}")
+        angles = torch.cat([positions[..., i : i + 1].float() * self.inv_freq for i in range(self.axes)], dim=-1)
         off = (positions < 0).any(dim=-1, keepdim=True)
         cos = torch.where(off, torch.ones_like(angles), angles.cos())
         sin = torch.where(off, torch.zeros_like(angles), angles.sin())

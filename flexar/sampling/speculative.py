@@ -17,10 +17,13 @@ One round, with ``n`` tokens committed and ``g = draft_length`` drafts:
 Classifier-free guidance: target and drafter both run the doubled batch [labels; null], each guided by its own
 unconditional rows with the same scale and schedule, and both halves are fed the committed tokens.
 
-Batches: rows accept different numbers of drafts but share one KV cache length, so a round commits ``m + 1`` tokens
-for every row, ``m`` the smallest acceptance count of the batch; a row that accepted more keeps its accepted draft at
-position ``m`` and drops the rest. The law stays exact: the cut depends only on the other rows' random draws, and
-every prefix of a row's round output is a valid draw from the target. Batch size 1 loses nothing.
+Batches: every row commits its own ``accepted + 1`` tokens per round. The KV caches of target and drafter hold a
+length per row (:class:`flexar.nn.KVCache`), so rows drift apart: each round feeds every row at its own positions
+(the drafter's uncached tokens, one or two per row, padded to one width and committed by count), and samples each
+row's distributions at its own decoding step (one sampler call per distinct step). A round drafts
+``min(draft_length, r - 1)`` tokens, ``r`` the fewest tokens any row still needs, so no row drafts past its end; a
+row that reaches ``num_tokens`` leaves the runs. Each row's output follows the target's law exactly, as in the
+single-sequence algorithm.
 
 EAGLE drafting: the head reads pairs (token t_k, target feature h_k), where h_k is the target's final hidden state
 (after its final norm) at the position that predicted t_k, and predicts h_{k+1}; the target's own output head turns
@@ -141,14 +144,24 @@ class GeneratorDrafter:
     def forward_passes(self) -> int:
         return 0 if self.run is None else self.run.forward_passes
 
-    def ready(self, committed: int) -> bool:
+    def ready(self, committed: Tensor) -> bool:
         return True
 
-    def propose(self, ids: Tensor, num_drafts: int, copies: int, sample) -> tuple[Tensor, Tensor]:
-        """ids (B, n) committed -> drafts (B, g), q (B, g, V); `sample(logits, offset)` draws one position."""
-        committed = ids.shape[1]
-        uncached = ids[:, self.run.length - 1 : committed]
-        logits = self.run.feed(uncached)[:, -1] if uncached.shape[1] else self.first_logits
+    def propose(self, ids: Tensor, committed: Tensor, num_drafts: int, copies: int, sample) -> tuple[Tensor, Tensor]:
+        """ids (B, >= n) holding each row's committed[b] tokens -> drafts (B, g), q (B, g, V); `sample(logits,
+        offset)` draws one position of every row."""
+        # the tokens each row committed since its last feed: none at the start, then one or two per row
+        counts = committed - (self.run.lengths - 1)
+        width = int(counts.max())
+        if width == 0:
+            logits = self.first_logits
+        else:
+            index = torch.minimum((self.run.lengths - 1)[:, None] + torch.arange(width, device=ids.device),
+                                  (committed - 1)[:, None])
+            uniform_rows = bool((counts == width).all())
+            out = self.run.feed(ids.gather(1, index), counts=None if uniform_rows else counts)
+            last = (counts - 1).repeat(copies)
+            logits = out[torch.arange(out.shape[0], device=out.device), last]
         drafts, probs = [], []
         for offset in range(num_drafts):
             token, q = sample(logits, offset)
@@ -158,9 +171,9 @@ class GeneratorDrafter:
                 logits = self.run.feed(fed_tokens(token, self.model.vocab_size).unsqueeze(1))[:, -1]
         return torch.stack(drafts, dim=1), torch.stack(probs, dim=1)
 
-    def rollback(self, committed: int) -> None:
+    def rollback(self, committed: Tensor) -> None:
         # index k + 1 of the cache holds token k; fed drafts that were accepted stay valid
-        self.run.truncate(min(self.run.length, committed))
+        self.run.truncate(torch.minimum(self.run.lengths, committed))
 
     def select(self, rows: Tensor) -> None:
         """Keep the label rows `rows` of the current batch (the others have ended)."""
@@ -189,20 +202,31 @@ class EagleDrafter:
         self.features[:, 0] = target_hidden
         self.forward_passes = 0
 
-    def record(self, start: int, hidden: Tensor) -> None:
-        """Target features (rows, n, dim) of input indices [start, start + n)."""
-        self.features[:, start : start + hidden.shape[1]] = hidden
+    def record(self, starts: Tensor, hidden: Tensor) -> None:
+        """Target features (rows, n, dim) of input indices [starts[r], starts[r] + n) of each run row r."""
+        index = starts[:, None] + torch.arange(hidden.shape[1], device=hidden.device)
+        self.features.scatter_(1, index[..., None].expand(-1, -1, hidden.shape[-1]), hidden.to(self.features.dtype))
 
-    def ready(self, committed: int) -> bool:
-        return committed >= 1
+    def ready(self, committed: Tensor) -> bool:
+        return bool((committed >= 1).all())
 
-    def propose(self, ids: Tensor, num_drafts: int, copies: int, sample) -> tuple[Tensor, Tensor]:
-        committed = ids.shape[1]
-        start = self.cache.length
-        pair_ids = ids[:, start:committed].repeat(copies, 1)
-        predicted = self.head_module(pair_ids, self.features[:, start:committed], self.target.token_embed, self.cache)
+    def propose(self, ids: Tensor, committed: Tensor, num_drafts: int, copies: int, sample) -> tuple[Tensor, Tensor]:
+        rows = committed.shape[0]
+        starts = self.cache.lengths[:rows]
+        counts = committed - starts  # pairs (token, true target feature) not yet in the head's cache, >= 1 per row
+        width = int(counts.max())
+        index = torch.minimum(starts[:, None] + torch.arange(width, device=ids.device), (committed - 1)[:, None])
+        every = index.repeat(copies, 1)
+        pair_ids = ids.gather(1, index).repeat(copies, 1)
+        pair_features = self.features.gather(1, every[..., None].expand(-1, -1, self.features.shape[-1]))
+        uniform_rows = bool((counts == width).all())
+        before = self.cache.lengths.clone()
+        predicted = self.head_module(pair_ids, pair_features, self.target.token_embed, self.cache)
+        if not uniform_rows:
+            self.cache.truncate(before + counts.repeat(copies))
         self.forward_passes += 1
-        feature = predicted[:, -1:]
+        last = (counts - 1).repeat(copies)
+        feature = predicted[torch.arange(predicted.shape[0], device=predicted.device), last].unsqueeze(1)
         drafts, probs = [], []
         for offset in range(num_drafts):
             token, q = sample(self.target.head(feature[:, 0]), offset)
@@ -213,10 +237,10 @@ class EagleDrafter:
                 feature = self.head_module(fed, feature, self.target.token_embed, self.cache)
                 self.forward_passes += 1
         # pairs built from predicted features are dropped: the next round rebuilds them from true target features
-        self.cache.truncate(committed)
+        self.cache.truncate(committed.repeat(copies))
         return torch.stack(drafts, dim=1), torch.stack(probs, dim=1)
 
-    def rollback(self, committed: int) -> None:
+    def rollback(self, committed: Tensor) -> None:
         pass
 
     def select(self, rows: Tensor) -> None:
@@ -225,6 +249,25 @@ class EagleDrafter:
         every = torch.cat([rows + copy * batch for copy in range(self.copies)])
         self.cache.select(every)
         self.features = self.features[every]
+
+
+def probs_at_steps(sampler: Sampler, logits: Tensor, steps: Tensor, num_steps: int, copies: int, vocab: int) -> Tensor:
+    """The sampler's distributions (R, V) for logits (copies * R, V) ([conditional; null] rows under CFG) whose row r
+    sits at decoding step steps[r]: one sampler call per distinct step, so schedules (CFG ramps, the ban on an empty
+    sequence) see each row's own step."""
+    values = steps.unique().tolist()
+    if len(values) == 1:
+        return sampler.probs(forbid_empty(logits, values[0], vocab), SamplingState(step=values[0], num_steps=num_steps))
+    rows = steps.shape[0]
+    out = None
+    for step in values:
+        index = (steps == step).nonzero().flatten()
+        every = torch.cat([index + copy * rows for copy in range(copies)])
+        probs = sampler.probs(forbid_empty(logits[every], step, vocab), SamplingState(step=step, num_steps=num_steps))
+        if out is None:
+            out = probs.new_zeros(rows, probs.shape[-1])
+        out[index] = probs
+    return out
 
 
 def fed_tokens(tokens: Tensor, vocab_size: int) -> Tensor:
@@ -279,9 +322,9 @@ class SpeculativeDecoder(DecodingStrategy):
 
     ``decode(model, labels, generator)`` returns ids ``(B, num_tokens)`` (zero past ``lengths`` (B,) when the target
     ends rows itself) and stats: ``forward_passes`` (target, prefill included), ``row_passes`` (label rows summed
-    over the target's passes), ``draft_forward_passes``, ``rounds``, ``drafted`` and ``accepted`` (per row, summed
-    over rows), ``acceptance_rate`` = accepted / drafted, ``mean_accepted_length`` (tokens per round per row before
-    the batch cut, accepted + 1), ``tokens_per_target_pass`` (committed tokens per row per target pass; plain
+    over the target's passes), ``draft_forward_passes``, ``rounds``, ``row_rounds`` (label rows summed over rounds), ``drafted`` and ``accepted`` (per row, summed
+    over rows), ``acceptance_rate`` = accepted / drafted, ``mean_accepted_length`` (tokens committed per round per row,
+    accepted + 1), ``tokens_per_target_pass`` (committed tokens per row per target pass; plain
     decoding has 1), ``tokens`` (generated, ``lengths.sum()``), ``seconds``, ``batch_size``.
     """
 
@@ -349,51 +392,46 @@ class SpeculativeDecoder(DecodingStrategy):
             first_logits, first_hidden = run.start(), None
         drafter.start(conditions, copies, length, first_hidden)
         rounds, row_rounds, drafted, accepted_total = 0, 0, 0, 0
-        ids = torch.zeros(batch, count, dtype=torch.long, device=labels.device)
+        # room for one round's writes past the last token; the output keeps the first `count` columns
+        ids = torch.zeros(batch, count + self.draft_length + 1, dtype=torch.long, device=labels.device)
         lengths = torch.full((batch,), count, dtype=torch.long, device=labels.device)
-        active = torch.arange(batch, device=labels.device)  # rows that have not ended, in the runs' order
-        committed = 0
-        bar = _progress(count, progress)
-        while committed < count:
+        committed = torch.zeros(batch, dtype=torch.long, device=labels.device)
+        active = torch.arange(batch, device=labels.device)  # rows still decoding, in the runs' order
+        bar = _progress(batch * count, progress)
+        while True:
             rows = active.shape[0]
+            done = committed[active]
             draws = rows_generator(generator, active, batch)
-            num_drafts = min(self.draft_length, count - committed - 1) if drafter.ready(committed) else 0
-            position = committed
+            num_drafts = min(self.draft_length, int((count - done).min()) - 1) if drafter.ready(done) else 0
 
             def sample_draft(logits: Tensor, offset: int) -> tuple[Tensor, Tensor]:
-                step = position + offset
-                q = sampler.probs(forbid_empty(logits, step, vocab), SamplingState(step=step, num_steps=count))
+                q = probs_at_steps(sampler, logits, done + offset, count, copies, vocab)
                 return categorical(q, draws), q
 
+            row_ids = ids[active]
             if num_drafts:
-                drafts, draft_probs = drafter.propose(ids[active, :committed], num_drafts, copies, sample_draft)
+                drafts, draft_probs = drafter.propose(row_ids, done, num_drafts, copies, sample_draft)
             else:
                 drafts = ids.new_empty(rows, 0)
                 draft_probs = first_logits.new_empty(rows, 0, first_logits.shape[-1])
 
-            # target verification: [uncached committed tokens; drafts] in one pass
-            uncached = ids[active, run.length - 1 : committed]
-            feed = torch.cat([uncached, fed_tokens(drafts, vocab)], dim=1)
-            start = run.length
+            # target verification: [each row's last committed token (uncached); drafts] in one pass
+            first_round = not bool(done.any())
+            starts = run.cache.lengths.clone()
+            feed = fed_tokens(drafts, vocab)
+            if not first_round:
+                feed = torch.cat([row_ids.gather(1, (done - 1)[:, None]), feed], dim=1)
             if feed.shape[1]:
                 out = run.feed(feed, return_hidden=drafter.needs_hidden)
                 logits, hidden = out if drafter.needs_hidden else (out, None)
                 if hidden is not None:
-                    drafter.record(start, hidden)
-                if uncached.shape[1]:
-                    logits = logits[:, uncached.shape[1] - 1 :]
-                else:
+                    drafter.record(starts, hidden)
+                if first_round:
                     logits = torch.cat([first_logits.unsqueeze(1), logits], dim=1)
             else:
                 logits = first_logits.unsqueeze(1)
-            target_probs = torch.stack(
-                [
-                    sampler.probs(forbid_empty(logits[:, offset], position + offset, vocab),
-                                  SamplingState(step=position + offset, num_steps=count))
-                    for offset in range(num_drafts + 1)
-                ],
-                dim=1,
-            )
+            target_probs = torch.stack([probs_at_steps(sampler, logits[:, offset], done + offset, count, copies, vocab)
+                                        for offset in range(num_drafts + 1)], dim=1)
             # a draft and a target that differ in having an end-of-sequence token compare over the wider vocabulary
             width = max(target_probs.shape[-1], draft_probs.shape[-1])
             target_probs, draft_probs = widen(target_probs, width), widen(draft_probs, width)
@@ -406,35 +444,35 @@ class SpeculativeDecoder(DecodingStrategy):
             )
             next_token = categorical(next_probs, draws)
 
-            keep = int(accepted.min())
-            new = torch.empty(rows, keep + 1, dtype=torch.long, device=ids.device)
-            new[:, :keep] = drafts[:, :keep]
-            if keep < num_drafts:
-                new[:, keep] = torch.where(accepted == keep, next_token, drafts[:, keep])
-            else:
-                new[:, keep] = next_token
+            # each row commits its accepted drafts and the token drawn after them
+            new = torch.cat([drafts, drafts.new_zeros(rows, 1)], dim=1).scatter(1, accepted[:, None], next_token[:, None])
+            take = accepted + 1
+            offsets = torch.arange(num_drafts + 1, device=ids.device)[None, :]
             ended = None
             if eos is not None:
                 # an end-of-sequence token among the committed ones ends its row there; what follows it is dropped
-                is_end = new == eos
+                is_end = (new == eos) & (offsets < take[:, None])
                 ended = is_end.any(dim=1)
-                first = torch.where(ended, is_end.long().argmax(dim=1), keep + 1)
-                new = new.masked_fill(torch.arange(keep + 1, device=ids.device)[None, :] >= first[:, None], 0)
-                lengths[active[ended]] = committed + first[ended]
+                first = torch.where(ended, is_end.long().argmax(dim=1), take)
+                lengths[active[ended]] = done[ended] + first[ended]
                 # drafts accepted past the end are not counted
                 accepted = torch.where(ended, torch.minimum(accepted, first + 1), accepted)
-            ids[active, committed : committed + keep + 1] = new
-            committed += keep + 1
-            run.truncate(min(run.length, committed))
-            drafter.rollback(committed)
+                take = torch.where(ended, first, take)
+            new = new.masked_fill(offsets >= take[:, None], 0)
+            ids[active] = row_ids.scatter(1, done[:, None] + offsets, new)
+            done = done + take
+            committed[active] = done
+            run.truncate(done)
+            drafter.rollback(done)
             rounds += 1
             row_rounds += rows
             drafted += rows * num_drafts
             accepted_total += int(accepted.sum())
             if bar is not None:
-                bar.update(keep + 1)
-            if ended is not None and bool(ended.any()):
-                going = (~ended).nonzero().flatten()
+                bar.update(int(take.sum()))
+            finished = done >= count if ended is None else ended | (done >= count)
+            if bool(finished.any()):
+                going = (~finished).nonzero().flatten()
                 if going.numel() == 0:
                     break
                 run.select(going)
@@ -442,12 +480,14 @@ class SpeculativeDecoder(DecodingStrategy):
                 active = active[going]
         if bar is not None:
             bar.close()
+        ids = ids[:, :count].masked_fill(torch.arange(count, device=ids.device)[None, :] >= lengths[:, None], 0)
         tokens = batch * count if eos is None else int(lengths.sum())
         stats = {
             "forward_passes": run.forward_passes,
             "row_passes": run.row_passes,
             "draft_forward_passes": drafter.forward_passes,
             "rounds": rounds,
+            "row_rounds": row_rounds,
             "drafted": drafted,
             "accepted": accepted_total,
             "acceptance_rate": accepted_total / drafted if drafted else 0.0,
