@@ -269,6 +269,15 @@ class Pipeline:
             self.draft.to(*args, **kwargs)
         return self
 
+    def compile(self, enabled: bool = True) -> "Pipeline":
+        """Compile the decoding steps of the generator and of the draft (``torch.compile``; CUDA graphs on CUDA):
+        every later :meth:`generate` decodes through them. The first call of each shape compiles (seconds).
+        A generator without a compiled decoding step is refused by name; ``enabled=False`` returns to eager."""
+        self.generator.compile_decoding(enabled)
+        if self.draft is not None and hasattr(self.draft, "compile_decoding"):
+            self.draft.compile_decoding(enabled)
+        return self
+
     @property
     def dtype(self) -> torch.dtype:
         """The generator's floating-point precision."""
@@ -307,6 +316,7 @@ class Pipeline:
         progress: bool | None = None,
         use_cache: bool = True,
         output_type: str = "uint8",
+        compile: bool = False,
     ):
         """Sample images for `labels` (a sequence of ints or a (B,) integer tensor or array; see :func:`as_labels`).
 
@@ -331,7 +341,10 @@ class Pipeline:
         The same seed gives the same images whatever ``batch_size``: image i draws from its own random stream, keyed
         by (seed, i) (:class:`flexar.sampling.streams.ImageStreams`), in the generator and in a sampling decoder.
         This holds for every sampler and strategy whose rows advance in lockstep; speculative decoding and LANTERN
-        advance a batch by its shortest accepted run, so their images still depend on the batch composition.
+        advance each row by its own accepted drafts, but a round drafts no more tokens than the batch's shortest
+        remaining row needs, so their images still depend on the batch composition.
+
+        ``compile=True`` runs the decoding steps compiled (:meth:`compile`) from this call on.
         """
         from .sampling import Sampler
 
@@ -352,6 +365,8 @@ class Pipeline:
         batch_size = as_int(batch_size, "batch_size")
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size}")
+        if compile:
+            self.compile()
         sampler = sampler if sampler is not None else Sampler()  # a flow generator's FlowSampler is checked above
         if hasattr(sampler, "prepare"):  # decoding strategies read what they need (token geometry, a draft model)
             sampler.prepare(self)

@@ -83,6 +83,9 @@ class Generator(Configurable, PretrainedMixin, nn.Module):
     eos_token: bool = False
     """The network's logits carry one entry more, the end-of-sequence token (id ``vocab_size``): trained on
     adaptive-length tokens, the model chooses each row's length and every decoding loop stops the row there."""
+    compiles_decoding: ClassVar[bool] = False
+    """The family's ``step`` reads only the KV cache's device state (its per-row lengths), so
+    :meth:`compile_decoding` can hand it to ``torch.compile`` without a recompilation per step."""
 
     @property
     def null_class(self) -> int:
@@ -301,11 +304,38 @@ class Generator(Configurable, PretrainedMixin, nn.Module):
 
     def step(self, steps: Tensor, kv_cache: KVCache, return_hidden: bool = False):
         """Feed step units (B, n, *unit) after the cached prefix -> logits (B, n, *unit, V) (and hidden (B, n, dim)),
-        row j predicting the unit after steps[:, j]; advances the cache (roll back with ``kv_cache.truncate``)."""
+        row j predicting the unit after steps[:, j]; advances the cache (roll back with ``kv_cache.truncate``).
+        After :meth:`compile_decoding` the forward pass runs compiled."""
         self.require_step_decoding("step")
         if kv_cache.empty:
             raise ValueError("step needs a prefilled KV cache; call prefill(labels, kv_cache) first")
+        network = self.__dict__.get("_compiled_step") or self._step_network
+        return network(steps, kv_cache, return_hidden)
+
+    def _step_network(self, steps: Tensor, kv_cache: KVCache, return_hidden: bool = False):
         return self.forward(steps, None, kv_cache, return_hidden)
+
+    def compile_decoding(self, enabled: bool = True, mode: str | None = None) -> "Generator":
+        """Run every decoding ``step`` (the forward pass after the prefill) through ``torch.compile``: the default
+        mode on a CPU, ``"reduce-overhead"`` (CUDA graphs) on CUDA, or `mode`. The first steps compile (seconds);
+        shapes that change (a batch that shrinks as rows end, drafts of another width) recompile at most once more,
+        after which dynamo treats them as dynamic. Tokens equal eager decoding's to float rounding of the logits.
+        ``enabled=False`` returns to eager steps. Returns the model."""
+        if not enabled:
+            self.__dict__.pop("_compiled_step", None)
+            return self
+        if not (self.supports_step_decoding and self.compiles_decoding):
+            raise NotImplementedError(f"{type(self).__name__} has no compiled decoding step (compiles_decoding is "
+                                      "False): decode it eagerly")
+        if mode is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        self.__dict__["_compiled_step"] = torch.compile(self._step_network, mode=mode)
+        return self
+
+    @property
+    def decoding_compiled(self) -> bool:
+        """Whether :meth:`compile_decoding` is on."""
+        return "_compiled_step" in self.__dict__
 
     def start_decoding(self, conditions: Tensor, copies: int, length: int, use_cache: bool = True) -> "StepDecoding":
         """A :class:`StepDecoding` run over `conditions` (rows = copies * B, [labels; null] under CFG) for up to

@@ -130,11 +130,27 @@ class EagleDraftHead(Configurable, PretrainedMixin, nn.Module):
     def new_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
         return self.layer.new_cache(batch_size, self.max_length if max_length is None else max_length)
 
+    def compile_decoding(self, enabled: bool = True, mode: str | None = None) -> "EagleDraftHead":
+        """Draft through a ``torch.compile``-d forward (as :meth:`flexar.generators.Generator.compile_decoding`);
+        ``enabled=False`` returns to eager. Returns the head."""
+        if not enabled:
+            self.__dict__.pop("_compiled_forward", None)
+            return self
+        if mode is None:
+            mode = "reduce-overhead" if next(self.parameters()).device.type == "cuda" else "default"
+        self.__dict__["_compiled_forward"] = torch.compile(self.forward, mode=mode)
+        return self
+
+    def draft_features(self, ids: Tensor, features: Tensor, token_embed: nn.Embedding, kv_cache: KVCache) -> Tensor:
+        """:meth:`forward` through the KV cache, compiled after :meth:`compile_decoding`."""
+        network = self.__dict__.get("_compiled_forward") or self.forward
+        return network(ids, features, token_embed, kv_cache)
+
     def forward(self, ids: Tensor, features: Tensor, token_embed: nn.Embedding, kv_cache: KVCache | None = None) -> Tensor:
         """Predict the next feature of every pair. ids (R, n), features (R, n, dim) -> (R, n, dim)."""
         length = ids.shape[1]
         x = self.fc(torch.cat([token_embed(ids), features.to(self.fc.weight.dtype)], dim=-1))
-        if kv_cache is not None and kv_cache.ragged:
+        if kv_cache is not None and (torch.compiler.is_compiling() or kv_cache.ragged):
             positions = kv_cache.positions(length)  # (R, n): each row after its own pairs
         else:
             start = 0 if kv_cache is None else kv_cache.length

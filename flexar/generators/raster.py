@@ -95,6 +95,7 @@ class RasterAR(Generator):
         "raster-digits": dict(dim=256, depth=6, num_heads=8),
     }
     supports_step_decoding = True
+    compiles_decoding = True
 
     def __init__(
         self,
@@ -193,7 +194,12 @@ class RasterAR(Generator):
         """
         if ids.dim() != 2:
             raise ValueError(f"ids must be (B, n), got shape {tuple(ids.shape)}")
-        if kv_cache is not None and kv_cache.ragged:
+        compiled_step = kv_cache is not None and torch.compiler.is_compiling()
+        per_row = compiled_step or (kv_cache is not None and kv_cache.ragged)
+        if compiled_step:
+            # a compiled decoding step (after an eager prefill): positions from the cache's device lengths only
+            positions, end = kv_cache.positions(ids.shape[1]), 0
+        elif per_row:
             # rows of different lengths (speculative decoding commits each row's own tokens): per-row positions
             positions = kv_cache.positions(ids.shape[1])
             if int(positions[:, 0].min()) == 0:
@@ -204,7 +210,7 @@ class RasterAR(Generator):
             end = start + ids.shape[1] + (start == 0)
         if end > self.max_tokens + 1:
             raise ValueError(f"input reaches index {end}, past the class token + {self.max_tokens} tokens this model holds")
-        if kv_cache is not None and kv_cache.ragged:
+        if per_row:
             x, length, rope = self.embed(ids, labels, 1), ids.shape[1], self.rope(self.positions[positions])
         else:
             x = self.embed(ids, labels, start)

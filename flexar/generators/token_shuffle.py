@@ -103,6 +103,7 @@ class TokenShuffleAR(Generator):
         "token-shuffle-digits": dict(dim=256, depth=6, num_heads=8),
     }
     supports_step_decoding = True  # with tokens_per_step = s^2, which the one-token strategies refuse
+    compiles_decoding = True
 
     def __init__(
         self,
@@ -192,16 +193,27 @@ class TokenShuffleAR(Generator):
         """
         if windows.dim() != 3 or windows.shape[-1] != self.tokens_per_step:
             raise ValueError(f"windows must be (B, n, {self.tokens_per_step}), got {tuple(windows.shape)}")
-        start = 0 if kv_cache is None else kv_cache.length
         x = self.merge(windows)
-        if start == 0:
-            if labels is None:
-                raise ValueError("labels are needed when the class token is fed (no cached prefix)")
-            x = torch.cat([self.class_embed(labels).unsqueeze(1), x], dim=1)
-        length = x.shape[1]
-        if start + length > self.num_windows + 1:
-            raise ValueError(f"input reaches index {start + length}, past the class token + {self.num_windows} windows")
-        rope = self.rope(self.positions[start : start + length])
+        compiled_step = kv_cache is not None and torch.compiler.is_compiling()
+        if compiled_step or (kv_cache is not None and kv_cache.ragged):
+            # per-row positions: a compiled step (device state only) or rows of different lengths
+            positions = kv_cache.positions(x.shape[1])
+            if not compiled_step:
+                if int(positions[:, 0].min()) == 0:
+                    raise ValueError("a KV cache with rows of different lengths must hold the class token in every row")
+                if int(positions[:, -1].max()) >= self.num_windows + 1:
+                    raise ValueError(f"input reaches past the class token + {self.num_windows} windows")
+            length, rope = x.shape[1], self.rope(self.positions[positions])
+        else:
+            start = 0 if kv_cache is None else kv_cache.length
+            if start == 0:
+                if labels is None:
+                    raise ValueError("labels are needed when the class token is fed (no cached prefix)")
+                x = torch.cat([self.class_embed(labels).unsqueeze(1), x], dim=1)
+            length = x.shape[1]
+            if start + length > self.num_windows + 1:
+                raise ValueError(f"input reaches index {start + length}, past the class token + {self.num_windows} windows")
+            rope = self.rope(self.positions[start : start + length])
         hidden = self.transformer(x, mask=None if length == 1 else self.mask, rope=rope, kv_cache=kv_cache)
         logits = self.head(self.split(hidden))
         return (logits, hidden) if return_hidden else logits

@@ -86,8 +86,9 @@ class KVCache:
         """(B, 1, n, max_length) bool, True = attend, for `num_tokens` new queries of every row: the written prefix
         and the new tokens (j < lengths[b] + n), intersected with `mask` (a :class:`flexar.nn.Mask` on absolute
         positions, or None for no further restriction). Built once per forward and shared by its layers."""
+        compiling = torch.compiler.is_compiling()
         key = (id(mask), num_tokens)
-        cached = self._masks.get(key)
+        cached = None if compiling else self._masks.get(key)
         if cached is not None and cached[0] is mask:
             return cached[1]
         if num_tokens < 1:
@@ -101,14 +102,16 @@ class KVCache:
                                 "positions) or None, not a tensor")
             allowed = allowed & mask.predicate(q, kv)
         allowed = allowed[:, None]
-        self._masks[key] = (mask, allowed)
+        if not compiling:
+            self._masks[key] = (mask, allowed)
         return allowed
 
     def update(self, layer: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """Write (B, H, n, D) new keys/values of `layer` at each row's positions [lengths[b], lengths[b] + n); return
         the layer's whole (B, H, max_length, D) buffers (read them under :meth:`attention_mask`)."""
         count = keys.shape[-2]
-        if self._bound + count > self.max_length:
+        # a compiled step reads no host-side state (its guards would recompile every step); eager calls check bounds
+        if not torch.compiler.is_compiling() and self._bound + count > self.max_length:
             end = int(self.lengths.max()) + count
             if end > self.max_length:
                 raise ValueError(f"KV cache holds {self.max_length} positions; writing up to position {end}")
@@ -127,6 +130,11 @@ class KVCache:
             self.lengths += counts
             self._common = None
             self._bound += int(counts.max()) if counts.numel() else 0
+        elif torch.compiler.is_compiling():
+            # inside a compiled step: only the device state moves; the host-side summaries are recomputed on demand
+            self.lengths += num_tokens
+            self._common, self._bound = None, self.max_length
+            return
         else:
             self.lengths += num_tokens
             if self._common is not None:

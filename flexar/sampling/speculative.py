@@ -221,7 +221,7 @@ class EagleDrafter:
         pair_features = self.features.gather(1, every[..., None].expand(-1, -1, self.features.shape[-1]))
         uniform_rows = bool((counts == width).all())
         before = self.cache.lengths.clone()
-        predicted = self.head_module(pair_ids, pair_features, self.target.token_embed, self.cache)
+        predicted = self.head_module.draft_features(pair_ids, pair_features, self.target.token_embed, self.cache)
         if not uniform_rows:
             self.cache.truncate(before + counts.repeat(copies))
         self.forward_passes += 1
@@ -234,7 +234,7 @@ class EagleDrafter:
             probs.append(q)
             if offset < num_drafts - 1:
                 fed = fed_tokens(token, self.target.vocab_size).unsqueeze(1).repeat(copies, 1)
-                feature = self.head_module(fed, feature, self.target.token_embed, self.cache)
+                feature = self.head_module.draft_features(fed, feature, self.target.token_embed, self.cache)
                 self.forward_passes += 1
         # pairs built from predicted features are dropped: the next round rebuilds them from true target features
         self.cache.truncate(committed.repeat(copies))

@@ -1,0 +1,86 @@
+"""Compiled decoding steps (torch.compile on the CPU): the same tokens as eager decoding, bounded recompilation."""
+import pytest
+import torch
+
+from flexar import Pipeline
+from flexar.generators import NAR, EagleDraftHead, RasterAR, TokenShuffleAR
+from flexar.sampling import Sampler, SpeculativeDecoder
+from flexar.tokenizers import TiTok, VQGAN2D
+
+from common import seeded
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def compiled_frames() -> int:
+    """Frames dynamo has compiled so far (each new graph of the step, recompilations included)."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def raster(**overrides):
+    torch.manual_seed(0)
+    kwargs = dict(vocab_size=16, max_tokens=10, num_classes=3, dim=32, depth=2, num_heads=2, init_std=0.3)
+    return RasterAR(**{**kwargs, **overrides}).eval()
+
+
+def test_compiled_raster_decoding_gives_eager_tokens_and_compiles_once():
+    model = raster()
+    labels = torch.tensor([0, 1, 2])
+    samplers = [Sampler(temperature=0.0, cfg_scale=2.0), Sampler(temperature=1.0, top_k=8, cfg_scale=2.0)]
+    eager = [model.generate(labels, sampler, seeded(3)).ids for sampler in samplers]
+    model.compile_decoding()
+    assert model.decoding_compiled
+    compiled = [model.generate(labels, sampler, seeded(3)).ids for sampler in samplers]
+    for expected, got in zip(eager, compiled):
+        assert torch.equal(expected, got)
+    # one graph serves every step of both runs: the step reads the cache's device lengths, never a host-side count
+    assert compiled_frames() == 1
+    model.compile_decoding(False)
+    assert not model.decoding_compiled and torch.equal(model.generate(labels, samplers[1], seeded(3)).ids, eager[1])
+
+
+def test_compiled_token_shuffle_decoding_gives_eager_tokens():
+    torch.manual_seed(0)
+    model = TokenShuffleAR(vocab_size=16, max_tokens=16, grid=(4, 4), num_classes=3, dim=32, depth=1,
+                           num_heads=2).eval()
+    labels = torch.tensor([2, 0])
+    sampler = Sampler(temperature=1.0, cfg_scale=1.5)
+    eager = model.generate(labels, sampler, seeded(1)).ids
+    assert torch.equal(model.compile_decoding().generate(labels, sampler, seeded(1)).ids, eager)
+
+
+def test_compiled_speculative_decoding_with_an_eagle_head_keeps_greedy_decoding(tmp_path):
+    target = raster(max_tokens=12)
+    target.save_pretrained(tmp_path / "target")
+    head = EagleDraftHead(target=str(tmp_path / "target"), num_heads=2).eval()
+    sampler = Sampler(temperature=0.0)
+    labels = torch.tensor([0, 1, 2, 1])
+    plain = target.generate(labels, sampler, seeded()).ids
+    eager = target.generate_with(labels, SpeculativeDecoder(head, sampler, 3), seeded())
+    target.compile_decoding()
+    head.compile_decoding()
+    compiled = target.generate_with(labels, SpeculativeDecoder(head, sampler, 3), seeded())
+    assert torch.equal(compiled.ids, plain) and torch.equal(eager.ids, plain)
+    assert compiled.stats["forward_passes"] == eager.stats["forward_passes"]
+    # feeds of a few widths (the verification pass, the drafter's one or two tokens): recompilation is bounded
+    assert compiled_frames() <= 8
+
+
+def test_pipeline_compile_and_refusal_by_name(tmp_path):
+    tokenizer = TiTok(image_size=16, channels=1, patch_size=4, num_latent_tokens=6, width=32, depth=1, num_heads=2,
+                      codebook_size=32, code_dim=8).eval()
+    generator = raster(vocab_size=32, max_tokens=6)
+    pipe = Pipeline(tokenizer, generator, check_provenance=False)
+    eager = pipe.generate([0, 1], sampler=Sampler(top_k=5), seed=4)
+    assert torch.equal(pipe.generate([0, 1], sampler=Sampler(top_k=5), seed=4, compile=True), eager)
+    assert pipe.generator.decoding_compiled
+    grid = VQGAN2D.from_preset("vq2d-tiny", image_size=16, channels=1)
+    nar = NAR(vocab_size=grid.codebook_size, max_tokens=grid.max_tokens, grid=grid.grid, num_classes=3, dim=32,
+              depth=1, num_heads=2)
+    with pytest.raises(NotImplementedError, match="NAR has no compiled decoding step"):
+        Pipeline(grid, nar, check_provenance=False).compile()
