@@ -30,6 +30,7 @@ BENCHMARKS = {
     "mvar": "benchmarks.mvar",
     "adaptive": "benchmarks.adaptive",
     "xar": "benchmarks.xar",
+    "decode": "benchmarks.decode",
 }
 
 
@@ -94,6 +95,10 @@ ABOUT = {
         "generation speed, each in a fresh process; FID of both trained with one budget on one multi-scale VQ",
         full_seconds=None, quick_seconds=80,
         needs="a GPU for the full memory sizes, or FLEXAR_MVAR_SIZE=narrow on a CPU; MNIST under FLEXAR_DATA"),
+    "decode": About(
+        "compiled against eager decoding steps (raster, Token-Shuffle) at batch 1 and 64, each against its "
+        "matrix-product floor from the profiler",
+        full_seconds=None, quick_seconds=75),
     "adaptive": About(
         "KARL (one pass) and ALIT (search) on photos and MNIST: tokens against PNG size (Spearman), calibration to the "
         "requested error, encode speed; gFID and length TV of an end-of-sequence raster AR on KARL tokens against "

@@ -305,6 +305,23 @@ def test_mvar_quick():
         assert positive(summary[key]), key
 
 
+def test_decode_quick():
+    record = quick_record("decode")
+    config, summary, rows = record["config"], record["summary"], record["rows"]
+    assert {(row["family"], row["batch"]) for row in rows} == {(family, batch) for family in ("raster", "token_shuffle")
+                                                               for batch in config["batches"]}
+    assert summary["same_tokens"] and all(row["same_tokens"] for row in rows)
+    for row in rows:
+        assert row["tokens"] == row["batch"] * (config["tokens"] if row["family"] == "raster" else config["shuffle_grid"] ** 2)
+        for key in ("eager_seconds", "compiled_seconds", "compile_speedup", "matmul_seconds", "eager_over_floor"):
+            assert positive(row[key]), (row["family"], key)
+        # the profiled products of one eager call take no longer than the call itself
+        assert row["matmul_seconds"] + row["attention_seconds"] <= row["eager_seconds"] * 3
+    assert summary["compile_speedup_batch1"] == rows[0]["compile_speedup"]
+    assert "meets_compile_speedup_batch1" not in summary and set(config["skipped"]) == {
+        "nar_vs_raster_compiled", "speculative_eagle_compiled"}
+
+
 def test_xar_quick():
     record = quick_record("xar")
     config, summary, rows = record["config"], record["summary"], record["rows"]

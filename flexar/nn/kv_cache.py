@@ -87,10 +87,12 @@ class KVCache:
         and the new tokens (j < lengths[b] + n), intersected with `mask` (a :class:`flexar.nn.Mask` on absolute
         positions, or None for no further restriction). Built once per forward and shared by its layers."""
         compiling = torch.compiler.is_compiling()
-        key = (id(mask), num_tokens)
-        cached = None if compiling else self._masks.get(key)
-        if cached is not None and cached[0] is mask:
-            return cached[1]
+        if not compiling:
+            # the lengths tensor's version counter moves with every in-place change, compiled steps' included
+            key = (id(mask), num_tokens, id(self.lengths), self.lengths._version)
+            cached = self._masks.get(key)
+            if cached is not None and cached[0] is mask:
+                return cached[1]
         if num_tokens < 1:
             raise ValueError(f"attention over a KV cache needs at least one new token, got {num_tokens}")
         q = self.positions(num_tokens)[:, :, None]
