@@ -75,9 +75,10 @@ ABOUT = {
     "tokens_vs_quality": About(
         "reconstruction (MSE, PSNR, rFID) against the kept tokens k for truncated TiTok, One-D-Piece, FlexTok and "
         "ReTok; gFID of a raster generator stopped at k tokens",
-        full_seconds=6543, quick_seconds=47,
+        full_seconds=7541, quick_seconds=47,
         needs="MNIST under FLEXAR_DATA; the classifier, tokenizers and generator are kept for reuse with "
-              "FLEXAR_TVQ_MODELS=FOLDER", environment="FLEXAR_DATA=DIR", files=("tokens_vs_quality.png",)),
+              "FLEXAR_TVQ_MODELS=FOLDER (the recorded run loaded the classifier and the four tokenizers, which "
+              "train in ~100 min more on one core)", environment="FLEXAR_DATA=DIR", files=("tokens_vs_quality.png",)),
     "speculative": About(
         "exact speculative decoding and LANTERN against plain decoding: latency at batch 1, acceptance, FID",
         full_seconds=315, quick_seconds=32, needs=_DIGITS_MODELS),
