@@ -88,8 +88,7 @@ class KVCache:
         positions, or None for no further restriction). Built once per forward and shared by its layers."""
         compiling = torch.compiler.is_compiling()
         if not compiling:
-            # the lengths tensor's version counter moves with every in-place change, compiled steps' included
-            key = (id(mask), num_tokens, id(self.lengths), self.lengths._version)
+            key = (id(mask), num_tokens)
             cached = self._masks.get(key)
             if cached is not None and cached[0] is mask:
                 return cached[1]
@@ -134,8 +133,9 @@ class KVCache:
             self._bound += int(counts.max()) if counts.numel() else 0
         elif torch.compiler.is_compiling():
             # inside a compiled step: only the device state moves; the host-side summaries are recomputed on demand
+            # and the masks of the old lengths are dropped (attributes written, never read: no guard, no recompile)
             self.lengths += num_tokens
-            self._common, self._bound = None, self.max_length
+            self._common, self._bound, self._masks = None, self.max_length, {}
             return
         else:
             self.lengths += num_tokens
