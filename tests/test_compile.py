@@ -13,6 +13,7 @@ from common import seeded
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # graphs compiled by earlier tests in this process are not counted
     yield
     torch._dynamo.reset()
 

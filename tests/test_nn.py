@@ -140,6 +140,16 @@ def test_kv_cache_rows_of_different_lengths_per_row_advance_and_truncate():
     with pytest.raises(ValueError, match=r"different lengths \[1, 4, 2\].*kv_cache.lengths"):
         cache.length
     assert cache.positions(2).tolist() == [[1, 2], [4, 5], [2, 3]]
+    # a forward pass addresses rows one by one only while they differ, and never past the model's positions
+    assert cache.step_positions(2, limit=6).tolist() == [[1, 2], [4, 5], [2, 3]]
+    with pytest.raises(ValueError, match="input reaches position 6, past the 5 positions"):
+        cache.step_positions(2, limit=5)
+    assert KVCache(1, 2, 1, 4, 2).step_positions(1) is None
+    empty_row = KVCache(1, 2, 1, 4, 2)
+    empty_row.advance(torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="must hold a prefix"):
+        empty_row.step_positions(1)
+    assert empty_row.step_positions(1, prefix=False).tolist() == [[0], [2]]
     # each row writes at its own positions, in place; what it wrote past its length stays invisible
     new = torch.full((3, 1, 2, 2), -1.0)
     buffer, _ = cache.update(0, new, new)

@@ -61,6 +61,14 @@ class GenerationStart(NamedTuple):
     copies: int
 
 
+def compile_step(function, device: torch.device, mode: str | None = None):
+    """``torch.compile(function)`` for a decoding step on `device`: the default mode on a CPU, ``"reduce-overhead"``
+    (CUDA graphs) on CUDA, or `mode`."""
+    if mode is None:
+        mode = "reduce-overhead" if device.type == "cuda" else "default"
+    return torch.compile(function, mode=mode)
+
+
 class Generator(Configurable, PretrainedMixin, nn.Module):
     """Base class of the generator families: shared argument checks, CFG batching, seeding and bookkeeping."""
 
@@ -327,9 +335,7 @@ class Generator(Configurable, PretrainedMixin, nn.Module):
         if not (self.supports_step_decoding and self.compiles_decoding):
             raise NotImplementedError(f"{type(self).__name__} has no compiled decoding step (compiles_decoding is "
                                       "False): decode it eagerly")
-        if mode is None:
-            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-        self.__dict__["_compiled_step"] = torch.compile(self._step_network, mode=mode)
+        self.__dict__["_compiled_step"] = compile_step(self._step_network, self.device, mode)
         return self
 
     @property

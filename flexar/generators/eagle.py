@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from ..hub import Configurable, PretrainedMixin, register
 from ..nn import KVCache, RotaryEmbedding, Transformer, causal_mask
 from ..utils import IGNORE_INDEX
+from .base import compile_step
 
 
 @register
@@ -136,9 +137,7 @@ class EagleDraftHead(Configurable, PretrainedMixin, nn.Module):
         if not enabled:
             self.__dict__.pop("_compiled_forward", None)
             return self
-        if mode is None:
-            mode = "reduce-overhead" if next(self.parameters()).device.type == "cuda" else "default"
-        self.__dict__["_compiled_forward"] = torch.compile(self.forward, mode=mode)
+        self.__dict__["_compiled_forward"] = compile_step(self.forward, next(self.parameters()).device, mode)
         return self
 
     def draft_features(self, ids: Tensor, features: Tensor, token_embed: nn.Embedding, kv_cache: KVCache) -> Tensor:
@@ -150,9 +149,8 @@ class EagleDraftHead(Configurable, PretrainedMixin, nn.Module):
         """Predict the next feature of every pair. ids (R, n), features (R, n, dim) -> (R, n, dim)."""
         length = ids.shape[1]
         x = self.fc(torch.cat([token_embed(ids), features.to(self.fc.weight.dtype)], dim=-1))
-        if kv_cache is not None and (torch.compiler.is_compiling() or kv_cache.ragged):
-            positions = kv_cache.positions(length)  # (R, n): each row after its own pairs
-        else:
+        positions = None if kv_cache is None else kv_cache.step_positions(length, prefix=False)  # (R, n) per row
+        if positions is None:
             start = 0 if kv_cache is None else kv_cache.length
             positions = torch.arange(start, start + length, device=ids.device)
         mask = None if length == 1 else self.mask

@@ -194,27 +194,17 @@ class RasterAR(Generator):
         """
         if ids.dim() != 2:
             raise ValueError(f"ids must be (B, n), got shape {tuple(ids.shape)}")
-        compiled_step = kv_cache is not None and torch.compiler.is_compiling()
-        per_row = compiled_step or (kv_cache is not None and kv_cache.ragged)
-        if compiled_step:
-            # a compiled decoding step (after an eager prefill): positions from the cache's device lengths only
-            positions, end = kv_cache.positions(ids.shape[1]), 0
-        elif per_row:
-            # rows of different lengths (speculative decoding commits each row's own tokens): per-row positions
-            positions = kv_cache.positions(ids.shape[1])
-            if int(positions[:, 0].min()) == 0:
-                raise ValueError("a KV cache with rows of different lengths must hold the class token in every row")
-            end = int(positions[:, -1].max()) + 1
-        else:
-            start = 0 if kv_cache is None else kv_cache.length
-            end = start + ids.shape[1] + (start == 0)
-        if end > self.max_tokens + 1:
-            raise ValueError(f"input reaches index {end}, past the class token + {self.max_tokens} tokens this model holds")
-        if per_row:
+        # per-row positions in a compiled step or while rows hold different lengths (speculative decoding)
+        positions = None if kv_cache is None else kv_cache.step_positions(ids.shape[1], self.max_tokens + 1)
+        if positions is not None:
             x, length, rope = self.embed(ids, labels, 1), ids.shape[1], self.rope(self.positions[positions])
         else:
+            start = 0 if kv_cache is None else kv_cache.length
             x = self.embed(ids, labels, start)
             length = x.shape[1]
+            if start + length > self.max_tokens + 1:
+                raise ValueError(f"input reaches index {start + length}, past the class token + {self.max_tokens} "
+                                 "tokens this model holds")
             rope = self.rotary(start, length)
         # a single query sees every earlier key (the whole cached prefix): no mask needed
         mask = None if length == 1 else self.mask

@@ -194,15 +194,9 @@ class TokenShuffleAR(Generator):
         if windows.dim() != 3 or windows.shape[-1] != self.tokens_per_step:
             raise ValueError(f"windows must be (B, n, {self.tokens_per_step}), got {tuple(windows.shape)}")
         x = self.merge(windows)
-        compiled_step = kv_cache is not None and torch.compiler.is_compiling()
-        if compiled_step or (kv_cache is not None and kv_cache.ragged):
-            # per-row positions: a compiled step (device state only) or rows of different lengths
-            positions = kv_cache.positions(x.shape[1])
-            if not compiled_step:
-                if int(positions[:, 0].min()) == 0:
-                    raise ValueError("a KV cache with rows of different lengths must hold the class token in every row")
-                if int(positions[:, -1].max()) >= self.num_windows + 1:
-                    raise ValueError(f"input reaches past the class token + {self.num_windows} windows")
+        # per-row positions in a compiled step or while rows hold different lengths
+        positions = None if kv_cache is None else kv_cache.step_positions(x.shape[1], self.num_windows + 1)
+        if positions is not None:
             length, rope = x.shape[1], self.rope(self.positions[positions])
         else:
             start = 0 if kv_cache is None else kv_cache.length

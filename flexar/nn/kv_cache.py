@@ -79,6 +79,23 @@ class KVCache:
         """(B, num_tokens) absolute positions of `num_tokens` new tokens of every row: lengths[b] + [0, n)."""
         return self.lengths[:, None] + torch.arange(num_tokens, device=self.lengths.device)
 
+    def step_positions(self, num_tokens: int, limit: int | None = None, prefix: bool = True) -> Tensor | None:
+        """The (B, n) positions of `num_tokens` new tokens when a forward pass must address rows one by one: inside a
+        compiled step (which reads only device state, never the host-side length) or while rows hold different
+        lengths; None while every row holds :attr:`length`, so the caller may use that int. Eagerly, positions at or
+        past `limit` are refused, and with `prefix` so is a row that holds nothing yet (it needs its prefill)."""
+        if torch.compiler.is_compiling():
+            return self.positions(num_tokens)
+        if not self.ragged:
+            return None
+        positions = self.positions(num_tokens)
+        if prefix and int(positions[:, 0].min()) == 0:
+            raise ValueError("a KV cache with rows of different lengths must hold a prefix (the prefill) in every row")
+        if limit is not None and int(positions[:, -1].max()) >= limit:
+            raise ValueError(f"input reaches position {int(positions[:, -1].max()) + 1}, past the {limit} positions "
+                             "this model holds")
+        return positions
+
     def _changed(self) -> None:
         self._masks.clear()
 

@@ -322,10 +322,11 @@ class SpeculativeDecoder(DecodingStrategy):
 
     ``decode(model, labels, generator)`` returns ids ``(B, num_tokens)`` (zero past ``lengths`` (B,) when the target
     ends rows itself) and stats: ``forward_passes`` (target, prefill included), ``row_passes`` (label rows summed
-    over the target's passes), ``draft_forward_passes``, ``rounds``, ``row_rounds`` (label rows summed over rounds), ``drafted`` and ``accepted`` (per row, summed
-    over rows), ``acceptance_rate`` = accepted / drafted, ``mean_accepted_length`` (tokens committed per round per row,
-    accepted + 1), ``tokens_per_target_pass`` (committed tokens per row per target pass; plain
-    decoding has 1), ``tokens`` (generated, ``lengths.sum()``), ``seconds``, ``batch_size``.
+    over the target's passes), ``draft_forward_passes``, ``rounds``, ``row_rounds`` (label rows summed over rounds),
+    ``drafted`` and ``accepted`` (per row, summed over rows), ``acceptance_rate`` = accepted / drafted,
+    ``mean_accepted_length`` (tokens committed per round per row, accepted + 1), ``tokens_per_target_pass`` (committed
+    tokens per row per target pass; plain decoding has 1), ``tokens`` (generated, ``lengths.sum()``), ``seconds``,
+    ``batch_size``.
     """
 
     name = "speculative"
