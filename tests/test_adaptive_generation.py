@@ -117,8 +117,10 @@ def test_the_token_cache_stores_the_lengths_an_adaptive_tokenizer_chose(tmp_path
     dataset = TokenDataset(tmp_path / "tokens")
     ids, labels, lengths = dataset[list(range(8))]
     assert torch.equal(lengths, encoded.lengths) and torch.equal(labels, torch.arange(8) % 2)
+    assert ids.shape == (8, MAX_TOKENS)  # the cache keeps the whole budget; encode trims to the longest row
+    chosen = F.pad(encoded.ids, (0, MAX_TOKENS - encoded.ids.shape[1]))
     past = torch.arange(MAX_TOKENS)[None, :] >= lengths[:, None]
-    assert torch.equal(ids[~past], encoded.ids[~past]) and bool((ids[past] == 0).all())
+    assert torch.equal(ids[~past], chosen[~past]) and bool((ids[past] == 0).all())
 
 
 def test_the_loss_targets_the_end_right_after_the_last_token_and_ignores_what_follows():
