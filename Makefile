@@ -15,7 +15,7 @@ $(STAMP): requirements.txt setup.py
 install: $(STAMP)
 
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile --durations=25
 
 demo: install
 	$(PY) scripts/demo.py --output runs/demo

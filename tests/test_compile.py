@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from flexar import Pipeline
-from flexar.generators import NAR, EagleDraftHead, RasterAR, TokenShuffleAR
+from flexar.generators import NAR, VAR, EagleDraftHead, RasterAR, TokenShuffleAR
 from flexar.sampling import Sampler, SpeculativeDecoder
-from flexar.tokenizers import TiTok, VQGAN2D
+from flexar.tokenizers import MultiScaleVQ, TiTok
 
 from common import seeded
 
@@ -55,6 +55,26 @@ def test_compiled_token_shuffle_decoding_gives_eager_tokens():
     assert torch.equal(model.compile_decoding().generate(labels, sampler, seeded(1)).ids, eager)
 
 
+def test_compiled_nar_passes_give_eager_tokens_with_one_graph_for_every_diagonal():
+    torch.manual_seed(0)
+    model = NAR(vocab_size=16, max_tokens=20, grid=[4, 5], num_classes=3, dim=32, depth=2, num_heads=2).eval()
+    labels = torch.tensor([0, 1, 2])
+    samplers = [Sampler(temperature=0.0, cfg_scale=2.0), Sampler(temperature=1.0, top_k=8, cfg_scale=2.0)]
+    eager = [model.generate(labels, sampler, seeded(3)).ids for sampler in samplers]
+    model.compile_decoding()
+    assert model.decoding_compiled
+    for sampler, expected in zip(samplers, eager):
+        output = model.generate(labels, sampler, seeded(3))
+        assert torch.equal(output.ids, expected) and output.stats["forward_passes"] == 8
+    # diagonals of 1 to 4 cells, padded to 4: one graph for all 7 cached passes of both runs
+    assert compiled_frames() == 1
+    # the last pass (one cell, padded to 4) needs 3 positions more than eager decoding's cache holds
+    short = model.new_cache(6)
+    short.advance(model.bounds[7])
+    with pytest.raises(ValueError, match="room for the padded diagonal"):
+        model.compiled_pass_logits(7, torch.zeros(6, 20, dtype=torch.long), short)
+
+
 def test_compiled_speculative_decoding_with_an_eagle_head_keeps_greedy_decoding(tmp_path):
     target = raster(max_tokens=12)
     target.save_pretrained(tmp_path / "target")
@@ -80,8 +100,8 @@ def test_pipeline_compile_and_refusal_by_name(tmp_path):
     eager = pipe.generate([0, 1], sampler=Sampler(top_k=5), seed=4)
     assert torch.equal(pipe.generate([0, 1], sampler=Sampler(top_k=5), seed=4, compile=True), eager)
     assert pipe.generator.decoding_compiled
-    grid = VQGAN2D.from_preset("vq2d-tiny", image_size=16, channels=1)
-    nar = NAR(vocab_size=grid.codebook_size, max_tokens=grid.max_tokens, grid=grid.grid, num_classes=3, dim=32,
-              depth=1, num_heads=2)
-    with pytest.raises(NotImplementedError, match="NAR has no compiled decoding step"):
-        Pipeline(grid, nar, check_provenance=False).compile()
+    pyramid = MultiScaleVQ.from_preset("msvq-tiny").eval()
+    var = VAR.from_preset("var-tiny")
+    var.load_tokenizer(pyramid)
+    with pytest.raises(NotImplementedError, match="VAR has no compiled decoding step"):
+        Pipeline(pyramid, var, check_provenance=False).compile()

@@ -27,7 +27,10 @@ previous pass decoded and samples the whole diagonal t from the combined logits 
 positions are built from the true grid position of every cache slot, not from its index; the result equals the
 teacher-forced logits. (A cached pass feeds one whole diagonal, whose queries may see every cached key and each other,
 so it runs unmasked; recomputing the decoded prefix without a cache uses the decode-order mask.) With CFG the batch
-is doubled as [labels; null] as in :class:`RasterAR`.
+is doubled as [labels; null] as in :class:`RasterAR`. After ``compile_decoding()`` every cached pass after the
+prefill runs through one ``torch.compile`` graph: the diagonal is padded to the longest one (min(h, w) cells), the
+padding is written past the committed cache length and masked out of attention, and the pass reads only the cache's
+device lengths and a device count of real cells.
 
 Shapes: ids (B, N = h * w) long, raster order; labels (B,) long; head logits (B, L_in, vocab_size).
 
@@ -54,7 +57,7 @@ from torch import Tensor, nn
 from ..hub import register
 from ..nn import Block, KVCache, Mask, RotaryEmbedding, Transformer, grid_positions, make_norm
 from ..sampling import SamplingState
-from .base import GenerationOutput, Generator
+from .base import GenerationOutput, Generator, compile_step
 from .raster import llamagen_size
 
 def proximity_mask(distance: Tensor) -> Mask:
@@ -193,6 +196,10 @@ class NAR(Generator):
             counts = torch.bincount(distance, minlength=height + width - 1)
             self.bounds = [0] + (1 + torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])).tolist()
             self.decode_diagonals = tables["decode_distance"].tolist()
+            # a compiled pass feeds the longest diagonal's width; the padding's positions read rows past the table
+            self.widest_diagonal = min(height, width)
+            tables["padded_decode_positions"] = torch.cat(
+                [tables["decode_positions"], torch.zeros(self.widest_diagonal, 2, dtype=torch.long)])
         for name, table in tables.items():
             self.register_buffer(name, table.to(self.head.weight.device), persistent=False)
         self._masks: dict = {}
@@ -273,7 +280,9 @@ class NAR(Generator):
             )
         # decoding feeds whole diagonals in order: the new queries (distance t) see every cached key (distance < t)
         # and each other, so a cached decode pass needs no mask, like a raster step
-        one_diagonal = start > 0 and self.decode_diagonals[start] == self.decode_diagonals[start + length - 1]
+        # (the class token alone, a cached prefill, sees only itself: unmasked too)
+        one_diagonal = (start > 0 and self.decode_diagonals[start] == self.decode_diagonals[start + length - 1]
+                        or kv_cache is not None and start == 0 and length == 1)
         mask = None if order == "decode" and one_diagonal else self.mask(order)
         rope = self.rope(getattr(self, f"{order}_positions")[start : start + length])
         for index, block in enumerate(self.transformer.blocks):
@@ -301,6 +310,58 @@ class NAR(Generator):
         return KVCache(self.depth + 1, batch_size, self.transformer.num_heads,
                        self.max_tokens + 1 if max_length is None else max_length, self.transformer.head_dim,
                        device=parameter.device, dtype=parameter.dtype)
+
+    def compile_decoding(self, enabled: bool = True, mode: str | None = None) -> "NAR":
+        """Run every cached decoding pass after the prefill through ``torch.compile`` (the default mode on a CPU,
+        ``"reduce-overhead"`` on CUDA, or `mode`). A compiled pass feeds its diagonal padded to the longest one
+        (min(h, w) cells): the padding is written past the cache's committed length and masked out of attention,
+        and the pass reads the cache's device lengths and a device count only, so one graph serves every pass of
+        every grid of that batch size. Tokens equal eager decoding's to float rounding of the logits.
+        ``enabled=False`` returns to eager passes. Returns the model."""
+        if not enabled:
+            self.__dict__.pop("_compiled_pass", None)
+            return self
+        self.__dict__["_compiled_pass"] = compile_step(self._padded_pass_features, self.device, mode)
+        return self
+
+    @property
+    def decoding_compiled(self) -> bool:
+        """Whether :meth:`compile_decoding` is on."""
+        return "_compiled_pass" in self.__dict__
+
+    def _padded_pass_features(self, fed: Tensor, count: Tensor, kv_cache: KVCache) -> tuple[Tensor, Tensor]:
+        """The head inputs of a cached pass over `fed` (B, widest_diagonal) whose first `count` (a 0-dim long
+        tensor) cells are the diagonal and the rest padding: every query sees the committed prefix and the diagonal,
+        never the padding. Writes all widest_diagonal keys past the committed length and does not advance the cache."""
+        positions = kv_cache.positions(fed.shape[1])
+        limit = (kv_cache.lengths + count)[:, None, None]
+        visible = Mask(lambda q, kv: kv < limit, name="diagonal")
+        x = self.token_embed(fed)
+        rope = self.rope(self.padded_decode_positions[positions])
+        for index, block in enumerate(self.transformer.blocks):
+            x = block(x, visible, rope, kv_cache=kv_cache, layer_index=index)
+        below = self.vertical_block(x, visible, rope, kv_cache=kv_cache, layer_index=self.depth)
+        return self.transformer.final_norm(x), self.vertical_norm(below)
+
+    def compiled_pass_logits(self, step: int, decoded: Tensor, kv_cache: KVCache) -> Tensor:
+        """:meth:`pass_logits` of pass ``step`` >= 1 through the compiled padded pass (:meth:`compile_decoding`)."""
+        first, fed_end, end = self.bounds[step], self.bounds[step + 1], self.bounds[step + 2]
+        if step < 1 or kv_cache.length != first:
+            raise ValueError(f"a compiled pass {step} needs a prefilled KV cache holding {first} positions")
+        count = fed_end - first
+        if kv_cache.max_length < first + self.widest_diagonal:
+            raise ValueError(f"a compiled pass needs a KV cache of {self.max_tokens + self.widest_diagonal} positions "
+                             f"(room for the padded diagonal), this one holds {kv_cache.max_length}")
+        fed = F.pad(decoded[:, first - 1 : fed_end - 1], (0, self.widest_diagonal - count))
+        counts = self.__dict__.setdefault("_pass_counts", {})
+        key = (count, str(fed.device))
+        if key not in counts:
+            counts[key] = torch.tensor(count, device=fed.device)
+        horizontal, vertical = self.__dict__["_compiled_pass"](fed, counts[key], kv_cache)
+        kv_cache.advance(count)
+        return neighbour_logits(horizontal, vertical, self.head, self.vertical_head,
+                                self.decode_horizontal_source[fed_end:end] - first,
+                                self.decode_vertical_source[fed_end:end] - first)
 
     def pass_logits(self, step: int, decoded: Tensor, labels: Tensor, kv_cache: KVCache | None = None) -> Tensor:
         """Logits of the cells at distance ``step``, given the decoded cells of distance < ``step``.
@@ -365,9 +426,14 @@ class NAR(Generator):
         batch = labels.shape[0]
         # ids in decode order, one row per row of the (CFG-doubled) batch; the last diagonal is never fed back
         decoded = torch.zeros(conditions.shape[0], self.max_tokens, dtype=torch.long, device=labels.device)
-        kv_cache = self.new_cache(conditions.shape[0], self.max_tokens) if use_cache else None
+        compiled = use_cache and self.decoding_compiled
+        room = self.max_tokens + (self.widest_diagonal if compiled else 0)
+        kv_cache = self.new_cache(conditions.shape[0], room) if use_cache else None
         for step in self.progress_range(self.num_passes, progress, "NAR decoding"):
-            logits = self.pass_logits(step, decoded, conditions, kv_cache)
+            if compiled and step > 0:
+                logits = self.compiled_pass_logits(step, decoded, kv_cache)
+            else:
+                logits = self.pass_logits(step, decoded, conditions, kv_cache)
             state = SamplingState(step=step, num_steps=self.num_passes)
             sampled = sampler.sample(logits, state, generator)
             decoded[:, self.bounds[step + 1] - 1 : self.bounds[step + 2] - 1] = sampled.repeat(copies, 1)
