@@ -31,6 +31,7 @@ BENCHMARKS = {
     "adaptive": "benchmarks.adaptive",
     "xar": "benchmarks.xar",
     "decode": "benchmarks.decode",
+    "gpu": "benchmarks.gpu",
 }
 
 
@@ -97,9 +98,15 @@ ABOUT = {
         full_seconds=None, quick_seconds=80,
         needs="a GPU for the full memory sizes, or FLEXAR_MVAR_SIZE=narrow on a CPU; MNIST under FLEXAR_DATA"),
     "decode": About(
-        "compiled against eager decoding steps (raster, Token-Shuffle) at batch 1 and 64, each against its "
-        "matrix-product floor from the profiler",
-        full_seconds=None, quick_seconds=75),
+        "compiled against eager decoding steps (raster, Token-Shuffle) at batch 1 and 64, NAR against raster at "
+        "16 x 16 both compiled, each against its matrix-product floor from the profiler; exact speculative decoding "
+        "with the EAGLE head against plain decoding, both compiled, at batch 1 and 8",
+        full_seconds=None, quick_seconds=120, needs=_DIGITS_MODELS),
+    "gpu": About(
+        "one GPU's evidence at GPT-B size with random weights: raster eager vs compiled (CUDA graphs) tokens/s at "
+        "batch 1 and 64, NAR vs raster images/s at 16 x 16 and 24 x 24, attention kernels against `math`, bf16 "
+        "training tokens/s and MFU, exact speculative decoding and LANTERN wall-clock",
+        full_seconds=None, quick_seconds=60, needs="a CUDA GPU (sized for one H100 / H200, under 8 minutes)"),
     "adaptive": About(
         "KARL (one pass) and ALIT (search) on photos and MNIST: tokens against PNG size (Spearman), calibration to the "
         "requested error, encode speed; gFID and length TV of an end-of-sequence raster AR on KARL tokens against "

@@ -308,18 +308,61 @@ def test_mvar_quick():
 def test_decode_quick():
     record = quick_record("decode")
     config, summary, rows = record["config"], record["summary"], record["rows"]
-    assert {(row["family"], row["batch"]) for row in rows} == {(family, batch) for family in ("raster", "token_shuffle")
-                                                               for batch in config["batches"]}
-    assert summary["same_tokens"] and all(row["same_tokens"] for row in rows)
-    for row in rows:
-        assert row["tokens"] == row["batch"] * (config["tokens"] if row["family"] == "raster" else config["shuffle_grid"] ** 2)
+    families = ("raster", "token_shuffle", "nar", "raster_grid")
+    assert {(row["family"], row["batch"]) for row in rows} == {
+        (family, batch) for family in families for batch in config["batches"]} | {
+        ("speculative_eagle", batch) for batch in config["speculative_batches"]}
+    decoding = [row for row in rows if row["family"] in families]
+    assert summary["same_tokens"] and all(row["same_tokens"] for row in decoding)
+    side = config["nar_grid"]
+    for row in decoding:
+        cells = {"raster": config["tokens"], "token_shuffle": config["shuffle_grid"] ** 2}.get(row["family"], side * side)
+        assert row["tokens"] == row["batch"] * cells
         for key in ("eager_seconds", "compiled_seconds", "compile_speedup", "matmul_seconds", "eager_over_floor"):
             assert positive(row[key]), (row["family"], key)
         # the profiled products of one eager call take no longer than the call itself
         assert row["matmul_seconds"] + row["attention_seconds"] <= row["eager_seconds"] * 3
+    by = {(row["family"], row["batch"]): row for row in rows}
+    for batch in config["batches"]:
+        assert by["nar", batch]["forward_passes"] == 2 * side - 1 and by["raster_grid", batch]["forward_passes"] == side * side
+        assert summary[f"nar_over_raster_compiled_batch{batch}"] == pytest.approx(
+            by["raster_grid", batch]["compiled_seconds"] / by["nar", batch]["compiled_seconds"])
+    for batch in config["speculative_batches"]:
+        row = by["speculative_eagle", batch]
+        # plain decoding takes one target pass per token; exact speculative decoding commits >= 1 token per pass
+        assert row["plain_target_passes_per_batch"] == row["tokens_per_image"]
+        assert 1 <= row["speculative_target_passes_per_batch"] <= row["tokens_per_image"]
+        assert summary[f"speculative_compiled_speedup_batch{batch}"] == row["speedup_vs_plain_compiled"]
     assert summary["compile_speedup_batch1"] == rows[0]["compile_speedup"]
-    assert "meets_compile_speedup_batch1" not in summary and set(config["skipped"]) == {
-        "nar_vs_raster_compiled", "speculative_eagle_compiled"}
+    assert "meets_compile_speedup_batch1" not in summary and "skipped" not in config
+
+
+def test_gpu_quick():
+    record = quick_record("gpu")
+    config, summary, rows = record["config"], record["summary"], record["rows"]
+    cases = {}
+    for row in rows:
+        cases.setdefault(row["case"], []).append(row)
+    assert set(cases) == {"decode", "nar", "train", "speculative", "attention"}
+    assert [row["batch"] for row in cases["decode"]] == config["batches"]
+    for row in cases["decode"]:
+        assert row["tokens"] == row["batch"] * config["side"] ** 2
+        assert positive(row["compiled_tokens_per_second"]) and positive(row["compile_speedup"])
+    nar = {(row["family"], row["grid"][0]): row for row in cases["nar"]}
+    assert set(nar) == {(family, side) for family in ("raster", "nar") for side in config["nar_sides"]}
+    for side in config["nar_sides"]:
+        assert nar["nar", side]["forward_passes"] == 2 * side - 1 and nar["raster", side]["forward_passes"] == side ** 2
+        assert summary[f"nar_over_raster_{side}"] == nar["nar", side]["nar_over_raster"]
+        assert positive(nar["nar", side]["images_per_second"]) and positive(summary[f"nar_over_raster_{side}"])
+    train = cases["train"][0]
+    assert positive(train["tokens_per_second"]) and train["mfu"] is None  # no bf16 peak for a CPU
+    assert train["achieved_flops"] == pytest.approx(train["flops_per_token"] * train["tokens_per_second"])
+    speculative = {row["family"]: row for row in cases["speculative"]}
+    assert set(speculative) == {"plain", "speculative", "lantern"}
+    assert speculative["plain"]["tokens_per_target_pass"] == 1.0
+    assert all(row["tokens_per_target_pass"] >= 1.0 for row in speculative.values())
+    assert {row["backend"] for row in cases["attention"]} >= {"math", "sdpa"} and summary["attention_all_match_math"]
+    assert summary["device"] == record["machine"]["device_name"] and config["weights"] == "random"
 
 
 def test_xar_quick():

@@ -105,3 +105,14 @@ def test_pipeline_compile_and_refusal_by_name(tmp_path):
     var.load_tokenizer(pyramid)
     with pytest.raises(NotImplementedError, match="VAR has no compiled decoding step"):
         Pipeline(pyramid, var, check_provenance=False).compile()
+
+
+def test_the_eager_backend_captures_the_same_single_graph_and_takes_no_inductor_mode():
+    model = raster()
+    labels = torch.tensor([0, 2])
+    sampler = Sampler(temperature=1.0, top_k=8, cfg_scale=2.0)
+    eager = model.generate(labels, sampler, seeded(5)).ids
+    assert torch.equal(model.compile_decoding(backend="eager").generate(labels, sampler, seeded(5)).ids, eager)
+    assert compiled_frames() == 1
+    with pytest.raises(ValueError, match="mode='reduce-overhead' is an inductor option"):
+        model.compile_decoding(mode="reduce-overhead", backend="eager")

@@ -61,9 +61,14 @@ class GenerationStart(NamedTuple):
     copies: int
 
 
-def compile_step(function, device: torch.device, mode: str | None = None):
+def compile_step(function, device: torch.device, mode: str | None = None, backend: str = "inductor"):
     """``torch.compile(function)`` for a decoding step on `device`: the default mode on a CPU, ``"reduce-overhead"``
-    (CUDA graphs) on CUDA, or `mode`."""
+    (CUDA graphs) on CUDA, or `mode`. Another `backend` than inductor takes no mode: ``"eager"`` captures the graph
+    and its guards (the same recompilation behaviour) and runs it eagerly, a check that costs no kernel compilation."""
+    if backend != "inductor":
+        if mode is not None:
+            raise ValueError(f"mode={mode!r} is an inductor option; backend={backend!r} takes none")
+        return torch.compile(function, backend=backend)
     if mode is None:
         mode = "reduce-overhead" if device.type == "cuda" else "default"
     return torch.compile(function, mode=mode)
@@ -323,19 +328,19 @@ class Generator(Configurable, PretrainedMixin, nn.Module):
     def _step_network(self, steps: Tensor, kv_cache: KVCache, return_hidden: bool = False):
         return self.forward(steps, None, kv_cache, return_hidden)
 
-    def compile_decoding(self, enabled: bool = True, mode: str | None = None) -> "Generator":
+    def compile_decoding(self, enabled: bool = True, mode: str | None = None, backend: str = "inductor") -> "Generator":
         """Run every decoding ``step`` (the forward pass after the prefill) through ``torch.compile``: the default
         mode on a CPU, ``"reduce-overhead"`` (CUDA graphs) on CUDA, or `mode`. The first steps compile (seconds);
         shapes that change (a batch that shrinks as rows end, drafts of another width) recompile at most once more,
         after which dynamo treats them as dynamic. Tokens equal eager decoding's to float rounding of the logits.
-        ``enabled=False`` returns to eager steps. Returns the model."""
+        ``enabled=False`` returns to eager steps; `backend` as in :func:`compile_step`. Returns the model."""
         if not enabled:
             self.__dict__.pop("_compiled_step", None)
             return self
         if not (self.supports_step_decoding and self.compiles_decoding):
             raise NotImplementedError(f"{type(self).__name__} has no compiled decoding step (compiles_decoding is "
                                       "False): decode it eagerly")
-        self.__dict__["_compiled_step"] = compile_step(self._step_network, self.device, mode)
+        self.__dict__["_compiled_step"] = compile_step(self._step_network, self.device, mode, backend)
         return self
 
     @property

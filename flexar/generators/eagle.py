@@ -131,13 +131,14 @@ class EagleDraftHead(Configurable, PretrainedMixin, nn.Module):
     def new_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
         return self.layer.new_cache(batch_size, self.max_length if max_length is None else max_length)
 
-    def compile_decoding(self, enabled: bool = True, mode: str | None = None) -> "EagleDraftHead":
+    def compile_decoding(self, enabled: bool = True, mode: str | None = None,
+                         backend: str = "inductor") -> "EagleDraftHead":
         """Draft through a ``torch.compile``-d forward (as :meth:`flexar.generators.Generator.compile_decoding`);
         ``enabled=False`` returns to eager. Returns the head."""
         if not enabled:
             self.__dict__.pop("_compiled_forward", None)
             return self
-        self.__dict__["_compiled_forward"] = compile_step(self.forward, next(self.parameters()).device, mode)
+        self.__dict__["_compiled_forward"] = compile_step(self.forward, next(self.parameters()).device, mode, backend)
         return self
 
     def draft_features(self, ids: Tensor, features: Tensor, token_embed: nn.Embedding, kv_cache: KVCache) -> Tensor:

@@ -311,17 +311,18 @@ class NAR(Generator):
                        self.max_tokens + 1 if max_length is None else max_length, self.transformer.head_dim,
                        device=parameter.device, dtype=parameter.dtype)
 
-    def compile_decoding(self, enabled: bool = True, mode: str | None = None) -> "NAR":
+    def compile_decoding(self, enabled: bool = True, mode: str | None = None, backend: str = "inductor") -> "NAR":
         """Run every cached decoding pass after the prefill through ``torch.compile`` (the default mode on a CPU,
         ``"reduce-overhead"`` on CUDA, or `mode`). A compiled pass feeds its diagonal padded to the longest one
         (min(h, w) cells): the padding is written past the cache's committed length and masked out of attention,
         and the pass reads the cache's device lengths and a device count only, so one graph serves every pass of
         every grid of that batch size. Tokens equal eager decoding's to float rounding of the logits.
-        ``enabled=False`` returns to eager passes. Returns the model."""
+        ``enabled=False`` returns to eager passes; `backend` as in :func:`flexar.generators.base.compile_step`.
+        Returns the model."""
         if not enabled:
             self.__dict__.pop("_compiled_pass", None)
             return self
-        self.__dict__["_compiled_pass"] = compile_step(self._padded_pass_features, self.device, mode)
+        self.__dict__["_compiled_pass"] = compile_step(self._padded_pass_features, self.device, mode, backend)
         return self
 
     @property
