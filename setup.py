@@ -31,6 +31,7 @@ setup(
             "flexar-sample=flexar.cli.sample:main",
             "flexar-fid=flexar.cli.fid:main",
             "flexar-export=flexar.cli.export:main",
+            "flexar-convert=flexar.cli.convert:main",
         ]
     },
 )
