@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 # format name -> converter module
 FORMATS: dict[str, str] = {}
+FORMATS["llamagen-gpt"] = "flexar.convert.llamagen_gpt"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 

@@ -48,8 +48,18 @@ Differences from LlamaGen's official code:
   it, which makes a fresh model emit constant logits. ``zero_init_head=True`` restores LlamaGen's choice.
 - loss and accuracy are averaged over valid targets only when ``lengths`` is given (flexible-length tokenizers);
   LlamaGen always trains on full grids. With ``eos_token`` the end-of-sequence targets count among them.
+
+Guidance interval. LlamaGen's ``generate(..., cfg_interval=n)`` guides only the first tokens: with n >= 0, tokens
+0 ... n + 1 are drawn from the guided logits and every later token from the conditional logits alone (the null half
+is still fed, so its cache stays whole); -1, its default, guides every token. ``cfg_interval`` here does the same in
+:meth:`RasterAR.generate` (and so ``Pipeline.generate``): the sampler's guidance processor is wrapped, every other
+processor of its chain runs as given. The decoding strategies (speculative decoding, LANTERN, ScalingAR) take the
+sampler as it is and guide every token.
 """
 from __future__ import annotations
+
+import copy
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +67,9 @@ from torch import Tensor, nn
 
 from ..hub import register
 from ..nn import KVCache, RotaryEmbedding, Transformer, causal_mask, grid_positions
+from ..sampling import SamplingState
+from ..sampling.processors import classifier_free_guidance
+from ..sampling.strategy import GenerationOutput
 from ..utils import IGNORE_INDEX
 from .base import Generator
 
@@ -117,12 +130,17 @@ class RasterAR(Generator):
         norm_eps: float = 1e-6,
         mlp_multiple_of: int = 8,
         eos_token: bool = False,
+        cfg_interval: int = -1,
     ):
         super().__init__()
         self.set_sizes(vocab_size, max_tokens, num_classes, class_dropout, grid)
         if not isinstance(eos_token, bool):
             raise ValueError(f"eos_token must be a bool, got {eos_token!r}")
         self.eos_token = eos_token
+        if isinstance(cfg_interval, bool) or not isinstance(cfg_interval, int) or cfg_interval < -1:
+            raise ValueError(f"cfg_interval must be an int >= -1 (-1 guides every token; n >= 0 guides tokens "
+                             f"0 ... n + 1, LlamaGen's generate), got {cfg_interval!r}")
+        self.cfg_interval = cfg_interval
         if class_token_rotary not in CLASS_TOKEN_ROTARY:
             raise ValueError(f"class_token_rotary must be one of {CLASS_TOKEN_ROTARY}, got {class_token_rotary!r}")
         self.dim = dim
@@ -217,6 +235,39 @@ class RasterAR(Generator):
         """An empty KV cache for `batch_size` rows (2B under CFG) and up to class token + max_tokens positions."""
         return self.transformer.new_cache(batch_size, self.max_tokens + 1 if max_length is None else max_length)
 
+    # -- sampling ------------------------------------------------------------------------------------------------------
+    def interval_sampler(self, sampler):
+        """``sampler`` with its guidance limited to tokens 0 ... ``cfg_interval`` + 1 (LlamaGen's ``cfg_interval``):
+        a copy whose guidance processor is wrapped in place, every other processor kept in order; the sampler itself
+        when the interval is off (-1) or the sampler runs no guidance."""
+        if self.cfg_interval < 0 or not sampler.uses_cfg:
+            return sampler
+        guidance = [isinstance(p, partial) and p.func is classifier_free_guidance for p in sampler.processors]
+        if not any(guidance):
+            raise ValueError(f"cfg_interval={self.cfg_interval} needs a sampler whose chain holds flexar's "
+                             f"classifier_free_guidance processor; {type(sampler).__name__} has none to limit")
+        limited = copy.copy(sampler)
+        limited.processors = [
+            partial(guidance_until, guidance=processor, last_step=self.cfg_interval + 1) if guided else processor
+            for processor, guided in zip(sampler.processors, guidance)
+        ]
+        return limited
+
+    @torch.no_grad()
+    def generate(
+        self,
+        labels: Tensor,
+        sampler,
+        generator: torch.Generator | None = None,
+        num_tokens: int | None = None,
+        use_cache: bool = True,
+        progress: bool = False,
+    ) -> GenerationOutput:
+        """Sample `num_tokens` (default max_tokens) tokens per label, one per forward pass
+        (:meth:`~flexar.generators.Generator.decode_steps`), with guidance limited by ``cfg_interval``.
+        labels (B,) long -> ids (B, num_tokens), stats."""
+        return self.decode_steps(labels, self.interval_sampler(sampler), generator, num_tokens, use_cache, progress)
+
     # -- objective -----------------------------------------------------------------------------------------------------
     def training_loss(self, ids: Tensor, labels: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, dict]:
         """Next-token cross-entropy with teacher forcing; targets at positions >= lengths[b] are ignored, except that
@@ -249,3 +300,12 @@ class RasterAR(Generator):
             accuracy = correct.sum() / scored.sum()
         logs = {"loss": loss.detach(), "accuracy": accuracy, "perplexity": loss.detach().exp()}
         return loss, logs
+
+
+def guidance_until(logits: Tensor, state: SamplingState, guidance, last_step: int) -> Tensor:
+    """The processor `guidance` (classifier-free guidance) up to step `last_step`; after it the conditional rows alone,
+    as LlamaGen's ``decode_one_token`` with its ``cfg_flag`` off. logits (2B, ..., V) -> (B, ..., V)."""
+    if state.step <= last_step:
+        return guidance(logits, state)
+    conditional, _ = logits.chunk(2, dim=0)
+    return conditional.clone()
