@@ -28,6 +28,7 @@ from torch import Tensor, nn
 # format name -> converter module
 FORMATS: dict[str, str] = {}
 FORMATS["llamagen-gpt"] = "flexar.convert.llamagen_gpt"
+FORMATS["llamagen-vq"] = "flexar.convert.llamagen_vq"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 

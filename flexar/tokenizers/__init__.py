@@ -11,9 +11,11 @@ from .losses import PatchDiscriminator, PerceptualLoss, ReconstructionLoss
 from .onedpiece import OneDPiece
 from .retok import ReTok
 from .vqgan2d import VQGAN2D
+from .llamagen_vq import LlamaGenVQ
 from .multiscale import MultiScaleResidualVQ, MultiScaleVQ
 from .alit import ALIT
 from .karl import KARL
 
-__all__ = ["Encoded", "Tokenizer", "TiTok", "VQGAN2D", "FlexTok", "VAE", "OneDPiece", "ReTok", "MultiScaleVQ",
-           "MultiScaleResidualVQ", "ALIT", "KARL", "ReconstructionLoss", "PerceptualLoss", "PatchDiscriminator"]
+__all__ = ["Encoded", "Tokenizer", "TiTok", "VQGAN2D", "LlamaGenVQ", "FlexTok", "VAE", "OneDPiece", "ReTok",
+           "MultiScaleVQ", "MultiScaleResidualVQ", "ALIT", "KARL", "ReconstructionLoss", "PerceptualLoss",
+           "PatchDiscriminator"]
