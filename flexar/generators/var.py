@@ -38,8 +38,10 @@ Differences from VAR's official code:
   DiT); VAR scales its AdaLN weights by 0.5 and the gates by 1e-5 (close to zero as well) and divides the output
   projections by sqrt(2 depth). The other layers start as VAR's (truncated normal, std sqrt(1 / (3 width)), head
   weights times 0.02).
-- the attention projections have no biases (VAR has q and v biases and a biased output projection); without
-  ``attn_l2_norm`` the logit scale is 1 / sqrt(head_dim) (VAR: 0.25 / sqrt(head_dim)).
+- by default the attention projections have no biases; ``attention_bias=True`` adds VAR's (a bias on q and on v,
+  the key's fixed at zero, and a biased output projection: VAR's ``q_bias``, ``v_bias``, ``zero_k_bias``,
+  ``proj.bias``), which its released checkpoints need (:mod:`flexar.convert.var`); it requires ``attn_l2_norm``.
+  Without ``attn_l2_norm`` the logit scale is 1 / sqrt(head_dim) (VAR: 0.25 / sqrt(head_dim)).
 - no stochastic depth (VAR: drop path 0.1 * depth / 24), no shared AdaLN variant, no progressive training.
 - position and level embeddings and the per-head attention scale are decayed like other matrices by flexar's
   GeneratorModule (VAR exempts pos, level and scale parameters from weight decay); the attention scale is 1-D and
@@ -78,15 +80,28 @@ MAX_ATTENTION_SCALE = math.log(100.0)
 
 class CosineAttention(SelfAttention):
     """VAR's ``attn_l2_norm`` attention: softmax(s_h * q_hat k_hat^T) v with q_hat, k_hat l2-normalised per head and a
-    learnable per-head s_h = exp(min(theta_h, log 100)), theta_h = log 4 at the start. x (B, L, C) -> (B, L, C)."""
+    learnable per-head s_h = exp(min(theta_h, log 100)), theta_h = log 4 at the start. x (B, L, C) -> (B, L, C).
 
-    def __init__(self, dim: int, num_heads: int, backend: str = "auto"):
+    ``bias``: VAR's projection biases, one on q and one on v (``q_bias``, ``v_bias``; the key's is zero: a key bias
+    would move the normalised keys) and one on the output projection."""
+
+    def __init__(self, dim: int, num_heads: int, backend: str = "auto", bias: bool = False):
         super().__init__(dim, num_heads, qk_norm=False, backend=backend)
         self.log_scale = nn.Parameter(torch.full((num_heads,), math.log(4.0)))
+        self.biased = bias
+        if bias:
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+            self.proj = nn.Linear(dim, dim)
+            nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: Tensor, mask=None, rope=None, kv_cache: KVCache | None = None, layer_index: int = 0) -> Tensor:
         batch, length, dim = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.biased:
+            qkv = F.linear(x, self.qkv.weight, torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias]))
+        else:
+            qkv = self.qkv(x)
+        q, k, v = qkv.view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         scale = self.log_scale.clamp(max=MAX_ATTENTION_SCALE).exp().view(1, -1, 1, 1)
         q, k = F.normalize(q, dim=-1) * scale.to(q.dtype), F.normalize(k, dim=-1)
         if kv_cache is not None:
@@ -147,8 +162,13 @@ class VAR(Generator):
         head_init_scale: float = 0.02,
         attention_backend: str = "auto",
         cfg_schedule: str | None = "linear",
+        attention_bias: bool = False,
     ):
+        """``attention_bias``: VAR's q, v and output-projection biases in every attention layer (its released
+        checkpoints have them; needs ``attn_l2_norm``); see the module docstring."""
         super().__init__()
+        if attention_bias and not attn_l2_norm:
+            raise ValueError("attention_bias=True is VAR's biased cosine attention and needs attn_l2_norm=True")
         scales = check_scales(VAR_SCALES if scales is None else scales)
         dim = 64 * depth if dim is None else dim
         num_heads = depth if num_heads is None else num_heads
@@ -175,7 +195,7 @@ class VAR(Generator):
                                        backend=attention_backend, norm_eps=norm_eps)
         if attn_l2_norm:
             for block in self.transformer.blocks:
-                block.attn = CosineAttention(dim, num_heads, attention_backend)
+                block.attn = CosineAttention(dim, num_heads, attention_backend, bias=attention_bias)
         self.head = nn.Linear(dim, vocab_size)
         self.register_buffer("levels", scale_levels(scales), persistent=False)
         self.reset_parameters(init_std, head_init_scale)

@@ -30,12 +30,18 @@ the known failure of VAR reproductions.
 
 Shapes: images (B, C, H, W) in [-1, 1]; latents f, f_hat (B, code_dim, h, w); ids (B, sum side ** 2) long.
 
-The encoder and decoder are those of :mod:`flexar.tokenizers.vqgan2d`; the objective takes the shared
+By default (``architecture="flexar"``) the encoder and decoder are those of :mod:`flexar.tokenizers.vqgan2d`;
+``architecture="var"`` builds VAR's own CNN (models/basic_vae.py, latent-diffusion's vq-f16 layout), which the
+released VQVAE needs (:mod:`flexar.convert.var`): a self-attention block after every residual block of the lowest
+resolution and one between the two middle blocks, stride-2 downsampling after zero padding of one pixel on the right
+and bottom only, and ``num_res_blocks + 1`` residual blocks per decoder level. The objective takes the shared
 reconstruction losses (:class:`flexar.tokenizers.ReconstructionLoss`: pixel, LPIPS, PatchGAN) as ``criterion``.
 
 Differences from VAR's VQVAE and quantiser:
-- no self-attention in the encoder and decoder (VAR's ldm vq-f16 blocks have them at the lowest resolution and in
-  the middle); the CNN is the one shared with :class:`~flexar.tokenizers.VQGAN2D`.
+- with the default ``architecture="flexar"``: no self-attention in the encoder and decoder, symmetric padding in the
+  stride-2 convs and ``num_res_blocks`` blocks per decoder level (the CNN shared with
+  :class:`~flexar.tokenizers.VQGAN2D`). ``architecture="var"`` is VAR's CNN, except that a layer narrower than 32
+  channels takes the largest divisor of its width as GroupNorm groups (VAR: always 32; equal at VAR's widths).
 - VAR never released its VQVAE training: the objective here (the quantiser loss above plus the pixel / perceptual /
   adversarial terms of the shared criterion, VQGAN's recipe) is the paper's description, not VAR's code.
 - with ``l2_norm`` the lookup is by cosine similarity, as VAR's ``using_znorm``, and the code added to f_hat is the
@@ -57,7 +63,7 @@ from ..hub import register
 from ..quantizers import codebook_stats
 from ..utils import psnr
 from .base import Encoded, Tokenizer
-from .vqgan2d import Decoder, Encoder
+from .vqgan2d import Decoder, Encoder, ResBlock, group_norm
 
 VAR_SCALES = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
 # schedules ending on the latent side: VAR's for 16 x 16 latents (256 px at f16), small ones for 32 px images
@@ -109,6 +115,134 @@ class Phi(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return z * (1 - self.ratio) + self.conv(z) * self.ratio
+
+
+class SpatialAttention(nn.Module):
+    """Single-head self-attention over the pixels of a feature map, with a residual connection (VAR's and
+    latent-diffusion's ``AttnBlock``): x + proj(softmax(q^T k / sqrt(C)) v), q, k, v 1x1 convs of GroupNorm(x).
+    (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, channels, height, width = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(batch, 3, channels, height * width).unbind(1)
+        weights = torch.softmax(q.transpose(1, 2) @ k * channels ** -0.5, dim=-1)  # (B, query, key)
+        out = (v @ weights.transpose(1, 2)).view(batch, channels, height, width)
+        return x + self.proj(out)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv after zero padding of one pixel on the right and bottom (VAR's ``Downsample2x``)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling, then a 3x3 conv (VAR's ``Upsample2x``)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution of :class:`VAREncoder` / :class:`VARDecoder`: residual blocks, each followed by self-attention
+    when ``attend``, then an optional resampling layer."""
+
+    def __init__(self, in_channels: int, out_channels: int, count: int, attend: bool, resample: nn.Module | None):
+        super().__init__()
+        self.blocks = nn.ModuleList(ResBlock(in_channels if i == 0 else out_channels, out_channels)
+                                    for i in range(count))
+        self.attentions = nn.ModuleList(SpatialAttention(out_channels) for _ in range(count if attend else 0))
+        self.resample = resample if resample is not None else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        for index, block in enumerate(self.blocks):
+            x = block(x)
+            if len(self.attentions):
+                x = self.attentions[index](x)
+        return self.resample(x)
+
+
+class Middle(nn.Module):
+    """Residual block, self-attention, residual block at the lowest resolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block1, self.attention, self.block2 = ResBlock(channels, channels), SpatialAttention(channels), \
+            ResBlock(channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block2(self.attention(self.block1(x)))
+
+
+class VAREncoder(nn.Module):
+    """VAR's VQVAE encoder: (B, channels, H, W) -> (B, code_dim, H / f, W / f), f = 2 ** (len(multipliers) - 1).
+    A 3x3 stem to ``width``, one :class:`Level` per multiplier (attention at the last), the middle, GroupNorm + SiLU
+    and a 3x3 conv."""
+
+    def __init__(self, channels: int, width: int, multipliers: list[int], num_res_blocks: int, code_dim: int):
+        super().__init__()
+        widths = [width * m for m in multipliers]
+        self.stem = nn.Conv2d(channels, width, 3, padding=1)
+        last = len(widths) - 1
+        self.levels = nn.ModuleList(
+            Level(([width] + widths)[i], widths[i], num_res_blocks, attend=i == last,
+                  resample=Downsample(widths[i]) if i < last else None)
+            for i in range(len(widths))
+        )
+        self.middle = Middle(widths[-1])
+        self.norm = group_norm(widths[-1])
+        self.head = nn.Conv2d(widths[-1], code_dim, 3, padding=1)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.stem(images)
+        for level in self.levels:
+            x = level(x)
+        return self.head(F.silu(self.norm(self.middle(x))))
+
+
+class VARDecoder(nn.Module):
+    """VAR's VQVAE decoder: (B, code_dim, h, w) -> (B, channels, h * f, w * f). A 3x3 stem, the middle, then the
+    levels from the lowest resolution up (``levels[0]`` is the lowest: VAR's ``up[-1]``), each with
+    ``num_res_blocks + 1`` residual blocks (attention at the lowest) and a 2x upsampling except the last,
+    GroupNorm + SiLU and a 3x3 conv."""
+
+    def __init__(self, channels: int, width: int, multipliers: list[int], num_res_blocks: int, code_dim: int):
+        super().__init__()
+        widths = [width * m for m in multipliers][::-1]
+        self.stem = nn.Conv2d(code_dim, widths[0], 3, padding=1)
+        self.middle = Middle(widths[0])
+        last = len(widths) - 1
+        self.levels = nn.ModuleList(
+            Level(([widths[0]] + widths)[i], widths[i], num_res_blocks + 1, attend=i == 0,
+                  resample=Upsample(widths[i]) if i < last else None)
+            for i in range(len(widths))
+        )
+        self.norm = group_norm(widths[-1])
+        self.head = nn.Conv2d(widths[-1], channels, 3, padding=1)
+
+    def forward(self, codes: Tensor) -> Tensor:
+        x = self.middle(self.stem(codes))
+        for level in self.levels:
+            x = level(x)
+        return self.head(F.silu(self.norm(x)))
+
+
+ARCHITECTURES = {"flexar": (Encoder, Decoder), "var": (VAREncoder, VARDecoder)}
 
 
 class MultiScaleResidualVQ(nn.Module):
@@ -278,8 +412,13 @@ class MultiScaleVQ(Tokenizer):
         shared_phi: int = 4,
         quant_conv_kernel: int = 3,
         reconstruction_loss: str = "l2",
+        architecture: str = "flexar",
     ):
+        """``architecture``: the encoder / decoder CNN, ``"flexar"`` (:mod:`~flexar.tokenizers.vqgan2d`'s) or
+        ``"var"`` (VAR's VQVAE CNN with self-attention, for its released weights); see the module docstring."""
         super().__init__()
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {', '.join(map(repr, ARCHITECTURES))}, got {architecture!r}")
         if downsample < 1 or downsample & (downsample - 1):
             raise ValueError(f"downsample must be a power of two (4 for f4, 16 for f16), got {downsample}")
         if image_size % downsample:
@@ -308,13 +447,14 @@ class MultiScaleVQ(Tokenizer):
         self.codebook_size, self.code_dim = codebook_size, code_dim
         self.reconstruction_loss = reconstruction_loss
 
-        self.encoder = Encoder(channels, width, channel_multipliers, num_res_blocks, code_dim)
+        encoder, decoder = ARCHITECTURES[architecture]
+        self.encoder = encoder(channels, width, channel_multipliers, num_res_blocks, code_dim)
         padding = quant_conv_kernel // 2
         self.quant_conv = nn.Conv2d(code_dim, code_dim, quant_conv_kernel, padding=padding)
         self.quantizer = MultiScaleResidualVQ(codebook_size, code_dim, scales, beta=commitment, l2_norm=l2_norm,
                                               phi_ratio=phi_ratio, shared_phi=shared_phi)
         self.post_quant_conv = nn.Conv2d(code_dim, code_dim, quant_conv_kernel, padding=padding)
-        self.decoder = Decoder(channels, width, channel_multipliers, num_res_blocks, code_dim)
+        self.decoder = decoder(channels, width, channel_multipliers, num_res_blocks, code_dim)
 
     @property
     def scales(self) -> list[int]:
