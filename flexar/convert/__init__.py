@@ -29,6 +29,7 @@ from torch import Tensor, nn
 FORMATS: dict[str, str] = {}
 FORMATS["llamagen-gpt"] = "flexar.convert.llamagen_gpt"
 FORMATS["llamagen-vq"] = "flexar.convert.llamagen_vq"
+FORMATS["var"] = "flexar.convert.var"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
