@@ -19,6 +19,7 @@ from flexar.convert import Weights, convert
 from flexar.convert import var as var_format
 from flexar.hub import load_model, save_model
 from flexar.sampling import Sampler
+from flexar.tokenizers.multiscale import VAR_SCALES
 
 # a small VQVAE of the official class (VQVAE(vocab_size=64, z_channels=8, ch=32, v_patch_nums=(1, 2, 3, 4)): its
 # ddconfig is fixed, ch_mult (1, 1, 2, 2, 4) and 2 residual blocks, so 64 px images make 4 x 4 latents)
@@ -567,12 +568,12 @@ def test_the_official_sizes_on_the_meta_device(preset):
     depth = int(preset.split("-d")[1]) if "-d" in preset else None
     if preset == "vqvae":
         shapes = official_vqvae_shapes(ch=160, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z=32, V=4096,
-                                       patch_nums=var_format.VAR_SCALES, share=4)
+                                       patch_nums=VAR_SCALES, share=4)
         official = OFFICIAL_COUNTS["vqvae"]
         counted = sum(p.numel() for p in model.parameters())
     else:
         shapes = official_var_shapes(depth=depth, C=64 * depth, heads=depth, V=4096, Cvae=32, num_classes=1000,
-                                     patch_nums=var_format.VAR_SCALES)
+                                     patch_nums=VAR_SCALES)
         official = OFFICIAL_COUNTS[f"var-d{depth}"]
         # flexar's generator also holds a frozen copy of the VQVAE's codebook and phi layers (VAR keeps a reference)
         counted = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("quantizer."))
@@ -585,8 +586,8 @@ def test_the_official_sizes_on_the_meta_device(preset):
     family = "mvar" if preset.startswith("mvar") else "var"
     state = {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
     if preset != "vqvae":
-        state["lvl_1L"] = levels_of(var_format.VAR_SCALES)[None]
-        state["attn_bias_for_masking"] = training_mask(var_format.VAR_SCALES, family)
+        state["lvl_1L"] = levels_of(VAR_SCALES)[None]
+        state["attn_bias_for_masking"] = training_mask(VAR_SCALES, family)
         state.update({key: torch.zeros(shape) for key, shape in shapes.items() if key.endswith("zero_k_bias")})
     weights = Weights(state)
     var_format.load(model, weights)

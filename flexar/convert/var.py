@@ -81,11 +81,10 @@ import re
 import torch
 from torch import Tensor, nn
 
+from ..tokenizers.multiscale import VAR_SCALES
 from . import Weights
 
 CHECKPOINT_KEYS = ("mvar_wo_ddp",)  # VAR's files are the state dict itself; MVAR's hold it under "mvar_wo_ddp"
-
-VAR_SCALES = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
 
 
 def _generator_sizes(depth: int) -> dict:
