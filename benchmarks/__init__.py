@@ -32,6 +32,7 @@ BENCHMARKS = {
     "xar": "benchmarks.xar",
     "decode": "benchmarks.decode",
     "gpu": "benchmarks.gpu",
+    "speculative_large": "benchmarks.speculative_large",
 }
 
 
@@ -102,6 +103,13 @@ ABOUT = {
         "16 x 16 both compiled, each against its matrix-product floor from the profiler; exact speculative decoding "
         "with the EAGLE head against plain decoding, both compiled, at batch 1 and 8",
         full_seconds=None, quick_seconds=120, needs=_DIGITS_MODELS),
+    "speculative_large": About(
+        "LANTERN against exact speculative decoding with an EAGLE head on MNIST 2D VQ tokens (1024 codes, 64 tokens "
+        "per image): tokens per target pass, latency at batch 1, FID",
+        full_seconds=None, quick_seconds=40,
+        needs="MNIST under FLEXAR_DATA; trains a 2D VQ, a raster target, its EAGLE head and a classifier (estimated "
+              "~1 h on one core), kept for reuse with FLEXAR_SPECULATIVE_MODELS=FOLDER",
+        environment="FLEXAR_DATA=DIR"),
     "gpu": About(
         "one GPU's evidence at GPT-B size with random weights: raster eager vs compiled (CUDA graphs) tokens/s at "
         "batch 1 and 64, NAR vs raster images/s at 16 x 16 and 24 x 24, attention kernels against `math`, bf16 "

@@ -365,6 +365,25 @@ def test_gpu_quick():
     assert summary["device"] == record["machine"]["device_name"] and config["weights"] == "random"
 
 
+def test_speculative_large_quick():
+    record = quick_record("speculative_large")
+    config, summary, rows = record["config"], record["summary"], record["rows"]
+    by = {row["method"]: row for row in rows}
+    assert set(by) == {"plain", "speculative"} | {f"lantern_k{k}_d{delta}" for k, delta in config["grid"]}
+    tokens = config["tokens_per_image"]
+    assert by["plain"]["tokens_per_target_pass"] == 1.0 and by["plain"]["target_passes_per_batch"] == tokens
+    for row in rows:
+        assert 1.0 <= row["tokens_per_target_pass"] <= tokens and positive(row["fid"])
+        assert positive(row["seconds_per_image_batch1"])
+        assert row["tokens_per_target_pass"] == pytest.approx(tokens / row["target_passes_per_batch"])
+    if summary["best_lantern"] is not None:
+        best = by[summary["best_lantern"]]
+        assert best["fid"] <= (1 + config["fid_tolerance"]) * by["speculative"]["fid"]
+        assert summary["lantern_tokens_per_pass_ratio"] == pytest.approx(
+            best["tokens_per_target_pass"] / by["speculative"]["tokens_per_target_pass"])
+    assert "meets_lantern_tokens_per_pass_ratio" not in summary and config["codebook_size"] == config["vq"]["codebook_size"]
+
+
 def test_xar_quick():
     record = quick_record("xar")
     config, summary, rows = record["config"], record["summary"], record["rows"]
