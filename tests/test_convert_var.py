@@ -464,6 +464,26 @@ def test_mvar_logits_equal_the_official_equations(tmp_path, converted_vqvae):
     print(f"MVAR: largest logit difference {difference:.2e} (logits up to {reference.abs().max():.2f})")
 
 
+def test_the_converted_networks_equal_the_official_equations_in_float64(tiny_presets):
+    """The float32 differences above are rounding: in float64 the equations agree to 1e-10."""
+    vae, var = official_vqvae_state(), official_var_state()
+    tokenizer = convert("var", vae, "vqvae-test").double()
+    generator = convert("var", var, "var-test").double()
+    generator.load_tokenizer(tokenizer)
+    vae, var = ({key: value.double() if value.is_floating_point() else value for key, value in sd.items()}
+                for sd in (vae, var))
+    images = sample_images().double()
+    with torch.no_grad():
+        _, ids, reconstruction = ref_vqvae(vae, images)
+        encoded = tokenizer.encode(images).ids
+        assert torch.equal(encoded, torch.cat(ids, dim=1))
+        ours = tokenizer.decode_codes(tokenizer.quantizer.reconstruct(scale_maps(tokenizer, encoded)))
+        torch.testing.assert_close(ours, reconstruction, atol=1e-10, rtol=0)
+        labels = torch.tensor([0, 6])
+        torch.testing.assert_close(generator(encoded, labels), ref_var_logits(var, vae, labels, ids), atol=1e-10,
+                                   rtol=0)
+
+
 @pytest.mark.parametrize("family", ["var", "mvar"])
 def test_greedy_guided_generation_follows_the_official_loop(tmp_path, converted_vqvae, family):
     vae, tokenizer, folder = converted_vqvae
