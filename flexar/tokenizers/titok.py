@@ -34,14 +34,23 @@ Differences from the paper and its official code:
   the class token is appended after the other tokens rather than prepended, which keeps every slice of the sequence
   where the subclasses read it. The paper presets (``titok-l32``, ``titok-b64``, ``titok-s128``) turn the class
   token and ``ln_pre`` on.
-- the decoder's head is not the paper's: flexar's decoder maps each mask-token output to its pixel patch with one
-  linear layer. The official decoder predicts 1024-way logits of MaskGIT-VQGAN proxy codes at every patch (a
-  two-layer 1x1-conv head) and decodes their soft codes with the MaskGIT-VQGAN pixel decoder (30.7M parameters),
-  fine-tuned in its second stage. So a paper preset holds the official encoder, quantiser and decoder ViT (their
-  parameter count matches the official one within 0.2 %; ``tests/test_tokenizer_presets.py``) but not the official
-  head and pixel decoder: TiTok-L-32 is 606M parameters here against 641M officially.
+- the decoder's head: by default (``decoder_head="patches"``) flexar's decoder maps each mask-token output to its
+  pixel patch with one linear layer. The official decoder predicts 1024-way logits of MaskGIT-VQGAN proxy codes at
+  every patch (a two-layer 1x1-conv head) and decodes their soft codes with the MaskGIT-VQGAN pixel decoder
+  (30.7M parameters), fine-tuned in its second stage; ``decoder_head="proxy-codes"`` builds that head and decoder
+  (:mod:`flexar.tokenizers.titok_official`, sized by ``proxy_codebook_size``, ``proxy_code_dim`` and the
+  ``pixel_decoder_*`` arguments; the pixel decoder upsamples the patch grid 2 ** (levels - 1) times, which must be
+  ``patch_size``). The paper presets (``titok-l32``, ...) keep the linear head: they hold the official encoder,
+  quantiser and decoder ViT (parameter counts within 0.2 % of the official ones; ``tests/test_tokenizer_presets.py``)
+  and are trained on pixels from the start.
 - the official encoder adds a second position table to the latent tokens (``latent_token_positional_embedding``);
   here the learned latent tokens carry their position themselves (the sum of two learned tables is one table).
+- the released checkpoints (``flexar-convert titok``, :mod:`flexar.convert.titok`) need three more switches, off by
+  default: ``official_blocks`` (the official ViT blocks: biased attention projections, exact GELU;
+  :class:`~flexar.tokenizers.titok_official.ViT`), ``norm_eps=1e-5`` (every official LayerNorm has PyTorch's
+  default epsilon; flexar's defaults use 1e-6) and ``legacy_latent_reshape`` (the released encoders read their
+  latent outputs through a reshape rather than a transpose before projecting them to codes;
+  :class:`~flexar.tokenizers.titok_official.LegacyLatentProjection`).
 """
 from __future__ import annotations
 
@@ -54,9 +63,12 @@ from ..nn import Transformer
 from ..quantizers import FSQ, VQ
 from ..utils import psnr
 from .base import Encoded, Tokenizer
+from .titok_official import MASKGIT_VQGAN, LegacyLatentProjection, ProxyCodeDecoder, ViT
 
 # how decode fills latent positions past `lengths` (see the module docstring)
 FILLS = ("pad", "cut", "mean")
+# what maps the decoder's patch outputs to the image (see the module docstring)
+DECODER_HEADS = ("patches", "proxy-codes")
 
 # the official ViT sizes (1d-tokenizer modeling/modules/blocks.py), used by the encoder and the decoder alike
 VIT_SIZES = {
@@ -132,12 +144,31 @@ class TiTok(Tokenizer):
         class_token: bool = False,
         ln_pre: bool = False,
         conv_out: bool = False,
+        norm_eps: float = 1e-6,
+        official_blocks: bool = False,
+        legacy_latent_reshape: bool = False,
+        decoder_head: str = "patches",
+        proxy_codebook_size: int = MASKGIT_VQGAN["proxy_codebook_size"],
+        proxy_code_dim: int = MASKGIT_VQGAN["proxy_code_dim"],
+        pixel_decoder_channels: int = MASKGIT_VQGAN["pixel_decoder_channels"],
+        pixel_decoder_channel_mult: list[int] | None = None,
+        pixel_decoder_res_blocks: int = MASKGIT_VQGAN["pixel_decoder_res_blocks"],
     ):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} must be divisible by patch_size {patch_size}")
         if reconstruction_loss not in ("l1", "l2"):
             raise ValueError(f"reconstruction_loss must be 'l1' or 'l2', got {reconstruction_loss!r}")
+        if decoder_head not in DECODER_HEADS:
+            raise ValueError(f"TiTok decoder_head must be one of {DECODER_HEADS}, got {decoder_head!r}")
+        if official_blocks and (mlp, norm) != ("gelu", "layer"):
+            raise ValueError(f"TiTok official_blocks=True are LayerNorm + GELU blocks: mlp must be 'gelu' and norm "
+                             f"'layer', got mlp={mlp!r}, norm={norm!r}")
+        pixel_decoder_channel_mult = list(pixel_decoder_channel_mult or MASKGIT_VQGAN["pixel_decoder_channel_mult"])
+        if decoder_head == "proxy-codes" and 2 ** (len(pixel_decoder_channel_mult) - 1) != patch_size:
+            raise ValueError(f"TiTok decoder_head='proxy-codes' upsamples the patch grid by "
+                             f"2 ** (len(pixel_decoder_channel_mult) - 1) = "
+                             f"{2 ** (len(pixel_decoder_channel_mult) - 1)}, which must equal patch_size {patch_size}")
         self.image_size, self.channels, self.patch_size = image_size, channels, patch_size
         self.num_patches = (image_size // patch_size) ** 2
         self.max_tokens = num_latent_tokens
@@ -157,8 +188,9 @@ class TiTok(Tokenizer):
         self.patch_embed = nn.Linear(patch_dim, width)
         self.patch_pos = nn.Parameter(torch.randn(self.num_patches, width) * 0.02)
         self.latent_tokens = nn.Parameter(torch.randn(num_latent_tokens, width) * 0.02)
-        self.encoder = Transformer(width, depth, num_heads, mlp=mlp, norm=norm, backend=attention_backend)
-        self.to_code = nn.Linear(width, self.code_dim)
+        self.encoder = self.build_transformer(width, depth, num_heads, mlp, norm, norm_eps, official_blocks,
+                                              attention_backend)
+        self.to_code = (LegacyLatentProjection if legacy_latent_reshape else nn.Linear)(width, self.code_dim)
 
         # decoder
         self.from_code = nn.Linear(self.code_dim, decoder_width)
@@ -169,17 +201,33 @@ class TiTok(Tokenizer):
         self.mask_token = nn.Parameter(torch.randn(decoder_width) * 0.02)
         self.mask_pos = nn.Parameter(torch.randn(self.num_patches, decoder_width) * 0.02)
         decoder_heads = max(1, num_heads * decoder_width // width)
-        self.decoder = Transformer(decoder_width, decoder_depth, decoder_heads, mlp=mlp, norm=norm, backend=attention_backend)
-        self.to_pixels = nn.Linear(decoder_width, patch_dim)
+        self.decoder = self.build_transformer(decoder_width, decoder_depth, decoder_heads, mlp, norm, norm_eps,
+                                              official_blocks, attention_backend)
+        if decoder_head == "patches":
+            self.to_pixels, self.proxy_decoder = nn.Linear(decoder_width, patch_dim), None
+        else:
+            self.to_pixels = None
+            self.proxy_decoder = ProxyCodeDecoder(decoder_width, channels, proxy_codebook_size, proxy_code_dim,
+                                                  pixel_decoder_channels, pixel_decoder_channel_mult,
+                                                  pixel_decoder_res_blocks)
 
         # the official layout's extras (see the module docstring), each off by default
         self.encoder_class_token = nn.Parameter(torch.randn(width) * 0.02) if class_token else None
         self.decoder_class_token = nn.Parameter(torch.randn(decoder_width) * 0.02) if class_token else None
-        self.encoder_ln_pre = nn.LayerNorm(width, eps=1e-6) if ln_pre else nn.Identity()
-        self.decoder_ln_pre = nn.LayerNorm(decoder_width, eps=1e-6) if ln_pre else nn.Identity()
+        self.encoder_ln_pre = nn.LayerNorm(width, eps=norm_eps) if ln_pre else nn.Identity()
+        self.decoder_ln_pre = nn.LayerNorm(decoder_width, eps=norm_eps) if ln_pre else nn.Identity()
         self.conv_out = nn.Conv2d(channels, channels, 3, padding=1) if conv_out else nn.Identity()
         # (K, code_dim) per-position mean code of a training set for fill="mean"; set by fit_mean_fill, not saved
         self.register_buffer("mean_fill_codes", None, persistent=False)
+
+    @staticmethod
+    def build_transformer(width: int, depth: int, num_heads: int, mlp: str, norm: str, norm_eps: float,
+                          official_blocks: bool, backend: str) -> nn.Module:
+        """flexar's :class:`~flexar.nn.Transformer`, or with ``official_blocks`` the official ViT
+        (:class:`~flexar.tokenizers.titok_official.ViT`); both map (B, L, width) -> (B, L, width) under a mask."""
+        if official_blocks:
+            return ViT(width, depth, num_heads, norm_eps=norm_eps, backend=backend)
+        return Transformer(width, depth, num_heads, mlp=mlp, norm=norm, backend=backend, norm_eps=norm_eps)
 
     # -- encoder -------------------------------------------------------------------------------------------------------
     def encode_latents(self, images: Tensor) -> Tensor:
@@ -201,8 +249,19 @@ class TiTok(Tokenizer):
         return sequence if token is None else torch.cat([sequence, token.expand(sequence.shape[0], 1, -1)], dim=1)
 
     def to_image(self, patch_features: Tensor) -> Tensor:
-        """Decoder outputs at the mask tokens (B, N, width) -> images (B, C, H, W)."""
+        """Decoder outputs at the mask tokens (B, N, width) -> images (B, C, H, W): each output's pixel patch, or
+        with ``decoder_head="proxy-codes"`` the pixel decoder's image of their proxy codes."""
+        if self.proxy_decoder is not None:
+            return self.conv_out(self.proxy_decoder(patch_features))
         return self.conv_out(unpatchify(self.to_pixels(patch_features), self.patch_size, self.image_size))
+
+    def last_layer(self) -> Tensor:
+        """The weight of the layer that writes the image (the adaptive GAN weight's gradient ratio is taken there)."""
+        if isinstance(self.conv_out, nn.Conv2d):
+            return self.conv_out.weight
+        if self.proxy_decoder is not None:
+            return self.proxy_decoder.pixel_decoder.conv_out.weight
+        return self.to_pixels.weight
 
     def encode(self, images: Tensor, num_tokens: int | None = None) -> Encoded:
         keep = self.check_num_tokens(num_tokens)
@@ -304,8 +363,7 @@ class TiTok(Tokenizer):
             pixel_loss = mse if self.reconstruction_loss == "l2" else F.l1_loss(recon, images)
             criterion_logs = {"reconstruction": pixel_loss.detach()}
         else:
-            last_layer = self.conv_out.weight if isinstance(self.conv_out, nn.Conv2d) else self.to_pixels.weight
-            pixel_loss, criterion_logs = criterion(images, recon, step=step, last_layer=last_layer)
+            pixel_loss, criterion_logs = criterion(images, recon, step=step, last_layer=self.last_layer())
         loss = pixel_loss + quantized.loss
         logs = {
             "loss": loss.detach(),
