@@ -30,6 +30,7 @@ FORMATS: dict[str, str] = {}
 FORMATS["llamagen-gpt"] = "flexar.convert.llamagen_gpt"
 FORMATS["llamagen-vq"] = "flexar.convert.llamagen_vq"
 FORMATS["var"] = "flexar.convert.var"
+FORMATS["titok"] = "flexar.convert.titok"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
