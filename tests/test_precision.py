@@ -45,9 +45,10 @@ FAMILIES = ["titok", "flextok", "onedpiece", "retok", "nar", "npp", "token_shuff
 
 
 def floating_dtypes(pipe: Pipeline) -> set:
+    """The dtypes of every floating parameter and buffer, except the rotary tables (float32 in every model)."""
     modules = [pipe.tokenizer, pipe.generator] + ([pipe.draft] if pipe.draft is not None else [])
-    return {tensor.dtype for module in modules for tensor in [*module.parameters(), *module.buffers()]
-            if tensor.is_floating_point()}
+    return {tensor.dtype for module in modules for name, tensor in [*module.named_parameters(), *module.named_buffers()]
+            if tensor.is_floating_point() and not name.endswith("inv_freq")}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -107,3 +108,16 @@ def test_pipeline_to_refuses_an_integer_dtype_and_keeps_devices():
         pipe.to(torch.int64)
     assert pipe.to("cpu", torch.float16).dtype == torch.float16 and pipe.device.type == "cpu"
     assert pipe.to(dtype=torch.float32).dtype == torch.float32
+
+
+def test_rotary_tables_stay_float32_in_a_bf16_model():
+    from flexar.nn import RotaryEmbedding
+
+    rope = RotaryEmbedding(64, axes=2)
+    reference = rope(torch.tensor([[23, 23], [0, 5]]))
+    rope.to(torch.bfloat16)
+    assert rope.inv_freq.dtype == torch.float32
+    for expected, got in zip(reference, rope(torch.tensor([[23, 23], [0, 5]]))):
+        assert torch.equal(expected, got)  # a bf16 inv_freq moves these cosines by ~3e-3
+    rope.double()
+    assert rope.inv_freq.dtype == torch.float32

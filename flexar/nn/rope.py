@@ -21,9 +21,22 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"head_dim must be divisible by {2 * axes} for {axes}D rotary embeddings, got {head_dim}")
         self.head_dim = head_dim
         self.axes = axes
-        axis_dim = head_dim // axes
-        inv_freq = 1.0 / (base ** (torch.arange(0, axis_dim, 2, dtype=torch.float64) / axis_dim))
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.base = base
+        self.register_buffer("inv_freq", self.frequencies(), persistent=False)
+
+    def frequencies(self, device=None) -> Tensor:
+        """(head_dim / axes / 2,) float32 inverse frequencies, computed in float64."""
+        axis_dim = self.head_dim // self.axes
+        exponents = torch.arange(0, axis_dim, 2, dtype=torch.float64, device=device) / axis_dim
+        return (1.0 / self.base ** exponents).float()
+
+    def _apply(self, fn, recurse=True):
+        # the tables stay float32 whatever the model's dtype: a bf16 copy of inv_freq would move the angles of far
+        # positions by whole fractions of a turn (``model.to(torch.bfloat16)`` casts every floating buffer)
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32 and self.inv_freq.device.type != "meta":
+            self.inv_freq = self.frequencies(self.inv_freq.device)
+        return self
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """positions: (..., L) for 1D or (..., L, 2) for 2D -> (cos, sin), each (..., L, head_dim / 2) (a leading
