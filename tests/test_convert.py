@@ -68,8 +68,11 @@ class DoubleFormat:
     PRESETS = {"double": {}}
     CHECKPOINT_KEYS = ("model",)
 
+    built_with: dict = {}
+
     @staticmethod
     def build(preset, **overrides):
+        DoubleFormat.built_with = overrides
         return torch.nn.Linear(2, 2)
 
     @staticmethod
@@ -111,10 +114,14 @@ def test_convert_consumes_every_key_and_the_command_writes_a_loadable_folder(tmp
     monkeypatch.setattr(flexar.hub, "save_model", lambda model, output: saved.setdefault("folder", output))
     monkeypatch.setattr(flexar.hub, "fingerprint", lambda folder: "f")
     assert command.main(["double", str(tmp_path / "official.pt"), str(tmp_path / "out")]) == 0
-    assert saved == {"folder": str(tmp_path / "out")}
+    assert saved == {"folder": str(tmp_path / "out")} and DoubleFormat.built_with == {}
     printed = json.loads(capsys.readouterr().out)
     assert printed == {"output": str(tmp_path / "out"), "class": "Linear", "preset": "double", "parameters": 6,
                        "fingerprint": "f"}
+    # size and tokenizer options reach the format's build; a format whose model takes neither refuses them there
+    assert command.main(["double", str(tmp_path / "official.pt"), str(tmp_path / "out2"), "--image-size", "384",
+                         "--tokenizer", "tok"]) == 0
+    assert DoubleFormat.built_with == {"image_size": 384, "tokenizer": "tok"}
 
 
 def test_the_command_names_bad_formats_and_files(tmp_path, capsys, double_format):

@@ -2,6 +2,8 @@
 
     flexar-convert llamagen-gpt c2i_B_256.pt runs/released/llamagen-gpt-b --preset gpt-b
     flexar-convert llamagen-vq vq_ds16_c2i.pt runs/released/llamagen-vq16 --preset vq-16
+    flexar-convert var vae_ch160v4096z32.pth runs/released/var-vqvae --preset vqvae
+    flexar-convert var var_d16.pth runs/released/var-d16 --preset var-d16 --tokenizer runs/released/var-vqvae
 
 The checkpoint is read safely (``.safetensors``, or a ``.pt`` / ``.pth`` / ``.bin`` / ``.ckpt`` pickle through
 ``torch.load(weights_only=True)`` only); every official key is consumed or deliberately ignored, and a missing or
@@ -24,6 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("source", nargs="?", help="the official checkpoint file")
     parser.add_argument("output", nargs="?", help="the folder to write (config.json + model.safetensors)")
     parser.add_argument("--preset", default=None, help="the official size (default: the format's first; --list)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="the image side the model was released for, where the format takes one (llamagen-gpt "
+                             "and llamagen-vq at 384 px: --image-size 384)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="a converted tokenizer folder whose codebook the generator reads (var: the VQVAE folder "
+                             "for var-d* / mvar-d*)")
     parser.add_argument("--overwrite", action="store_true", help="replace an output folder that already holds files")
     parser.add_argument("--list", action="store_true", help="print every format and its presets, and exit")
     return parser
@@ -45,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         refuse_existing_output(args.output, args.overwrite)
-        model = convert(args.format, args.source, args.preset)
+        overrides = {name: value for name, value in (("image_size", args.image_size), ("tokenizer", args.tokenizer))
+                     if value is not None}
+        model = convert(args.format, args.source, args.preset, **overrides)
         folder = save_model(model, args.output)
     except (FileExistsError, FileNotFoundError, KeyError, ValueError, TypeError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
