@@ -91,8 +91,9 @@ class Pipeline:
     """A tokenizer and the generator trained on its ids.
 
     Args:
-        tokenizer: a :class:`flexar.tokenizers.Tokenizer`.
-        generator: a :mod:`flexar.generators` model with the tokenizer's vocabulary, length and grid.
+        tokenizer: a :class:`flexar.tokenizers.Tokenizer`, or the folder of one (``save_pretrained``,
+            ``flexar-export`` or ``flexar-convert``).
+        generator: a :mod:`flexar.generators` model with the tokenizer's vocabulary, length and grid, or its folder.
         check_provenance: refuse a tokenizer whose fingerprint differs from the one the generator recorded
             (default). ``False`` skips the check, for a tokenizer known to give the same ids (for example the same
             weights saved with another config layout).
@@ -101,6 +102,10 @@ class Pipeline:
     """
 
     def __init__(self, tokenizer, generator, check_provenance: bool = True, draft=None):
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = load_model(tokenizer)
+        if isinstance(generator, (str, os.PathLike)):
+            generator = load_model(generator)
         self.tokenizer = tokenizer.eval()
         self.generator = generator.eval()
         self.check_compatible()

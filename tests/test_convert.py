@@ -67,6 +67,7 @@ class DoubleFormat:
 
     PRESETS = {"double": {}}
     CHECKPOINT_KEYS = ("model",)
+    BINDS_TOKENIZER = True  # build takes the tokenizer folder itself
 
     built_with: dict = {}
 

@@ -9,7 +9,10 @@ module of this package registered in :data:`FORMATS`; it declares
 - ``build(preset: str, **overrides) -> nn.Module``: the flexar model of that size;
 - ``load(model, weights: Weights) -> None``: copies every official tensor into `model`, taking each through
   :meth:`Weights.take` (or declaring it with :meth:`Weights.ignore` and the reason); :func:`convert` then refuses
-  whatever was neither taken nor ignored.
+  whatever was neither taken nor ignored;
+- ``BINDS_TOKENIZER`` (optional, False by default): whether ``build`` takes ``tokenizer=FOLDER`` itself (VAR reads
+  its VQVAE's codebook); for the other generator formats :func:`convert` records the folder's fingerprint as the
+  generator's provenance after checking vocabulary and grid, so ``flexar.Pipeline`` checks the pair.
 
 Reading is safe by construction (:func:`read_state_dict`): ``.safetensors`` through safetensors, and ``.pt`` /
 ``.pth`` / ``.bin`` / ``.ckpt`` through ``torch.load(weights_only=True)`` only, so a pickle that would run code is
@@ -149,8 +152,29 @@ def convert(format: str, source: str | os.PathLike | dict, preset: str | None = 
         state_dict, name = source, "the state dict"
     else:
         state_dict, name = read_state_dict(source, module.CHECKPOINT_KEYS), str(source)
+    # a generator's tokenizer folder: a format whose model binds one (VAR reads its codebook) takes it as an
+    # argument; for the others the folder is only recorded, so that a Pipeline checks the pair
+    tokenizer = None if getattr(module, "BINDS_TOKENIZER", False) else overrides.pop("tokenizer", None)
     model = module.build(preset, **overrides)
     weights = Weights(state_dict, name)
     module.load(model, weights)
     weights.finish()
+    if tokenizer is not None:
+        record_tokenizer(model, tokenizer)
     return model.eval()
+
+
+def record_tokenizer(generator: nn.Module, folder: str | os.PathLike) -> None:
+    """Record the saved tokenizer `folder` as the one `generator` was trained on (its ``provenance``), after checking
+    that the two fit: the same vocabulary, and the generator's grid and length within the tokenizer's."""
+    from ..hub import fingerprint, load_model
+
+    tokenizer = load_model(folder)
+    vocabulary = getattr(generator, "vocab_size", None)
+    if vocabulary is not None and vocabulary != tokenizer.codebook_size:
+        raise ValueError(f"the generator has {vocabulary} codes, the tokenizer {folder} has {tokenizer.codebook_size}")
+    grid = getattr(generator, "grid", None)
+    if grid is not None and tokenizer.grid is not None and list(grid) != list(tokenizer.grid):
+        raise ValueError(f"the generator's grid {list(grid)} differs from the tokenizer {folder}'s {list(tokenizer.grid)}"
+                         " (pass the image size the two were released for)")
+    generator.provenance = {"tokenizer_fingerprint": fingerprint(folder)}

@@ -113,6 +113,10 @@ def _preset_name(family: str, depth: int) -> str:
     return f"a {family}-d* preset with the overrides depth={depth}, dim={64 * depth}, num_heads={depth}"
 
 
+# a var-d* / mvar-d* generator reads its VQVAE's codebook and phi layers: build takes the tokenizer folder
+BINDS_TOKENIZER = True
+
+
 def build(preset: str, **overrides) -> nn.Module:
     """The flexar model of `preset`: a MultiScaleVQ for ``vqvae``, an MVAR for ``mvar-d*``, a VAR for the others
     (``var-d*``); the name's prefix decides, so added sizes follow the same rule."""
