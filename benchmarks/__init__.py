@@ -96,7 +96,7 @@ ABOUT = {
     "mvar": About(
         "MVAR against VAR with the same width and depth: peak memory of a training step and of generation, "
         "generation speed, each in a fresh process; FID of both trained with one budget on one multi-scale VQ",
-        full_seconds=None, quick_seconds=80,
+        full_seconds=5714, quick_seconds=80,
         needs="a GPU for the full memory sizes, or FLEXAR_MVAR_SIZE=narrow on a CPU; MNIST under FLEXAR_DATA"),
     "decode": About(
         "compiled against eager decoding steps (raster, Token-Shuffle) at batch 1 and 64, NAR against raster at "
