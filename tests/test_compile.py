@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from flexar import Pipeline
-from flexar.generators import NAR, VAR, EagleDraftHead, RasterAR, TokenShuffleAR
+from flexar.generators import MVAR, NAR, VAR, EagleDraftHead, RasterAR, TokenShuffleAR
 from flexar.sampling import Sampler, SpeculativeDecoder
 from flexar.tokenizers import MultiScaleVQ, TiTok
 
@@ -75,6 +75,29 @@ def test_compiled_nar_passes_give_eager_tokens_with_one_graph_for_every_diagonal
         model.compiled_pass_logits(7, torch.zeros(6, 20, dtype=torch.long), short)
 
 
+def test_compiled_var_scales_give_eager_tokens_with_two_graphs_for_every_scale():
+    torch.manual_seed(0)
+    pyramid = MultiScaleVQ.from_preset("msvq-tiny").eval()
+    model = VAR.from_preset("var-tiny")
+    model.load_tokenizer(pyramid)
+    with torch.no_grad():  # AdaLN-zero blocks start as the identity: give them weights that mix the scales
+        for block in model.transformer.blocks:
+            block.modulation[1].weight.normal_(std=0.3)
+    model.eval()
+    labels = torch.tensor([0, 3, 7])
+    samplers = [Sampler(temperature=0.0, cfg_scale=2.0), Sampler(temperature=1.0, top_k=8, cfg_scale=2.0)]
+    eager = [model.generate(labels, sampler, seeded(2)).ids for sampler in samplers]
+    model.compile_decoding()
+    assert model.decoding_compiled
+    for sampler, expected in zip(samplers, eager):
+        output = model.generate(labels, sampler, seeded(2))
+        assert torch.equal(output.ids, expected) and output.stats["forward_passes"] == 4
+    # scales of 1, 4, 9 and 16 tokens: one graph for the first, one with a dynamic length for all the others
+    assert compiled_frames() <= 2
+    model.compile_decoding(False)
+    assert not model.decoding_compiled
+
+
 def test_compiled_speculative_decoding_with_an_eagle_head_keeps_greedy_decoding(tmp_path):
     target = raster(max_tokens=12)
     target.save_pretrained(tmp_path / "target")
@@ -101,10 +124,10 @@ def test_pipeline_compile_and_refusal_by_name(tmp_path):
     assert torch.equal(pipe.generate([0, 1], sampler=Sampler(top_k=5), seed=4, compile=True), eager)
     assert pipe.generator.decoding_compiled
     pyramid = MultiScaleVQ.from_preset("msvq-tiny").eval()
-    var = VAR.from_preset("var-tiny")
-    var.load_tokenizer(pyramid)
-    with pytest.raises(NotImplementedError, match="VAR has no compiled decoding step"):
-        Pipeline(pyramid, var, check_provenance=False).compile()
+    mvar = MVAR.from_preset("mvar-tiny")
+    mvar.load_tokenizer(pyramid)
+    with pytest.raises(NotImplementedError, match="MVAR has no compiled decoding step"):
+        Pipeline(pyramid, mvar, check_provenance=False).compile()
 
 
 def test_the_eager_backend_captures_the_same_single_graph_and_takes_no_inductor_mode():

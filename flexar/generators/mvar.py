@@ -167,6 +167,14 @@ class MVAR(VAR):
         return loss, logs
 
     # -- sampling: one forward per scale on its own map, no KV cache ---------------------------------------------------
+    def compile_decoding(self, enabled: bool = True, mode: str | None = None, backend: str = "inductor") -> "MVAR":
+        """Refused: MVAR's passes have no KV cache, and each scale runs on its own map under its own neighbourhood
+        mask, so VAR's compiled cached pass does not apply. ``enabled=False`` is accepted (nothing to turn off)."""
+        if enabled:
+            raise NotImplementedError("MVAR has no compiled decoding step (one pass per scale on its own map, each "
+                                      "with its own neighbourhood mask): decode it eagerly")
+        return self
+
     def new_decoding_state(self, rows: int, count: int, use_cache: bool) -> dict:
         return {}
 

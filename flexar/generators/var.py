@@ -66,7 +66,7 @@ from ..sampling import SamplingState, check_cfg_schedule
 from ..sampling.processors import classifier_free_guidance
 from ..tokenizers.multiscale import VAR_SCALES, MultiScaleResidualVQ, check_scales, scale_boundaries, scale_levels
 from ..utils import IGNORE_INDEX
-from .base import GenerationOutput, Generator
+from .base import GenerationOutput, Generator, compile_step
 
 
 def var_size(depth: int) -> dict:
@@ -351,11 +351,33 @@ class VAR(Generator):
         return loss, {"loss": loss.detach(), "accuracy": accuracy, "perplexity": loss.detach().exp()}
 
     # -- sampling ------------------------------------------------------------------------------------------------------
+    def compile_decoding(self, enabled: bool = True, mode: str | None = None, backend: str = "inductor") -> "VAR":
+        """Run every cached scale's forward pass through ``torch.compile`` (the default mode on a CPU,
+        ``"reduce-overhead"`` on CUDA, or `mode`; `backend` as in :func:`flexar.generators.base.compile_step`). The
+        scales differ in size: the first compiles for its own length, the second recompiles with a dynamic length,
+        and every later scale (and generation) reuses that graph, which reads the cache's device lengths only.
+        Tokens equal eager decoding's to float rounding of the logits. ``enabled=False`` returns to eager passes."""
+        if not enabled:
+            self.__dict__.pop("_compiled_network", None)
+            return self
+        self.__dict__["_compiled_network"] = compile_step(self._cached_network, self.device, mode, backend)
+        return self
+
+    @property
+    def decoding_compiled(self) -> bool:
+        """Whether :meth:`compile_decoding` is on."""
+        return "_compiled_network" in self.__dict__
+
+    def _cached_network(self, x: Tensor, class_embedding: Tensor, kv_cache: KVCache) -> Tensor:
+        return self.network(x, class_embedding, kv_cache=kv_cache)
+
     def decode_scale(self, index: int, x: Tensor, class_embedding: Tensor, state: dict) -> Tensor:
-        """Logits (cB, side ** 2, V) of scale `index` given its input x (cB, side ** 2, dim): through the KV cache, or
-        by recomputing every earlier scale's input kept in ``state["inputs"]`` (``use_cache=False``)."""
+        """Logits (cB, side ** 2, V) of scale `index` given its input x (cB, side ** 2, dim): through the KV cache
+        (compiled after :meth:`compile_decoding`), or by recomputing every earlier scale's input kept in
+        ``state["inputs"]`` (``use_cache=False``)."""
         if state["cache"] is not None:
-            return self.network(x, class_embedding, kv_cache=state["cache"])
+            network = self.__dict__.get("_compiled_network") or self._cached_network
+            return network(x, class_embedding, state["cache"])
         state["inputs"].append(x)
         logits = self.network(torch.cat(state["inputs"], dim=1), class_embedding, self.mask)
         return logits[:, -x.shape[1]:]
