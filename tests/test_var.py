@@ -212,6 +212,8 @@ def test_training_needs_the_tokenizers_pyramid(tmp_path):
         bare.training_loss(ids, labels)
     with torch.no_grad():
         bare.eval().training_loss(ids, labels)  # evaluation is allowed
+    with pytest.raises(ValueError, match=r"pyramid was never loaded"):  # generation is not: it decodes between scales
+        bare.generate(labels, Sampler())
     # a folder: the pyramid is copied, the saved config names no folder, provenance names the tokenizer
     tokenizer.save_pretrained(tmp_path / "tok")
     model = VAR.from_preset("var-tiny", tokenizer=str(tmp_path / "tok"))

@@ -397,6 +397,10 @@ class VAR(Generator):
     ) -> GenerationOutput:
         """Sample the token maps coarse to fine, one forward pass per scale, up to `num_tokens` (a scale boundary;
         default all). labels (B,) -> ids (B, num_tokens) and stats."""
+        if not bool(self.quantizer_loaded):
+            raise ValueError(f"{type(self).__name__} generates from the tokenizer's reconstructions between scales: "
+                             "build it with tokenizer=FOLDER (a saved MultiScaleVQ) or call load_tokenizer(tokenizer) "
+                             "before generating (its pyramid was never loaded)")
         sampler = ramped_sampler(sampler, self.cfg_schedule)
         start = self.begin_generation(labels, sampler, generator, num_tokens)
         labels, count, generator, timer, conditions, copies = start
