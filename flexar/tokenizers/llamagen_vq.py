@@ -46,14 +46,11 @@ from __future__ import annotations
 import logging
 import warnings
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..hub import register
 from ..quantizers import VQ
-from ..utils import psnr
-from .base import Encoded, Tokenizer
+from .vqgan2d import GridVQ
 
 
 def _diffusers_vae_blocks():
@@ -67,10 +64,11 @@ def _diffusers_vae_blocks():
 
 
 @register
-class LlamaGenVQ(Tokenizer):
-    """LlamaGen's VQ tokenizer: an image becomes an (H / f) x (W / f) grid of ids from an l2-normalised codebook."""
-
-    takes_criterion = True
+class LlamaGenVQ(GridVQ):
+    """LlamaGen's VQ tokenizer: an image becomes an (H / f) x (W / f) grid of ids from an l2-normalised codebook.
+    Its objective (:class:`~flexar.tokenizers.vqgan2d.GridVQ`) is LlamaGen's L2 pixel term and codebook + 0.25 x
+    commitment loss; a ReconstructionLoss criterion adds LPIPS and the PatchGAN hinge loss (LlamaGen: from step
+    20000)."""
 
     presets = {
         # LlamaGen VQ-16 and VQ-8 (vq_model.py VQ_16 / VQ_8 with ModelArgs' defaults: ch 128, 2 res blocks,
@@ -160,25 +158,11 @@ class LlamaGenVQ(Tokenizer):
             act_fn="silu", norm_type="group", mid_block_add_attention=True,
         )
 
-    def check_num_tokens(self, num_tokens: int | None) -> int:
-        count = super().check_num_tokens(num_tokens)
-        if count != self.max_tokens:
-            raise ValueError(
-                f"{type(self).__name__} encodes the whole {self.grid[0]}x{self.grid[1]} grid: num_tokens must be None "
-                f"or {self.max_tokens}, got {num_tokens}"
-            )
-        return count
-
     # -- encoder -------------------------------------------------------------------------------------------------------
     def encode_latents(self, images: Tensor) -> Tensor:
         """(B, C, H, W) -> latents before quantisation (after ``quant_conv``), (B, h * w, code_dim) in raster order."""
         self.check_images(images)
         return self.quant_conv(self.encoder(images)).flatten(2).transpose(1, 2)
-
-    def encode(self, images: Tensor, num_tokens: int | None = None) -> Encoded:
-        count = self.check_num_tokens(num_tokens)
-        ids = self.quantizer.codes_to_ids(self.encode_latents(images))
-        return Encoded(ids, torch.full((images.shape[0],), count, dtype=torch.long, device=images.device))
 
     # -- decoder -------------------------------------------------------------------------------------------------------
     def decode_codes(self, codes: Tensor) -> Tensor:
@@ -186,38 +170,5 @@ class LlamaGenVQ(Tokenizer):
         latents = codes.transpose(1, 2).reshape(codes.shape[0], self.code_dim, *self.grid)
         return self.decoder(self.post_quant_conv(latents.to(self.post_quant_conv.weight.dtype)))
 
-    def decode(self, ids: Tensor, lengths: Tensor | None = None) -> Tensor:
-        lengths = self.check_ids(ids, lengths)
-        if ids.shape[1] != self.max_tokens or bool((lengths != self.max_tokens).any()):
-            raise ValueError(
-                f"{type(self).__name__} decodes whole {self.grid[0]}x{self.grid[1]} grids: ids must be "
-                f"(B, {self.max_tokens}) with every length {self.max_tokens}, got {tuple(ids.shape)}"
-            )
-        return self.decode_codes(self.quantizer.ids_to_codes(ids))
-
-    def code_vectors(self) -> Tensor:
-        """(V, code_dim) float32 unit codes: the vectors the decoder reads (LANTERN's latent neighbours)."""
-        return self.quantizer.code_vectors()
-
-    # -- objective -----------------------------------------------------------------------------------------------------
-    def training_loss(self, images: Tensor, criterion=None, step: int = 0) -> tuple[Tensor, dict]:
-        """Reconstruction + quantiser loss (LlamaGen's L2 pixel term and codebook + 0.25 * commitment); a
-        ``criterion`` (a ReconstructionLoss) replaces the pixel term with its pixel, perceptual and adversarial terms
-        at tokenizer step ``step`` (LlamaGen adds LPIPS and a PatchGAN hinge loss from step 20000)."""
-        quantized = self.quantizer(self.encode_latents(images))
-        recon = self.decode_codes(quantized.codes)
-        mse = F.mse_loss(recon, images)
-        if criterion is None:
-            pixel_loss = mse if self.reconstruction_loss == "l2" else F.l1_loss(recon, images)
-            criterion_logs = {"reconstruction": pixel_loss.detach()}
-        else:
-            pixel_loss, criterion_logs = criterion(images, recon, step=step, last_layer=self.decoder.conv_out.weight)
-        loss = pixel_loss + quantized.loss
-        logs = {
-            "loss": loss.detach(),
-            **criterion_logs,
-            "quantizer": quantized.loss.detach(),
-            "psnr": psnr(mse.detach()),
-            **{(k if k.endswith("_loss") else f"codebook_{k}"): v for k, v in quantized.logs.items()},
-        }
-        return loss, logs
+    def last_layer(self) -> Tensor:
+        return self.decoder.conv_out.weight

@@ -107,15 +107,73 @@ class Decoder(nn.Module):
         return self.head(self.body(self.stem(codes)))
 
 
-@register
-class VQGAN2D(Tokenizer):
-    """Convolutional VQ tokenizer: an image becomes an (H / downsample) x (W / downsample) grid of ids."""
+class GridVQ(Tokenizer):
+    """What every convolutional VQ tokenizer of a whole 2D grid shares (:class:`VQGAN2D`, LlamaGen's
+    :class:`~flexar.tokenizers.LlamaGenVQ`): ``encode`` / ``decode`` of the whole grid in raster order through
+    ``self.quantizer`` (a :class:`flexar.quantizers.VQ`), ``code_vectors`` and the reconstruction objective. A
+    subclass provides ``encode_latents(images) -> (B, h * w, code_dim)``, ``decode_codes(codes) -> images``,
+    ``last_layer()`` (the decoder's last weight, for the adaptive GAN weight) and the attributes ``grid``,
+    ``code_dim`` and ``reconstruction_loss`` ("l2" or "l1")."""
 
     takes_criterion = True
 
+    def check_num_tokens(self, num_tokens: int | None) -> int:
+        count = super().check_num_tokens(num_tokens)
+        if count != self.max_tokens:
+            raise ValueError(
+                f"{type(self).__name__} encodes the whole {self.grid[0]}x{self.grid[1]} grid: num_tokens must be None "
+                f"or {self.max_tokens}, got {num_tokens}"
+            )
+        return count
+
+    def encode(self, images: Tensor, num_tokens: int | None = None) -> Encoded:
+        count = self.check_num_tokens(num_tokens)
+        ids = self.quantizer.codes_to_ids(self.encode_latents(images))
+        return Encoded(ids, torch.full((images.shape[0],), count, dtype=torch.long, device=images.device))
+
+    def decode(self, ids: Tensor, lengths: Tensor | None = None) -> Tensor:
+        lengths = self.check_ids(ids, lengths)
+        if ids.shape[1] != self.max_tokens or bool((lengths != self.max_tokens).any()):
+            raise ValueError(
+                f"{type(self).__name__} decodes whole {self.grid[0]}x{self.grid[1]} grids: ids must be "
+                f"(B, {self.max_tokens}) with every length {self.max_tokens}, got {tuple(ids.shape)}"
+            )
+        return self.decode_codes(self.quantizer.ids_to_codes(ids))
+
+    def code_vectors(self) -> Tensor:
+        """(V, code_dim) float32: the vectors the decoder reads (LANTERN's latent neighbours)."""
+        return self.quantizer.code_vectors()
+
+    def training_loss(self, images: Tensor, criterion=None, step: int = 0) -> tuple[Tensor, dict]:
+        """Reconstruction + quantiser loss; ``criterion`` (a ReconstructionLoss) replaces the pixel term with its pixel,
+        perceptual and adversarial terms at tokenizer step ``step``."""
+        quantized = self.quantizer(self.encode_latents(images))
+        recon = self.decode_codes(quantized.codes)
+        mse = F.mse_loss(recon, images)
+        if criterion is None:
+            pixel_loss = mse if self.reconstruction_loss == "l2" else F.l1_loss(recon, images)
+            criterion_logs = {"reconstruction": pixel_loss.detach()}
+        else:
+            pixel_loss, criterion_logs = criterion(images, recon, step=step, last_layer=self.last_layer())
+        loss = pixel_loss + quantized.loss
+        logs = {
+            "loss": loss.detach(),
+            **criterion_logs,
+            "quantizer": quantized.loss.detach(),
+            "psnr": psnr(mse.detach()),
+            **{(k if k.endswith("_loss") else f"codebook_{k}"): v for k, v in quantized.logs.items()},
+        }
+        return loss, logs
+
+
+@register
+class VQGAN2D(GridVQ):
+    """Convolutional VQ tokenizer: an image becomes an (H / downsample) x (W / downsample) grid of ids."""
+
     presets = {
-        # LlamaGen's VQ-8 / VQ-16 tokenizers at 256 px RGB (LlamaGen tokenizer/vq_model.py: ch 128, 2 res blocks,
-        # 16384 l2-normalised codes of 8 dims)
+        # LlamaGen's VQ-8 / VQ-16 sizes at 256 px RGB (ch 128, 2 res blocks, 16384 l2-normalised codes of 8 dims) in
+        # this simpler network (no attention blocks, no 1x1 quant convs): LlamaGen's own architecture, which its
+        # released weights need, is flexar.tokenizers.LlamaGenVQ
         "vq2d-f8": dict(image_size=256, channels=3, downsample=8, width=128, channel_multipliers=[1, 2, 2, 4],
                         num_res_blocks=2, codebook_size=16384, code_dim=8, l2_norm=True),
         "vq2d-f16": dict(image_size=256, channels=3, downsample=16, width=128, channel_multipliers=[1, 1, 2, 2, 4],
@@ -175,25 +233,11 @@ class VQGAN2D(Tokenizer):
         self.codebook_size = codebook_size
         self.code_dim = code_dim
 
-    def check_num_tokens(self, num_tokens: int | None) -> int:
-        count = super().check_num_tokens(num_tokens)
-        if count != self.max_tokens:
-            raise ValueError(
-                f"{type(self).__name__} encodes the whole {self.grid[0]}x{self.grid[1]} grid: num_tokens must be None "
-                f"or {self.max_tokens}, got {num_tokens}"
-            )
-        return count
-
     # -- encoder -------------------------------------------------------------------------------------------------------
     def encode_latents(self, images: Tensor) -> Tensor:
         """(B, C, H, W) -> continuous latents before quantisation, (B, h * w, code_dim) in raster order."""
         self.check_images(images)
         return self.encoder(images).flatten(2).transpose(1, 2)
-
-    def encode(self, images: Tensor, num_tokens: int | None = None) -> Encoded:
-        count = self.check_num_tokens(num_tokens)
-        ids = self.quantizer(self.encode_latents(images)).ids
-        return Encoded(ids, torch.full((images.shape[0],), count, dtype=torch.long, device=images.device))
 
     # -- decoder -------------------------------------------------------------------------------------------------------
     def decode_codes(self, codes: Tensor) -> Tensor:
@@ -202,36 +246,5 @@ class VQGAN2D(Tokenizer):
         latents = codes.transpose(1, 2).reshape(batch, self.code_dim, *self.grid)
         return self.decoder(latents.to(self.decoder.stem.weight.dtype))
 
-    def decode(self, ids: Tensor, lengths: Tensor | None = None) -> Tensor:
-        lengths = self.check_ids(ids, lengths)
-        if ids.shape[1] != self.max_tokens or bool((lengths != self.max_tokens).any()):
-            raise ValueError(
-                f"{type(self).__name__} decodes whole {self.grid[0]}x{self.grid[1]} grids: ids must be "
-                f"(B, {self.max_tokens}) with every length {self.max_tokens}, got {tuple(ids.shape)}"
-            )
-        return self.decode_codes(self.quantizer.ids_to_codes(ids))
-
-    def code_vectors(self) -> Tensor:
-        return self.quantizer.code_vectors()
-
-    # -- objective -----------------------------------------------------------------------------------------------------
-    def training_loss(self, images: Tensor, criterion=None, step: int = 0) -> tuple[Tensor, dict]:
-        """Reconstruction + quantiser loss; ``criterion`` (a ReconstructionLoss) replaces the pixel term with its pixel,
-        perceptual and adversarial terms at tokenizer step ``step``."""
-        quantized = self.quantizer(self.encode_latents(images))
-        recon = self.decode_codes(quantized.codes)
-        mse = F.mse_loss(recon, images)
-        if criterion is None:
-            pixel_loss = mse if self.reconstruction_loss == "l2" else F.l1_loss(recon, images)
-            criterion_logs = {"reconstruction": pixel_loss.detach()}
-        else:
-            pixel_loss, criterion_logs = criterion(images, recon, step=step, last_layer=self.decoder.head.weight)
-        loss = pixel_loss + quantized.loss
-        logs = {
-            "loss": loss.detach(),
-            **criterion_logs,
-            "quantizer": quantized.loss.detach(),
-            "psnr": psnr(mse.detach()),
-            **{(k if k.endswith("_loss") else f"codebook_{k}"): v for k, v in quantized.logs.items()},
-        }
-        return loss, logs
+    def last_layer(self) -> Tensor:
+        return self.decoder.head.weight
