@@ -123,6 +123,15 @@ class Weights:
         with torch.no_grad():
             target.copy_(self.take(key, target.shape).to(target.dtype))
 
+    def copy_module(self, prefix: str, module: nn.Module, renames: dict[str, str] | None = None) -> None:
+        """:meth:`copy` every parameter NAME of `module` from the official key ``prefix + NAME`` (`prefix` ends with
+        a dot), `renames` mapping the first component of flexar's name to the official one
+        (``{"skip": "nin_shortcut"}``)."""
+        for name, parameter in module.named_parameters():
+            head, _, rest = name.partition(".")
+            official = (renames or {}).get(head, head) + ("." + rest if rest else "")
+            self.copy(prefix + official, parameter)
+
     def ignore(self, pattern: str, reason: str) -> list[str]:
         """Declare the keys matching the regular expression `pattern` (full match) as deliberately unused, with the
         reason (buffers the flexar model recomputes, training-only state); returns them."""

@@ -56,22 +56,17 @@ def build(preset: str, **overrides) -> LlamaGenVQ:
     return LlamaGenVQ(**{**PRESETS[preset], **overrides})
 
 
-def _copy_parameters(weights: Weights, key: str, module: nn.Module, names: tuple[str, ...] = ("weight", "bias")):
-    for name in names:
-        weights.copy(f"{key}.{name}", getattr(module, name))
-
-
 def _copy_resnet(weights: Weights, key: str, block: nn.Module) -> None:
     """An official ``ResnetBlock`` at `key` into diffusers' ``ResnetBlock2D`` `block`."""
     for name in ("norm1", "conv1", "norm2", "conv2"):
-        _copy_parameters(weights, f"{key}.{name}", getattr(block, name))
+        weights.copy_module(f"{key}.{name}.", getattr(block, name))
     if block.conv_shortcut is not None:  # the width changes: the official 1x1 ``nin_shortcut``
-        _copy_parameters(weights, f"{key}.nin_shortcut", block.conv_shortcut)
+        weights.copy_module(f"{key}.nin_shortcut.", block.conv_shortcut)
 
 
 def _copy_attention(weights: Weights, key: str, attention: nn.Module) -> None:
     """An official ``AttnBlock`` at `key` (1x1 convs) into diffusers' single-head ``Attention`` (linear layers)."""
-    _copy_parameters(weights, f"{key}.norm", attention.group_norm)
+    weights.copy_module(f"{key}.norm.", attention.group_norm)
     for official, linear in (("q", attention.to_q), ("k", attention.to_k), ("v", attention.to_v),
                              ("proj_out", attention.to_out[0])):
         out_features, in_features = linear.weight.shape
@@ -90,7 +85,7 @@ def _copy_level(weights: Weights, key: str, level: nn.Module, resample: str) -> 
         _copy_attention(weights, f"{key}.attn.{j}", attention)
     samplers = level.downsamplers if resample == "downsample" else level.upsamplers
     if samplers is not None:
-        _copy_parameters(weights, f"{key}.{resample}.conv", samplers[0].conv)
+        weights.copy_module(f"{key}.{resample}.conv.", samplers[0].conv)
 
 
 def _copy_middle(weights: Weights, key: str, middle: nn.Module) -> None:
@@ -103,22 +98,22 @@ def _copy_middle(weights: Weights, key: str, middle: nn.Module) -> None:
 def load(model: LlamaGenVQ, weights: Weights) -> None:
     """Copy every tensor of an official VQModel state dict into `model` (see the module docstring's key map)."""
     encoder, decoder = model.encoder, model.decoder
-    _copy_parameters(weights, "encoder.conv_in", encoder.conv_in)
+    weights.copy_module("encoder.conv_in.", encoder.conv_in)
     for i, level in enumerate(encoder.down_blocks):
         _copy_level(weights, f"encoder.conv_blocks.{i}", level, "downsample")
     _copy_middle(weights, "encoder.mid", encoder.mid_block)
-    _copy_parameters(weights, "encoder.norm_out", encoder.conv_norm_out)
-    _copy_parameters(weights, "encoder.conv_out", encoder.conv_out)
+    weights.copy_module("encoder.norm_out.", encoder.conv_norm_out)
+    weights.copy_module("encoder.conv_out.", encoder.conv_out)
 
-    _copy_parameters(weights, "quant_conv", model.quant_conv)
+    weights.copy_module("quant_conv.", model.quant_conv)
     weights.copy("quantize.embedding.weight", model.quantizer.embedding.weight)
     weights.ignore(r"quantize\.codebook_used", "the ids of LlamaGen's last 65536 training lookups, kept only to log "
                                                "codebook usage")
-    _copy_parameters(weights, "post_quant_conv", model.post_quant_conv)
+    weights.copy_module("post_quant_conv.", model.post_quant_conv)
 
-    _copy_parameters(weights, "decoder.conv_in", decoder.conv_in)
+    weights.copy_module("decoder.conv_in.", decoder.conv_in)
     _copy_middle(weights, "decoder.mid", decoder.mid_block)
     for i, level in enumerate(decoder.up_blocks):
         _copy_level(weights, f"decoder.conv_blocks.{i}", level, "upsample")
-    _copy_parameters(weights, "decoder.norm_out", decoder.conv_norm_out)
-    _copy_parameters(weights, "decoder.conv_out", decoder.conv_out)
+    weights.copy_module("decoder.norm_out.", decoder.conv_norm_out)
+    weights.copy_module("decoder.conv_out.", decoder.conv_out)

@@ -109,7 +109,7 @@ def load_encoder(model: TiTok, weights: Weights) -> None:
     model.patch_pos.copy_(positions[1:])
     latents = weights.take("latent_tokens", model.latent_tokens.shape)
     model.latent_tokens.copy_(latents + weights.take("encoder.latent_token_positional_embedding", latents.shape))
-    copy_affine(weights, "encoder.ln_pre", model.encoder_ln_pre)
+    weights.copy_module("encoder.ln_pre.", model.encoder_ln_pre)
     load_transformer(weights, "encoder", model.encoder)
     weights.copy("encoder.conv_out.weight", model.to_code.weight[..., None, None])
     weights.copy("encoder.conv_out.bias", model.to_code.bias)
@@ -125,11 +125,11 @@ def load_decoder(model: TiTok, weights: Weights) -> None:
     model.mask_pos.copy_(positions[1:])
     model.mask_token.copy_(weights.take("decoder.mask_token", (1, 1, width))[0, 0])
     weights.copy("decoder.latent_token_positional_embedding", model.latent_pos)
-    copy_affine(weights, "decoder.ln_pre", model.decoder_ln_pre)
+    weights.copy_module("decoder.ln_pre.", model.decoder_ln_pre)
     load_transformer(weights, "decoder", model.decoder)
     head = model.proxy_decoder
-    copy_affine(weights, "decoder.ffn.0", head.head_in)
-    copy_affine(weights, "decoder.ffn.2", head.head_out)
+    weights.copy_module("decoder.ffn.0.", head.head_in)
+    weights.copy_module("decoder.ffn.2.", head.head_out)
     weights.copy("pixel_quantize.embedding.weight", head.codebook.weight)
     load_pixel_decoder(weights, "pixel_decoder", head.pixel_decoder)
 
@@ -138,32 +138,32 @@ def load_transformer(weights: Weights, prefix: str, transformer: nn.Module) -> N
     """``{prefix}.transformer.{i}`` ResidualAttentionBlocks and ``{prefix}.ln_post`` into a titok_official.ViT."""
     for index, block in enumerate(transformer.blocks):
         name = f"{prefix}.transformer.{index}"
-        copy_affine(weights, f"{name}.ln_1", block.norm1)
+        weights.copy_module(f"{name}.ln_1.", block.norm1)
         weights.copy(f"{name}.attn.in_proj_weight", block.qkv.weight)
         weights.copy(f"{name}.attn.in_proj_bias", block.qkv.bias)
-        copy_affine(weights, f"{name}.attn.out_proj", block.proj)
-        copy_affine(weights, f"{name}.ln_2", block.norm2)
-        copy_affine(weights, f"{name}.mlp.c_fc", block.mlp_up)
-        copy_affine(weights, f"{name}.mlp.c_proj", block.mlp_down)
+        weights.copy_module(f"{name}.attn.out_proj.", block.proj)
+        weights.copy_module(f"{name}.ln_2.", block.norm2)
+        weights.copy_module(f"{name}.mlp.c_fc.", block.mlp_up)
+        weights.copy_module(f"{name}.mlp.c_proj.", block.mlp_down)
     extra = f"{prefix}.transformer.{len(transformer.blocks)}."
     if weights.keys(extra):
         raise ValueError(f"{weights.source} has more {prefix} blocks than the preset's {len(transformer.blocks)} "
                          f"(e.g. {weights.keys(extra)[0]!r}): another size, choose the matching preset")
-    copy_affine(weights, f"{prefix}.ln_post", transformer.final_norm)
+    weights.copy_module(f"{prefix}.ln_post.", transformer.final_norm)
 
 
 def load_pixel_decoder(weights: Weights, prefix: str, decoder: nn.Module) -> None:
     """The MaskGIT-VQGAN Decoder (``conv_in``, ``mid.{j}``, ``up.{i}.block.{j}`` / ``up.{i}.upsample_conv``,
     ``norm_out``, ``conv_out``) into a titok_official.MaskGITDecoder; its output is mapped from [0, 1] to [-1, 1]."""
-    copy_affine(weights, f"{prefix}.conv_in", decoder.conv_in)
+    weights.copy_module(f"{prefix}.conv_in.", decoder.conv_in)
     for index, block in enumerate(decoder.mid):
         copy_residual_block(weights, f"{prefix}.mid.{index}", block)
     for level_index, level in enumerate(decoder.levels):
         for index, block in enumerate(level.blocks):
             copy_residual_block(weights, f"{prefix}.up.{level_index}.block.{index}", block)
         if level.upsample is not None:
-            copy_affine(weights, f"{prefix}.up.{level_index}.upsample_conv", level.upsample)
-    copy_affine(weights, f"{prefix}.norm_out", decoder.norm_out)
+            weights.copy_module(f"{prefix}.up.{level_index}.upsample_conv.", level.upsample)
+    weights.copy_module(f"{prefix}.norm_out.", decoder.norm_out)
     weight = weights.take(f"{prefix}.conv_out.weight", decoder.conv_out.weight.shape)
     bias = weights.take(f"{prefix}.conv_out.bias", decoder.conv_out.bias.shape)
     # the official image y in [0, 1] is flexar's 2 y - 1
@@ -172,16 +172,9 @@ def load_pixel_decoder(weights: Weights, prefix: str, decoder: nn.Module) -> Non
 
 
 def copy_residual_block(weights: Weights, prefix: str, block: nn.Module) -> None:
-    copy_affine(weights, f"{prefix}.norm1", block.norm1)
+    weights.copy_module(f"{prefix}.norm1.", block.norm1)
     weights.copy(f"{prefix}.conv1.weight", block.conv1.weight)
-    copy_affine(weights, f"{prefix}.norm2", block.norm2)
+    weights.copy_module(f"{prefix}.norm2.", block.norm2)
     weights.copy(f"{prefix}.conv2.weight", block.conv2.weight)
     if block.shortcut is not None:
         weights.copy(f"{prefix}.nin_shortcut.weight", block.shortcut.weight)
-
-
-def copy_affine(weights: Weights, prefix: str, layer: nn.Module) -> None:
-    """``{prefix}.weight`` and ``{prefix}.bias`` into a linear, convolution or normalisation layer of their shapes."""
-    weights.copy(f"{prefix}.weight", layer.weight)
-    weights.copy(f"{prefix}.bias", layer.bias)
-

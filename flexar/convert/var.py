@@ -151,21 +151,12 @@ def load(model: nn.Module, weights: Weights) -> None:
 # -- VQVAE ---------------------------------------------------------------------------------------------------------
 
 
-def _copy_module(weights: Weights, prefix: str, module: nn.Module, renames: dict[str, str] | None = None) -> None:
-    """Copy every parameter of `module` from the official keys ``prefix + name`` (with `renames` applied to the
-    first component of flexar's name to get the official one)."""
-    for name, parameter in module.named_parameters():
-        head, _, rest = name.partition(".")
-        official = (renames or {}).get(head, head) + ("." + rest if rest else "")
-        weights.copy(prefix + official, parameter)
-
-
 def _copy_resblock(weights: Weights, prefix: str, block: nn.Module) -> None:
-    _copy_module(weights, prefix, block, {"skip": "nin_shortcut"})
+    weights.copy_module(prefix, block, {"skip": "nin_shortcut"})
 
 
 def _copy_attention(weights: Weights, prefix: str, attention: nn.Module) -> None:
-    _copy_module(weights, prefix, attention, {"proj": "proj_out"})
+    weights.copy_module(prefix, attention, {"proj": "proj_out"})
 
 
 def _copy_middle(weights: Weights, prefix: str, middle: nn.Module) -> None:
@@ -180,7 +171,7 @@ def _copy_level(weights: Weights, prefix: str, level: nn.Module, resample: str) 
     for j, attention in enumerate(level.attentions):
         _copy_attention(weights, f"{prefix}attn.{j}.", attention)
     if not isinstance(level.resample, nn.Identity):
-        _copy_module(weights, f"{prefix}{resample}.", level.resample)
+        weights.copy_module(f"{prefix}{resample}.", level.resample)
 
 
 def load_vqvae(model: nn.Module, weights: Weights) -> None:
@@ -196,8 +187,8 @@ def load_vqvae(model: nn.Module, weights: Weights) -> None:
     for i, level in enumerate(encoder.levels):
         _copy_level(weights, f"encoder.down.{i}.", level, "downsample")
     _copy_middle(weights, "encoder.mid.", encoder.middle)
-    _copy_module(weights, "encoder.norm_out.", encoder.norm)
-    _copy_module(weights, "encoder.conv_out.", encoder.head)
+    weights.copy_module("encoder.norm_out.", encoder.norm)
+    weights.copy_module("encoder.conv_out.", encoder.head)
 
     weights.copy("decoder.conv_in.weight", decoder.stem.weight)
     weights.copy("decoder.conv_in.bias", decoder.stem.bias)
@@ -205,11 +196,11 @@ def load_vqvae(model: nn.Module, weights: Weights) -> None:
     count = len(decoder.levels)
     for index, level in enumerate(decoder.levels):
         _copy_level(weights, f"decoder.up.{count - 1 - index}.", level, "upsample")
-    _copy_module(weights, "decoder.norm_out.", decoder.norm)
-    _copy_module(weights, "decoder.conv_out.", decoder.head)
+    weights.copy_module("decoder.norm_out.", decoder.norm)
+    weights.copy_module("decoder.conv_out.", decoder.head)
 
-    _copy_module(weights, "quant_conv.", model.quant_conv)
-    _copy_module(weights, "post_quant_conv.", model.post_quant_conv)
+    weights.copy_module("quant_conv.", model.quant_conv)
+    weights.copy_module("post_quant_conv.", model.post_quant_conv)
     quantizer = model.quantizer
     weights.copy("quantize.embedding.weight", quantizer.embedding.weight)
     if "quantize.quant_resi.qresi.weight" in weights:  # PhiShared: one phi
@@ -223,7 +214,7 @@ def load_vqvae(model: nn.Module, weights: Weights) -> None:
                          "with shared_phi=1")
     for prefix, phi in zip(phi_prefixes, quantizer.phis):
         if not isinstance(phi, nn.Identity):  # phi_ratio 0: no convolution on either side
-            _copy_module(weights, prefix, phi.conv)
+            weights.copy_module(prefix, phi.conv)
     weights.ignore(r"quantize\.ema_vocab_hit_SV", "VAR's running count of code hits per scale (a training statistic)")
 
 
