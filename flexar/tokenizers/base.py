@@ -33,9 +33,11 @@ import operator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..hub import Configurable, PretrainedMixin
+from ..utils import psnr
 
 RANGE_TOLERANCE = 1e-3
 IMAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -186,6 +188,27 @@ class Tokenizer(Configurable, PretrainedMixin, nn.Module):
         if count is None or not 1 <= count <= self.max_tokens:
             raise ValueError(f"num_tokens must be an int in [1, {self.max_tokens}], got {num_tokens!r}")
         return count
+
+    def reconstruction_objective(self, images: Tensor, recon: Tensor, quantized, criterion=None, step: int = 0):
+        """(loss, logs) of a reconstruction `recon` of `images` from `quantized` (a QuantizerOutput): the pixel loss
+        (``self.reconstruction_loss``, "l2" or "l1") or ``criterion``'s pixel, perceptual and adversarial terms at
+        tokenizer step `step` (its adaptive GAN weight reads ``self.last_layer()``), plus the quantiser loss; the
+        logs add PSNR and the quantiser's codebook statistics."""
+        mse = F.mse_loss(recon, images)
+        if criterion is None:
+            pixel_loss = mse if self.reconstruction_loss == "l2" else F.l1_loss(recon, images)
+            criterion_logs = {"reconstruction": pixel_loss.detach()}
+        else:
+            pixel_loss, criterion_logs = criterion(images, recon, step=step, last_layer=self.last_layer())
+        loss = pixel_loss + quantized.loss
+        logs = {
+            "loss": loss.detach(),
+            **criterion_logs,
+            "quantizer": quantized.loss.detach(),
+            "psnr": psnr(mse.detach()),
+            **{(k if k.endswith("_loss") else f"codebook_{k}"): v for k, v in quantized.logs.items()},
+        }
+        return loss, logs
 
     def check_ids(self, ids: Tensor, lengths: Tensor | None) -> Tensor:
         """Validate ids (B, L) and lengths (None or (B,) integers in [1, L]); return per-row lengths (B,) long."""

@@ -61,7 +61,6 @@ from torch import Tensor, nn
 from ..hub import register
 from ..nn import Transformer
 from ..quantizers import FSQ, VQ
-from ..utils import psnr
 from .base import Encoded, Tokenizer
 from .titok_official import MASKGIT_VQGAN, LegacyLatentProjection, ProxyCodeDecoder, ViT
 
@@ -355,24 +354,6 @@ class TiTok(Tokenizer):
         lengths = self.sample_lengths(images.shape[0], images.device)
         recon = self.decode_codes(quantized.codes, lengths)
         return self.reconstruction_objective(images, recon, quantized, criterion, step)
-
-    def reconstruction_objective(self, images: Tensor, recon: Tensor, quantized, criterion=None, step: int = 0):
-        """(loss, logs) of a reconstruction: the pixel loss (or ``criterion``'s terms) plus the quantiser loss."""
-        mse = F.mse_loss(recon, images)
-        if criterion is None:
-            pixel_loss = mse if self.reconstruction_loss == "l2" else F.l1_loss(recon, images)
-            criterion_logs = {"reconstruction": pixel_loss.detach()}
-        else:
-            pixel_loss, criterion_logs = criterion(images, recon, step=step, last_layer=self.last_layer())
-        loss = pixel_loss + quantized.loss
-        logs = {
-            "loss": loss.detach(),
-            **criterion_logs,
-            "quantizer": quantized.loss.detach(),
-            "psnr": psnr(mse.detach()),
-            **{(k if k.endswith("_loss") else f"codebook_{k}"): v for k, v in quantized.logs.items()},
-        }
-        return loss, logs
 
 
 def num_parameters(module: nn.Module) -> int:

@@ -35,7 +35,6 @@ from torch import Tensor, nn
 
 from ..hub import register
 from ..quantizers import VQ
-from ..utils import psnr
 from .base import Encoded, Tokenizer
 
 
@@ -148,22 +147,7 @@ class GridVQ(Tokenizer):
         """Reconstruction + quantiser loss; ``criterion`` (a ReconstructionLoss) replaces the pixel term with its pixel,
         perceptual and adversarial terms at tokenizer step ``step``."""
         quantized = self.quantizer(self.encode_latents(images))
-        recon = self.decode_codes(quantized.codes)
-        mse = F.mse_loss(recon, images)
-        if criterion is None:
-            pixel_loss = mse if self.reconstruction_loss == "l2" else F.l1_loss(recon, images)
-            criterion_logs = {"reconstruction": pixel_loss.detach()}
-        else:
-            pixel_loss, criterion_logs = criterion(images, recon, step=step, last_layer=self.last_layer())
-        loss = pixel_loss + quantized.loss
-        logs = {
-            "loss": loss.detach(),
-            **criterion_logs,
-            "quantizer": quantized.loss.detach(),
-            "psnr": psnr(mse.detach()),
-            **{(k if k.endswith("_loss") else f"codebook_{k}"): v for k, v in quantized.logs.items()},
-        }
-        return loss, logs
+        return self.reconstruction_objective(images, self.decode_codes(quantized.codes), quantized, criterion, step)
 
 
 @register
