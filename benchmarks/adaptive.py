@@ -57,7 +57,7 @@ from pathlib import Path
 
 import torch
 
-from .common import REPO_ROOT, Models, compare, progress
+from .common import REPO_ROOT, Models, compare, fit, progress
 
 # KARL / ALIT steps: their decoders learn to read the latents only after a plateau at the base codes' marginal
 # entropy (400 KARL steps left MNIST's mean absolute error at 0.14 with 2 tokens and 0.125 with 32, the mean image's
@@ -157,32 +157,6 @@ def default_error(tokenizer) -> float:
 
 
 # -- training ----------------------------------------------------------------------------------------------------------
-def fit(model, images: torch.Tensor, steps: int, batch_size: int, lr: float, warmup: int, device: str,
-        description: str, labels: torch.Tensor | None = None, lengths: torch.Tensor | None = None):
-    """AdamW with warmup and cosine decay on random batches of `images` (a tokenizer) or of token ids with `labels`
-    (and `lengths`, a generator); returns the model in eval mode and the last loss."""
-    from flexar.train import warmup_cosine
-
-    model = model.to(device).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95),
-                                  weight_decay=0.05 if labels is not None else 0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, steps, 0.1))
-    shuffle = torch.Generator().manual_seed(0)
-    loss = torch.zeros(())
-    for _ in progress(range(steps), description, unit="step"):
-        index = torch.randint(0, len(images), (batch_size,), generator=shuffle)
-        if labels is None:
-            loss, _ = model.training_loss(images[index].to(device))
-        else:
-            extra = {} if lengths is None else {"lengths": lengths[index].to(device)}
-            loss, _ = model.training_loss(images[index].to(device), labels[index].to(device), **extra)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    return model.eval(), float(loss.detach())
-
-
 def train_classifier(size: dict, device: str, models: Models, quick: bool) -> Path:
     """The FID feature extractor of the generation dataset: configs/eval/classifier.yaml through flexar-train fit."""
     from flexar.train.cli import run
@@ -219,13 +193,14 @@ def tokenizers_for(dataset: str, channels: int, train_images: torch.Tensor, size
     """The frozen base, KARL and ALIT of one dataset (trained or loaded)."""
     from flexar.tokenizers import ALIT, KARL, TiTok, VQGAN2D  # noqa: F401 (TiTok: registered for load_model)
 
+    tag = f"{dataset}{size['image_size']}"  # the image side in the name: quick and full models can share a folder
+
     def base():
         torch.manual_seed(0)
         model = VQGAN2D(image_size=size["image_size"], channels=channels, **size["base"])
         return fit(model, train_images, size["base_steps"], size["base_batch"], size["lr"], size["warmup_steps"],
-                   device, f"adaptive: train base {dataset}")[0]
+                   device, f"adaptive: train base {dataset}", checkpoint=models.checkpoint(f"vq2d_{tag}"))[0]
 
-    tag = f"{dataset}{size['image_size']}"  # the image side in the name: quick and full models can share a folder
     base_model = models.get(f"vq2d_{tag}", base)
     base_folder = models.path(f"vq2d_{tag}")
     built = {}
@@ -235,7 +210,8 @@ def tokenizers_for(dataset: str, channels: int, train_images: torch.Tensor, size
             torch.manual_seed(0)
             model = kind.from_preset(preset, base=str(base_folder))
             return fit(model, train_images, size[f"{family}_steps"], size["tokenizer_batch"], size["lr"],
-                       size["warmup_steps"], device, f"adaptive: train {family} {dataset}")[0]
+                       size["warmup_steps"], device, f"adaptive: train {family} {dataset}",
+                       checkpoint=models.checkpoint(f"{family}_{tag}"))[0]
 
         built[family] = models.get(f"{family}_{tag}", train).to(device).eval()
     return base_model, built
@@ -282,15 +258,17 @@ def adaptive_generation(karl, dataset: str, size: dict, device: str, models: Mod
     mean_length = float(lengths.float().mean())
     fixed = max(1, round(mean_length))
 
+    titok_name = f"titok_{dataset}{size['image_size']}_{fixed}"
+
     def titok():
         torch.manual_seed(0)
         model = TiTok(image_size=size["image_size"], channels=1, num_latent_tokens=fixed, quantizer="vq",
                       codebook_size=karl.codebook_size, code_dim=8, **size["titok"])
         train, _ = load_split(dataset, "train", size, 1, size["train_images"])
         return fit(model, train, size["karl_steps"], size["tokenizer_batch"], size["lr"], size["warmup_steps"], device,
-                   f"adaptive: train titok {dataset} N={fixed}")[0]
+                   f"adaptive: train titok {dataset} N={fixed}", checkpoint=models.checkpoint(titok_name))[0]
 
-    titok_model = models.get(f"titok_{dataset}{size['image_size']}_{fixed}", titok).to(device).eval()
+    titok_model = models.get(titok_name, titok).to(device).eval()
     with torch.no_grad():
         titok_ids = torch.cat([titok_model.encode(chunk.to(device)).ids.cpu() for chunk in images.split(256)])
 

@@ -268,13 +268,97 @@ def machine_info(device: str | torch.device) -> dict:
     return info
 
 
+CHECKPOINT_SECONDS = 300.0  # how often fit writes its resumable state
+
+
+def fit(model, images: torch.Tensor, steps: int, batch_size: int, lr: float, warmup: int, device: str,
+        description: str, labels: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
+        checkpoint: Path | None = None, checkpoint_seconds: float = CHECKPOINT_SECONDS):
+    """AdamW with warmup and cosine decay on random batches of `images` (a tokenizer) or of token ids with `labels`
+    (and `lengths`, a generator); returns the model in eval mode and the last loss.
+
+    With `checkpoint` (a file; :meth:`Models.checkpoint` names it), the whole training state (weights and buffers,
+    optimizer, schedule, the batch stream, torch's random state, the step, the seconds trained) is written there every
+    `checkpoint_seconds` and read back when the file exists, so a killed run resumes at its last checkpoint and ends,
+    on the CPU, with the same weights as a run that was never stopped. A checkpoint of another recipe (steps, batch
+    size, learning rate, warmup, data size) is refused by name."""
+    from flexar.train import warmup_cosine
+
+    model = model.to(device).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95),
+                                  weight_decay=0.05 if labels is not None else 0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, steps, 0.1))
+    shuffle = torch.Generator().manual_seed(0)
+    recipe = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "examples": len(images)}
+    start, seconds = 0, 0.0
+    if checkpoint is not None and Path(checkpoint).is_file():
+        start, seconds = _resume(Path(checkpoint), recipe, model, optimizer, schedule, shuffle, device)
+    loss = torch.zeros(())
+    began = last_save = time.perf_counter()
+    for step in progress(range(start, steps), description + (f" (resumed at step {start})" if start else ""),
+                         unit="step"):
+        index = torch.randint(0, len(images), (batch_size,), generator=shuffle)
+        if labels is None:
+            loss, _ = model.training_loss(images[index].to(device))
+        else:
+            extra = {} if lengths is None else {"lengths": lengths[index].to(device)}
+            loss, _ = model.training_loss(images[index].to(device), labels[index].to(device), **extra)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        now = time.perf_counter()
+        if checkpoint is not None and step + 1 < steps and now - last_save >= checkpoint_seconds:
+            _save_checkpoint(Path(checkpoint), recipe, step + 1, seconds + now - began, model, optimizer, schedule,
+                             shuffle, device)
+            last_save = now
+    return model.eval(), float(loss.detach())
+
+
+def _save_checkpoint(path: Path, recipe: dict, step: int, seconds: float, model, optimizer, schedule, shuffle,
+                     device: str) -> None:
+    """Write the training state to `path` through a temporary file, so a kill mid-write keeps the previous one."""
+    state = {"recipe": recipe, "step": step, "seconds": seconds, "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "shuffle": shuffle.get_state(),
+             "rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state(device) if str(device).startswith("cuda") else None}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def _resume(path: Path, recipe: dict, model, optimizer, schedule, shuffle, device: str) -> tuple[int, float]:
+    """Load the training state saved at `path` into the given objects; returns (step, seconds trained)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("recipe") != recipe:
+        raise ValueError(f"{path} was saved by another training recipe: {state.get('recipe')} (this run: {recipe}); "
+                         f"delete it to train from scratch")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    shuffle.set_state(state["shuffle"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] is not None and str(device).startswith("cuda"):
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    return int(state["step"]), float(state["seconds"])
+
+
+def checkpoint_seconds(path: Path | None) -> float:
+    """The seconds of training a checkpoint written by :func:`fit` holds (0 when there is none)."""
+    if path is None or not Path(path).is_file():
+        return 0.0
+    return float(torch.load(path, map_location="cpu", weights_only=True)["seconds"])
+
+
 TRAINING_RECORD = "training.json"  # beside a benchmark's saved model: how long it trained
 
 
 class Models:
     """Where a benchmark's trained models live: loaded from ``folder/NAME`` when there (the folder a benchmark's
     ``FLEXAR_*_MODELS`` variable names), else trained and saved there (in the scratch folder when none is named), so
-    that a second run, or a run after an interrupted one, only evaluates. ``trained_seconds`` records the training
+    that a second run, or a run after an interrupted one, only evaluates; a model whose training was interrupted
+    resumes from its checkpoint (``NAME.partial.pt``, when the training passes :meth:`checkpoint` to :func:`fit`). ``trained_seconds`` records the training
     time of each model trained here; ``loaded`` names the ones read from the folder."""
 
     def __init__(self, folder: str | None, scratch: Path):
@@ -296,12 +380,21 @@ class Models:
         if self.folder is not None and (path / "config.json").is_file():
             self.loaded.append(name)
             return load_model(path)
+        checkpoint = self.checkpoint(name)
+        earlier = checkpoint_seconds(checkpoint)  # an interrupted run's training, resumed by train()
         started = time.perf_counter()
         model = train()
-        self.trained_seconds[name] = time.perf_counter() - started
+        self.trained_seconds[name] = earlier + time.perf_counter() - started
         model.save_pretrained(path)
         (path / TRAINING_RECORD).write_text(json.dumps({"seconds": self.trained_seconds[name]}))
+        if checkpoint is not None:
+            checkpoint.unlink(missing_ok=True)
         return model
+
+    def checkpoint(self, name: str) -> Path | None:
+        """Where :func:`fit` keeps the resumable state of model NAME while it trains (None without a folder: a
+        scratch folder does not outlive the run)."""
+        return None if self.folder is None else self.folder / f"{name}.partial.pt"
 
     def seconds(self, name: str) -> float | None:
         """The training seconds of model NAME: measured here, or recorded beside a loaded one (None if neither)."""

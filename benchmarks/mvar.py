@@ -63,7 +63,7 @@ from pathlib import Path
 
 import torch
 
-from .common import REPO_ROOT, Models, progress
+from .common import REPO_ROOT, Models, fit, progress
 
 LAYOUT = dict(scales=[1, 2, 3, 4, 5, 6, 8, 10, 13, 16], vocab_size=4096, code_dim=32, num_classes=1000, kernel_size=7,
               refine_step=8, joint_steps=8)
@@ -257,7 +257,7 @@ def quality(quick: bool, device: str) -> dict:
     from flexar.sampling import Sampler
     from flexar.tokenizers import MultiScaleVQ
 
-    from .adaptive import fit, load_split, train_classifier
+    from .adaptive import load_split, train_classifier
 
     size = QUALITY["quick" if quick else "full"]
     sampler = Sampler(temperature=1.0, cfg_scale=size["cfg_scale"])
@@ -271,12 +271,14 @@ def quality(quick: bool, device: str) -> dict:
         def fid(images: torch.Tensor) -> float:
             return compute_metrics(images, reference, extractor=extractor, kid=False, device=device)["fid"]
 
+        tokenizer_name = f"{size['tokenizer']}_{tag}"
+
         def train_tokenizer():
             torch.manual_seed(0)
             return fit(MultiScaleVQ.from_preset(size["tokenizer"]), train_images, size["tokenizer_steps"],
-                       size["tokenizer_batch"], size["lr"], size["warmup_steps"], device, "mvar: train tokenizer")[0]
+                       size["tokenizer_batch"], size["lr"], size["warmup_steps"], device, "mvar: train tokenizer",
+                       checkpoint=models.checkpoint(tokenizer_name))[0]
 
-        tokenizer_name = f"{size['tokenizer']}_{tag}"
         tokenizer = models.get(tokenizer_name, train_tokenizer).to(device).eval()
         with torch.no_grad():
             ids = torch.cat([tokenizer.encode(chunk.to(device)).ids.cpu() for chunk in train_images.split(500)])
@@ -291,13 +293,15 @@ def quality(quick: bool, device: str) -> dict:
         rows = []
         for family, cls in progress([("var", VAR), ("mvar", MVAR)], "mvar: generators"):
 
-            def train_generator(cls=cls, family=family):
+            name = f"{size[family]}_{size['dim']}x{size['depth']}_{tag}"
+
+            def train_generator(cls=cls, family=family, name=name):
                 torch.manual_seed(0)
                 model = cls.from_preset(size[family], **widths)
                 model.load_tokenizer(tokenizer)
-                return fit(model, ids, description=f"mvar: train {family}", **train)[0]
+                return fit(model, ids, description=f"mvar: train {family}", checkpoint=models.checkpoint(name),
+                           **train)[0]
 
-            name = f"{size[family]}_{size['dim']}x{size['depth']}_{tag}"
             model = models.get(name, train_generator).to(device).eval()
             began = time.perf_counter()
             images = sample_images(model, tokenizer, sampler, size["gfid_samples"], device)

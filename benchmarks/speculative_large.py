@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from .adaptive import fit, load_split, train_classifier
-from .common import Models, compare, progress
+from .adaptive import load_split, train_classifier
+from .common import Models, compare, fit, progress
 
 SIZES = {
     "full": dict(generation_dataset="mnist", image_size=32, train_images=20000, classifier_epochs=1,
@@ -75,34 +75,38 @@ def run(quick: bool, device: str) -> dict:
             return compute_metrics(images, reference, extractor=f"classifier:{classifier}", kid=False,
                                    device=device)["fid"]
 
+        codes = size["vq"]["codebook_size"]
+        vq_name = f"vq2d_{codes}_{tag}"
+
         def train_vq():
             torch.manual_seed(0)
             model = VQGAN2D(image_size=size["image_size"], channels=1, **size["vq"])
             return fit(model, train_images, size["vq_steps"], size["vq_batch"], size["vq_lr"], size["warmup_steps"],
-                       device, "speculative_large: train vq2d")[0]
+                       device, "speculative_large: train vq2d", checkpoint=models.checkpoint(vq_name))[0]
 
-        codes = size["vq"]["codebook_size"]
-        vq = models.get(f"vq2d_{codes}_{tag}", train_vq).to(device).eval()
+        vq = models.get(vq_name, train_vq).to(device).eval()
         with torch.no_grad():
             ids = torch.cat([vq.encode(chunk.to(device)).ids.cpu() for chunk in train_images.split(500)])
         train = dict(batch_size=size["batch"], warmup=max(1, size["target_steps"] // 20), device=device,
                      labels=train_labels)
+
+        target_name = f"raster_vq2d_{codes}_{tag}"
 
         def train_target():
             torch.manual_seed(0)
             model = RasterAR(vocab_size=vq.codebook_size, max_tokens=vq.max_tokens, grid=vq.grid, num_classes=10,
                              **size["target"])
             return fit(model, ids, size["target_steps"], lr=size["target_lr"],
-                       description="speculative_large: train target", **train)[0]
+                       description="speculative_large: train target", checkpoint=models.checkpoint(target_name),
+                       **train)[0]
 
-        target_name = f"raster_vq2d_{codes}_{tag}"
         target = models.get(target_name, train_target).to(device).eval()
 
         def train_head():
             torch.manual_seed(0)
             head = EagleDraftHead(target=str(models.path(target_name)), num_heads=size["target"]["num_heads"])
             return fit(head, ids, size["head_steps"], lr=size["head_lr"], description="speculative_large: train head",
-                       **train)[0]
+                       checkpoint=models.checkpoint(f"eagle_{target_name}"), **train)[0]
 
         head = models.get(f"eagle_{target_name}", train_head).to(device).eval()
         sampler = Sampler(temperature=1.0, cfg_scale=size["cfg_scale"])

@@ -47,8 +47,8 @@ from pathlib import Path
 
 import torch
 
-from .adaptive import fit, load_split, train_classifier
-from .common import Models, progress
+from .adaptive import load_split, train_classifier
+from .common import Models, fit, progress
 
 SIZES = {
     "full": dict(generation_dataset="mnist", image_size=32, train_images=20000, classifier_epochs=1,
@@ -133,13 +133,13 @@ def run(quick: bool, device: str) -> dict:
             torch.manual_seed(0)
             model = VAE(**QUICK_VAE) if size["vae"] is None else VAE.from_preset(size["vae"])
             return fit(model, train_images, size["vae_steps"], size["tokenizer_batch"], size["lr"],
-                       size["warmup_steps"], device, "xar: train vae")[0]
+                       size["warmup_steps"], device, "xar: train vae", checkpoint=models.checkpoint(f"vae_{tag}"))[0]
 
         def train_vq():
             torch.manual_seed(0)
             model = VQGAN2D(image_size=size["image_size"], channels=1, **size["vq"])
             return fit(model, train_images, size["vae_steps"], size["tokenizer_batch"], size["lr"],
-                       size["warmup_steps"], device, "xar: train vq2d")[0]
+                       size["warmup_steps"], device, "xar: train vq2d", checkpoint=models.checkpoint(f"vq2d_{tag}"))[0]
 
         vae = models.get(f"vae_{tag}", train_vae).to(device).eval()
         vq = models.get(f"vq2d_{tag}", train_vq).to(device).eval()
@@ -158,7 +158,8 @@ def run(quick: bool, device: str) -> dict:
 
             def train_xar(arguments=arguments, name=name):
                 torch.manual_seed(0)
-                return fit(XAR(**shared, **arguments), latents, description=f"xar: train {name}", **train)[0]
+                return fit(XAR(**shared, **arguments), latents, description=f"xar: train {name}",
+                           checkpoint=models.checkpoint(f"xar_{name}_{tag}"), **train)[0]
 
             model = models.get(f"xar_{name}_{tag}", train_xar).to(device).eval()
             began = time.perf_counter()
@@ -177,7 +178,8 @@ def run(quick: bool, device: str) -> dict:
             torch.manual_seed(0)
             model = RasterAR(vocab_size=vq.codebook_size, max_tokens=vq.max_tokens, grid=vq.grid, num_classes=10,
                              dim=width, depth=size["depth"] + size["decoder_depth"], num_heads=size["num_heads"])
-            return fit(model, ids, description="xar: train raster on vq2d", **train)[0]
+            return fit(model, ids, description="xar: train raster on vq2d",
+                       checkpoint=models.checkpoint(f"raster_vq2d_{tag}_{width}"), **train)[0]
 
         raster = models.get(f"raster_vq2d_{tag}_{width}", train_raster).to(device).eval()
         began = time.perf_counter()

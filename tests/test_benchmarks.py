@@ -421,3 +421,100 @@ def test_a_benchmarks_models_folder_trains_once_and_reloads_the_same_model(tmp_p
     scratch = Models(None, tmp_path / "scratch2")
     scratch.get("raster", train)
     assert calls == [1, 1] and (tmp_path / "scratch2" / "models" / "raster" / "config.json").is_file()
+
+
+def _tiny_generator():
+    from flexar.generators import RasterAR
+
+    torch.manual_seed(0)
+    return RasterAR(vocab_size=8, max_tokens=4, num_classes=2, dim=16, depth=1, num_heads=2, class_dropout=0.5)
+
+
+def _token_data():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, 8, (64, 4), generator=generator), torch.randint(0, 2, (64,), generator=generator)
+
+
+def test_fit_resumed_from_its_checkpoint_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    from benchmarks.common import fit
+
+    ids, labels = _token_data()
+    train = dict(steps=8, batch_size=16, lr=1e-2, warmup=2, device="cpu", description="test", labels=labels)
+    straight, _ = fit(_tiny_generator(), ids, **train)
+
+    checkpoint = tmp_path / "raster.partial.pt"
+    model = _tiny_generator()
+    original = type(model).training_loss
+    calls = []
+
+    def failing(self, *arguments, **keywords):  # the sixth step dies, as a killed process would
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return original(self, *arguments, **keywords)
+
+    monkeypatch.setattr(type(model), "training_loss", failing)
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, ids, checkpoint=checkpoint, checkpoint_seconds=0.0, **train)
+    monkeypatch.setattr(type(model), "training_loss", original)
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["step"] == 5 and saved["seconds"] > 0
+
+    resumed, _ = fit(_tiny_generator(), ids, checkpoint=checkpoint, checkpoint_seconds=0.0, **train)
+    # class dropout draws from torch's global stream and batches from fit's own: both are restored
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match=r"raster\.partial\.pt was saved by another training recipe.*'steps': 8"):
+        fit(_tiny_generator(), ids, checkpoint=checkpoint, **dict(train, steps=9))
+
+
+KILLED_TRAINING = """
+import sys, torch
+torch.set_num_threads(1)
+sys.path[:0] = [sys.argv[2], sys.argv[2] + "/tests"]
+from test_benchmarks import _tiny_generator, _token_data
+from benchmarks.common import Models, fit
+ids, labels = _token_data()
+models = Models(sys.argv[1], None)
+models.get("raster", lambda: fit(_tiny_generator(), ids, 500, 16, 1e-2, 2, "cpu", "killed", labels=labels,
+                                 checkpoint=models.checkpoint("raster"), checkpoint_seconds=0.02)[0])
+"""
+
+
+def test_a_killed_benchmark_training_resumes_from_its_checkpoint(tmp_path):
+    """SIGKILL a process training a benchmark model; Models.get in a new one resumes it, counts the seconds of both
+    runs and ends with the weights of a run that was never stopped."""
+    import signal
+    import time
+
+    from benchmarks.common import Models, fit
+
+    folder = tmp_path / "models"
+    process = subprocess.Popen([sys.executable, "-c", KILLED_TRAINING, str(folder), str(REPO_ROOT)],
+                               stderr=subprocess.DEVNULL)
+    checkpoint = folder / "raster.partial.pt"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if checkpoint.is_file() and torch.load(checkpoint, weights_only=True)["step"] >= 20:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert checkpoint.is_file(), "the training ended or never checkpointed before the kill"
+    killed_at = torch.load(checkpoint, weights_only=True)
+    assert 20 <= killed_at["step"] < 500 and not (folder / "raster" / "config.json").exists()
+
+    ids, labels = _token_data()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        models = Models(str(folder), tmp_path / "scratch")
+        resumed = models.get("raster", lambda: fit(_tiny_generator(), ids, 500, 16, 1e-2, 2, "cpu", "resumed",
+                                                    labels=labels, checkpoint=models.checkpoint("raster"))[0])
+        straight, _ = fit(_tiny_generator(), ids, 500, 16, 1e-2, 2, "cpu", "straight", labels=labels)
+    finally:
+        torch.set_num_threads(threads)
+    assert not checkpoint.exists() and (folder / "raster" / "config.json").is_file()
+    assert models.seconds("raster") >= killed_at["seconds"]  # the killed run's training is counted
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
