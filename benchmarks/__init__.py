@@ -119,10 +119,9 @@ ABOUT = {
         "KARL (one pass) and ALIT (search) on photos and MNIST: tokens against PNG size (Spearman), calibration to the "
         "requested error, encode speed; gFID and length TV of an end-of-sequence raster AR on KARL tokens against "
         "fixed-length TiTok",
-        full_seconds=815, quick_seconds=17,
-        needs="MNIST under FLEXAR_DATA; trains 2 bases, KARL, ALIT, TiTok and a classifier (~55 min on one core the "
-              "first time), kept with FLEXAR_ADAPTIVE_MODELS=FOLDER; the recorded run loaded them and trained the 2 "
-              "generators",
+        full_seconds=7774, quick_seconds=17,
+        needs="MNIST under FLEXAR_DATA; trains 2 bases, KARL, ALIT, TiTok, 2 generators and a classifier, kept "
+              "with FLEXAR_ADAPTIVE_MODELS=FOLDER; the recorded run loaded the bases and the classifier",
         environment="FLEXAR_DATA=DIR", files=("adaptive.png",)),
     "xar": About(
         "xAR on MNIST VAE latents, one model per entity (token, cell, subsample, scale, image) at one parameter count "
