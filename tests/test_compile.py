@@ -55,17 +55,21 @@ def test_compiled_token_shuffle_decoding_gives_eager_tokens():
     assert torch.equal(model.compile_decoding().generate(labels, sampler, seeded(1)).ids, eager)
 
 
-def test_compiled_nar_passes_give_eager_tokens_with_one_graph_for_every_diagonal():
-    torch.manual_seed(0)
-    model = NAR(vocab_size=16, max_tokens=20, grid=[4, 5], num_classes=3, dim=32, depth=2, num_heads=2).eval()
-    labels = torch.tensor([0, 1, 2])
+def assert_compiled_gives_eager_tokens(model, labels, seed: int, forward_passes: int) -> None:
+    """Greedy and sampled generation with CFG: the same ids (and pass count) after ``compile_decoding()``."""
     samplers = [Sampler(temperature=0.0, cfg_scale=2.0), Sampler(temperature=1.0, top_k=8, cfg_scale=2.0)]
-    eager = [model.generate(labels, sampler, seeded(3)).ids for sampler in samplers]
+    eager = [model.generate(labels, sampler, seeded(seed)).ids for sampler in samplers]
     model.compile_decoding()
     assert model.decoding_compiled
     for sampler, expected in zip(samplers, eager):
-        output = model.generate(labels, sampler, seeded(3))
-        assert torch.equal(output.ids, expected) and output.stats["forward_passes"] == 8
+        output = model.generate(labels, sampler, seeded(seed))
+        assert torch.equal(output.ids, expected) and output.stats["forward_passes"] == forward_passes
+
+
+def test_compiled_nar_passes_give_eager_tokens_with_one_graph_for_every_diagonal():
+    torch.manual_seed(0)
+    model = NAR(vocab_size=16, max_tokens=20, grid=[4, 5], num_classes=3, dim=32, depth=2, num_heads=2).eval()
+    assert_compiled_gives_eager_tokens(model, torch.tensor([0, 1, 2]), seed=3, forward_passes=8)
     # diagonals of 1 to 4 cells, padded to 4: one graph for all 7 cached passes of both runs
     assert compiled_frames() == 1
     # the last pass (one cell, padded to 4) needs 3 positions more than eager decoding's cache holds
@@ -84,14 +88,7 @@ def test_compiled_var_scales_give_eager_tokens_with_two_graphs_for_every_scale()
         for block in model.transformer.blocks:
             block.modulation[1].weight.normal_(std=0.3)
     model.eval()
-    labels = torch.tensor([0, 3, 7])
-    samplers = [Sampler(temperature=0.0, cfg_scale=2.0), Sampler(temperature=1.0, top_k=8, cfg_scale=2.0)]
-    eager = [model.generate(labels, sampler, seeded(2)).ids for sampler in samplers]
-    model.compile_decoding()
-    assert model.decoding_compiled
-    for sampler, expected in zip(samplers, eager):
-        output = model.generate(labels, sampler, seeded(2))
-        assert torch.equal(output.ids, expected) and output.stats["forward_passes"] == 4
+    assert_compiled_gives_eager_tokens(model, torch.tensor([0, 3, 7]), seed=2, forward_passes=4)
     # scales of 1, 4, 9 and 16 tokens: one graph for the first, one with a dynamic length for all the others
     assert compiled_frames() <= 2
     model.compile_decoding(False)
